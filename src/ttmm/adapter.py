@@ -112,11 +112,17 @@ def _check_supported(config: dict, source: str) -> None:
         if key not in config:
             raise AdapterError(f"{source}: adapter config has no {key!r} field")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{source}: peft_type is {config['peft_type']!r}; only LORA is supported")
+        raise AdapterError(
+            f"{source}: peft_type is {config['peft_type']!r}; only LORA is supported"
+        )
     if config.get("use_dora"):
-        raise AdapterError(f"{source}: DoRA adapters cannot be merged as ΔW = s·BA; retrain without DoRA")
+        raise AdapterError(
+            f"{source}: DoRA adapters cannot be merged as ΔW = s·BA; retrain without DoRA"
+        )
     if config.get("bias", "none") != "none":
-        raise AdapterError(f"{source}: bias={config['bias']!r} is not supported; train with bias='none'")
+        raise AdapterError(
+            f"{source}: bias={config['bias']!r} is not supported; train with bias='none'"
+        )
 
 
 def _pattern_value(patterns: dict, module: str):

@@ -146,7 +146,9 @@ def resolve_encoder(name_or_path: str | os.PathLike | None = None) -> str:
     return str(name_or_path)
 
 
-def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+def load_base_model(
+    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+):
     """Load ``(model, tokenizer)`` in eval mode, with a pad token and left padding for batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

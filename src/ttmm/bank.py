@@ -1,0 +1,304 @@
+"""The expert bank on disk: manifest, centroids, one PEFT adapter folder per expert.
+
+Layout::
+
+    BANK/
+      manifest.json            format version, base model and encoder identity, routing
+                               defaults, per-expert metadata; written last, atomically
+      centroids.safetensors    {"centroids": (K, dim) float32, unit rows}
+      experts/000/ …           adapter_config.json + adapter_model.safetensors (PEFT layout)
+      finetune/                optional fine-tuning baseline adapter (same layout)
+
+A folder without ``manifest.json`` is not a bank. :meth:`Bank.load` validates all of it and
+:meth:`Bank.check_compatible` checks it against a base model and an encoder before any merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ttmm.adapter import WEIGHTS_NAME, AdapterError, LoraAdapter, load_adapter
+from ttmm.routing import RoutingConfig, RoutingError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CENTROIDS_NAME = "centroids.safetensors"
+FINETUNE_DIR = "finetune"
+CENTROID_NORM_TOLERANCE = 1e-3
+
+
+class BankError(ValueError):
+    """A bank that cannot be used: what is wrong and what to do."""
+
+
+def expert_dir(expert_id: int) -> str:
+    """Relative folder of expert ``expert_id`` inside a bank."""
+    return f"experts/{expert_id:03d}"
+
+
+def ttmm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ttmm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ExpertInfo:
+    """Manifest entry of one adapter in the bank."""
+
+    id: int
+    path: str
+    """Folder relative to the bank root."""
+    label: str = ""
+    """Human label, e.g. the top TF-IDF terms of the expert's training chunks."""
+    rank: int = 0
+    alpha: float = 0.0
+    num_parameters: int = 0
+    size_bytes: int = 0
+    n_chunks: int = 0
+    n_tokens: int = 0
+    loss_curve: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def describe(
+        cls, id: int, path: str, adapter: LoraAdapter, bank_dir: str | os.PathLike, **fields_
+    ) -> ExpertInfo:
+        """An entry for ``adapter`` saved at ``bank_dir/path``, sizes filled in."""
+        weights = Path(bank_dir) / path / WEIGHTS_NAME
+        return cls(
+            id=id,
+            path=path,
+            rank=adapter.rank,
+            alpha=float(adapter.config.get("lora_alpha", 0.0)),
+            num_parameters=adapter.num_parameters,
+            size_bytes=weights.stat().st_size if weights.exists() else 0,
+            **fields_,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> ExpertInfo:
+        missing = {"id", "path"} - set(data)
+        if missing:
+            raise BankError(f"{where}: expert entry lacks {sorted(missing)}; rebuild the bank")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class BankManifest:
+    """Everything a bank says about itself; ``manifest.json`` is this, as JSON."""
+
+    base_model: dict
+    """``{"name", "architecture", "fingerprint"}`` of the base model the experts were trained on."""
+    encoder: dict
+    """``{"name", "dim"}`` of the sentence encoder that made the centroids."""
+    routing: dict
+    """Default :class:`RoutingConfig` fields for this bank."""
+    experts: list[ExpertInfo]
+    finetune: ExpertInfo | None = None
+    data: dict = field(default_factory=dict)
+    """Where the bank's data lives (split, chunk index); written by the build."""
+    build: dict = field(default_factory=dict)
+    """The resolved build configuration, stage timings and cluster quality."""
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    ttmm_version: str = field(default_factory=ttmm_version)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> BankManifest:
+        required = ("format_version", "base_model", "encoder", "routing", "experts")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise BankError(f"{where}: missing field(s) {missing}; the manifest is incomplete")
+        if data["format_version"] != FORMAT_VERSION:
+            raise BankError(
+                f"{where}: format_version {data['format_version']!r}, this ttmm reads "
+                f"{FORMAT_VERSION}; rebuild the bank or upgrade ttmm"
+            )
+        for key, subkeys in (("base_model", ("name", "fingerprint")), ("encoder", ("name", "dim"))):
+            if not isinstance(data[key], dict) or any(s not in data[key] for s in subkeys):
+                raise BankError(f"{where}: {key} must be an object with fields {list(subkeys)}")
+        if not isinstance(data["experts"], list) or not data["experts"]:
+            raise BankError(f"{where}: 'experts' must be a non-empty list")
+        experts = [ExpertInfo.from_dict(e, where) for e in data["experts"]]
+        if [e.id for e in experts] != list(range(len(experts))):
+            raise BankError(f"{where}: expert ids must be 0..K-1 in order")
+        finetune = data.get("finetune")
+        known = {f.name for f in fields(cls)}
+        return cls(
+            **{k: v for k, v in data.items() if k in known and k not in ("experts", "finetune")},
+            experts=experts,
+            finetune=ExpertInfo.from_dict(finetune, where) if finetune else None,
+        )
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the architecture and every parameter's name and shape (not the values)."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, param in model.state_dict().items():
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def base_model_record(name: str, model: torch.nn.Module) -> dict:
+    return {
+        "name": name,
+        "architecture": type(model).__name__,
+        "fingerprint": model_fingerprint(model),
+    }
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(staging, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
+def write_centroids(bank_dir: str | os.PathLike, centroids) -> None:
+    """Write the (K, dim) centroid matrix atomically."""
+    tensor = torch.as_tensor(centroids, dtype=torch.float32).contiguous()
+    if tensor.ndim != 2:
+        raise BankError(f"centroids must be a (K, dim) matrix, got shape {tuple(tensor.shape)}")
+    path = Path(bank_dir) / CENTROIDS_NAME
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"centroids": tensor}, staging)
+    os.replace(staging, path)
+
+
+def write_manifest(bank_dir: str | os.PathLike, manifest: BankManifest) -> None:
+    """Write ``manifest.json`` atomically; call it last, it is what makes the folder a bank."""
+    payload = json.dumps(manifest.to_dict(), indent=2, default=str).encode()
+    _atomic_write_bytes(Path(bank_dir) / MANIFEST_NAME, payload)
+
+
+class Bank:
+    """A validated expert bank; adapters are read once, on first use."""
+
+    def __init__(self, path: Path, manifest: BankManifest, centroids: torch.Tensor):
+        self.path = path
+        self.manifest = manifest
+        self.centroids = centroids  # (K, dim), unit rows
+        self._adapters: list[LoraAdapter] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.manifest.experts)
+
+    @property
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig.from_dict(self.manifest.routing)
+
+    def label(self, expert_id: int) -> str:
+        return self.manifest.experts[expert_id].label
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Bank:
+        """Open and validate a bank: manifest fields, centroids, every adapter folder."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BankError(f"bank folder {path} does not exist")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BankError(
+                f"{path} has no {MANIFEST_NAME}: it is not a ttmm bank (or its build did not "
+                "finish; rerun `ttmm build` with the same --out to resume it)"
+            )
+        try:
+            raw = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BankError(f"{manifest_path}: not valid JSON ({err}); rebuild the bank") from err
+        if not isinstance(raw, dict):
+            raise BankError(f"{manifest_path}: must hold a JSON object")
+        manifest = BankManifest.from_dict(raw, str(manifest_path))
+        try:
+            RoutingConfig.from_dict(manifest.routing)
+        except (RoutingError, TypeError) as err:
+            raise BankError(f"{manifest_path}: bad routing defaults: {err}") from err
+        centroids = _load_centroids(path, len(manifest.experts), int(manifest.encoder["dim"]))
+        bank = cls(path, manifest, centroids)
+        bank.adapters()  # validate every adapter now, not half-way through a request
+        return bank
+
+    def adapters(self) -> list[LoraAdapter]:
+        """All expert adapters in id order (read from disk once)."""
+        if self._adapters is None:
+            adapters = []
+            for info in self.manifest.experts:
+                try:
+                    adapters.append(load_adapter(self.path / info.path))
+                except AdapterError as err:
+                    raise BankError(f"expert {info.id}: {err}") from err
+            self._adapters = adapters
+        return self._adapters
+
+    def finetune_adapter(self) -> LoraAdapter | None:
+        info = self.manifest.finetune
+        if info is None:
+            return None
+        try:
+            return load_adapter(self.path / info.path)
+        except AdapterError as err:
+            raise BankError(f"fine-tuning adapter: {err}") from err
+
+    def check_compatible(self, model: torch.nn.Module, encoder_dim: int | None = None) -> None:
+        """Raise :class:`BankError` if the bank was made for another base model or encoder."""
+        expected = self.manifest.base_model
+        actual = model_fingerprint(model)
+        if expected["fingerprint"] != actual:
+            raise BankError(
+                f"bank {self.path} was built for base model {expected['name']!r} "
+                f"({expected.get('architecture', '?')}, fingerprint {expected['fingerprint']}), "
+                f"but the loaded model is {type(model).__name__} with fingerprint {actual}; "
+                "load the bank's base model (--base-model) or rebuild the bank"
+            )
+        if encoder_dim is not None and encoder_dim != self.centroids.shape[1]:
+            raise BankError(
+                f"bank {self.path} has {self.centroids.shape[1]}-dim centroids but the encoder "
+                f"gives {encoder_dim}-dim embeddings; use the bank's encoder "
+                f"{self.manifest.encoder['name']!r}"
+            )
+
+
+def _load_centroids(path: Path, num_experts: int, dim: int) -> torch.Tensor:
+    centroids_path = path / CENTROIDS_NAME
+    if not centroids_path.is_file():
+        raise BankError(f"{path} has no {CENTROIDS_NAME}; rebuild the bank")
+    try:
+        tensors = load_file(centroids_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BankError(
+            f"{centroids_path}: corrupt or truncated ({err}); rebuild the bank"
+        ) from err
+    if "centroids" not in tensors:
+        raise BankError(f"{centroids_path}: no 'centroids' tensor (found {sorted(tensors)})")
+    centroids = tensors["centroids"].to(torch.float32)
+    if tuple(centroids.shape) != (num_experts, dim):
+        raise BankError(
+            f"{centroids_path}: shape {tuple(centroids.shape)}, but the manifest lists "
+            f"{num_experts} experts and a {dim}-dim encoder"
+        )
+    norms = centroids.norm(dim=1)
+    if not torch.isfinite(centroids).all() or (norms - 1).abs().max() > CENTROID_NORM_TOLERANCE:
+        raise BankError(
+            f"{centroids_path}: centroids must be finite unit vectors; rebuild the bank"
+        )
+    return centroids

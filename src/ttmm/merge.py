@@ -1,0 +1,263 @@
+"""Merging LoRA experts into a model: ΔW = Σ_k w_k s_k B_k A_k (design notes §2, step 3).
+
+The merge of n experts is one LoRA of rank Σ r_k with B' = [B_1 … B_n] and
+A' = [w_1 s_1 A_1; …; w_n s_n A_n]; :func:`merged_factors` is the only place that
+formula is written. Two ways to run it:
+
+- :meth:`ExpertMerger.fold`: W ← W + B'A' for the duration of a ``with`` block, then every
+  touched weight is copied back from a backup taken just before it was changed, so the
+  restore is bitwise exact (subtracting ΔW is not). The backups live only inside the block:
+  at rest the merger holds no copy of any base weight.
+- :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks add x A'ᵀ B'ᵀ, and every
+  row of a batch may carry its own merge.
+
+Adapters are stacked per layer in memory when the merger is built, so a merge reads no disk.
+Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
+linear) and by module path; nothing depends on an architecture's parameter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ttmm.adapter import LoraAdapter
+from ttmm.routing import RoutingPlan
+
+try:  # GPT-2 style models store linear weights transposed in a Conv1D
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+_LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+class MergeError(ValueError):
+    """Adapters that do not fit the model, or a plan that cannot be executed."""
+
+
+def merged_factors(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    scales: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A' = [w_k s_k A_k] on rows, B' = [B_k] on columns, so that B'A' = Σ w_k s_k B_k A_k.
+
+    Shapes: A_k (r_k, d_in), B_k (d_out, r_k) → A' (Σr, d_in), B' (d_out, Σr).
+    """
+    A = torch.cat([w * s * A_k for A_k, w, s in zip(As, weights, scales)], dim=0)
+    B = torch.cat(list(Bs), dim=1)
+    return A, B
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of the model (``nn.Linear`` or ``Conv1D``) by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)}
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D weight is (d_in, d_out)
+    return d_in, d_out
+
+
+def _resolve(path: str, modules: dict[str, nn.Module], where: str) -> str:
+    """The model's linear layer an adapter path names: exact, or a unique dotted-suffix match."""
+    if path in modules:
+        return path
+    candidates = [
+        name for name in modules if path.endswith("." + name) or name.endswith("." + path)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    sample = ", ".join(list(modules)[:6])
+    if not candidates:
+        raise MergeError(
+            f"{where}: layer {path!r} matches no linear layer of the model "
+            f"({len(modules)} linear layers, e.g. {sample}); the adapter was trained on "
+            "another architecture or targets a non-linear module"
+        )
+    raise MergeError(f"{where}: layer {path!r} is ambiguous, it matches {candidates}")
+
+
+@dataclass
+class _StackedLayer:
+    """All experts' factors of one linear layer, stacked so a merge is an index + one GEMM."""
+
+    module: nn.Module
+    transposed: bool  # Conv1D: weight is (d_in, d_out)
+    A_all: torch.Tensor  # (Σ_k r_k, d_in) over experts adapting this layer
+    B_all: torch.Tensor  # (d_out, Σ_k r_k)
+    rows: dict[int, torch.Tensor]  # expert id → its row indices in A_all
+    scales: dict[int, float]  # expert id → s_k for this layer
+
+    def factors(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A', B') of this layer for a plan, or None if no expert of the plan adapts it."""
+        chosen = [(k, w) for k, w in zip(plan.expert_ids, plan.weights) if k in self.rows]
+        if not chosen:
+            return None
+        As = [self.A_all[self.rows[k]] for k, _ in chosen]
+        Bs = [self.B_all[:, self.rows[k]] for k, _ in chosen]
+        return merged_factors(As, Bs, [w for _, w in chosen], [self.scales[k] for k, _ in chosen])
+
+
+class ExpertMerger:
+    """Holds a bank's adapters stacked per layer and executes routing plans on one model."""
+
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter]):
+        if not adapters:
+            raise MergeError("no adapters to merge")
+        self.model = model
+        self.num_experts = len(adapters)
+        modules = linear_modules(model)
+        param = next(model.parameters())
+        per_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        for expert_id, adapter in enumerate(adapters):
+            where = f"expert {expert_id}"
+            for path, layer in adapter.layers.items():
+                name = _resolve(path, modules, where)
+                d_in, d_out = _in_out(modules[name])
+                if layer.A.shape[1] != d_in or layer.B.shape[0] != d_out:
+                    raise MergeError(
+                        f"{where}: layer {name} has A {tuple(layer.A.shape)} and B "
+                        f"{tuple(layer.B.shape)}, but the model's layer maps {d_in} → {d_out} "
+                        "features; the adapter was trained on another base model"
+                    )
+                per_layer.setdefault(name, []).append((expert_id, layer.A, layer.B, layer.scale))
+        tied = _tied_weights(model)
+        self.layers: dict[str, _StackedLayer] = {}
+        for name, entries in per_layer.items():
+            rows, offset = {}, 0
+            for expert_id, A, _, _ in entries:
+                rows[expert_id] = torch.arange(offset, offset + A.shape[0])
+                offset += A.shape[0]
+            module = modules[name]
+            self.layers[name] = _StackedLayer(
+                module=module,
+                transposed=not isinstance(module, nn.Linear),
+                A_all=torch.cat([A for _, A, _, _ in entries]).to(param.device, param.dtype),
+                B_all=torch.cat([B for _, _, B, _ in entries], dim=1).to(param.device, param.dtype),
+                rows=rows,
+                scales={expert_id: s for expert_id, _, _, s in entries},
+            )
+        self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.A_all.numel() + s.B_all.numel() for s in self.layers.values())
+
+    def check_plan(self, plan: RoutingPlan) -> None:
+        bad = [k for k in plan.expert_ids if not 0 <= k < self.num_experts]
+        if bad:
+            raise MergeError(
+                f"unknown expert id(s) {bad}; the bank has experts 0..{self.num_experts - 1}"
+            )
+
+    def delta(self, name: str, plan: RoutingPlan) -> torch.Tensor | None:
+        """ΔW of one layer in the Linear convention (d_out, d_in); None if the plan leaves it."""
+        factors = self.layers[name].factors(plan)
+        return None if factors is None else factors[1] @ factors[0]
+
+    @contextlib.contextmanager
+    def fold(self, plan: RoutingPlan) -> Iterator[None]:
+        """W ← W + ΔW inside the block; every touched weight is restored bitwise on exit."""
+        self.check_plan(plan)
+        if plan.is_base:
+            yield
+            return
+        if self.tied_layers:
+            raise MergeError(
+                f"layers {self.tied_layers} share their weight with another module (tied "
+                "embeddings); folding would change both. Use mode='lowrank'."
+            )
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for stacked in self.layers.values():
+                    factors = stacked.factors(plan)
+                    if factors is None:
+                        continue
+                    A, B = factors  # (Σr, d_in), (d_out, Σr)
+                    weight = stacked.module.weight
+                    backups.append((weight, weight.detach().clone()))
+                    if stacked.transposed:
+                        weight.addmm_(A.T, B.T)  # (d_in, d_out) += (B A)ᵀ
+                    else:
+                        weight.addmm_(B, A)
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, backup in backups:
+                    weight.copy_(backup)
+            backups.clear()
+
+    @contextlib.contextmanager
+    def lowrank(self, plans: Sequence[RoutingPlan]) -> Iterator[None]:
+        """Add x A'ᵀ B'ᵀ to each adapted layer's output, row i of the batch using ``plans[i]``.
+
+        The base weights are never written; forward calls inside the block must have a batch
+        of exactly ``len(plans)`` rows.
+        """
+        plans = list(plans)
+        for plan in plans:
+            self.check_plan(plan)
+        handles = []
+        try:
+            for stacked in self.layers.values():
+                hook = _lowrank_hook(stacked, plans)
+                if hook is not None:
+                    handles.append(stacked.module.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def _lowrank_hook(stacked: _StackedLayer, plans: list[RoutingPlan]):
+    """A forward hook adding each row's merged LoRA, or None if no plan touches the layer."""
+    factors = [stacked.factors(plan) for plan in plans]
+    if all(f is None for f in factors):
+        return None
+    batch = len(plans)
+    if len(set(plan.key() for plan in plans)) == 1:  # one merge for every row: plain matmuls
+        A, B = factors[0]
+
+        def shared(module, inputs, output):
+            x = inputs[0]
+            return output + (x.to(A.dtype) @ A.T) @ B.T
+
+        return shared
+    d_in, d_out = stacked.A_all.shape[1], stacked.B_all.shape[0]
+    r_max = max(f[0].shape[0] for f in factors if f is not None)
+    A = stacked.A_all.new_zeros(batch, r_max, d_in)  # (b, R, d_in), zero-padded
+    B = stacked.B_all.new_zeros(batch, d_out, r_max)  # (b, d_out, R)
+    for i, f in enumerate(factors):
+        if f is not None:
+            r = f[0].shape[0]
+            A[i, :r], B[i, :, :r] = f[0], f[1]
+    A_t, B_t = A.transpose(1, 2), B.transpose(1, 2)  # (b, d_in, R), (b, R, d_out)
+
+    def per_row(module, inputs, output):
+        x = inputs[0]
+        if x.shape[0] != batch:
+            raise MergeError(
+                f"low-rank merge was set up for a batch of {batch} rows but got {x.shape[0]}"
+            )
+        h = x.to(A.dtype).reshape(batch, -1, d_in)  # (b, s, d_in)
+        return output + torch.bmm(torch.bmm(h, A_t), B_t).reshape(output.shape)
+
+    return per_row

@@ -1,0 +1,280 @@
+"""The merged model users call: a base model, an encoder and a bank (design notes §2, test time).
+
+Every prompt of a batch is routed on its own first P tokens and may get its own merge.
+``generate`` and ``score`` return the routing with the output. One lock serialises calls
+on the shared model, so concurrent threads never see each other's merges; a batch whose
+rows share one merge folds it into the weights (fastest decoding), a batch of different
+merges runs in low-rank mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ttmm.assets import load_base_model
+from ttmm.bank import Bank
+from ttmm.embed import Encoder
+from ttmm.merge import ExpertMerger, MergeError
+from ttmm.routing import RoutingConfig, RoutingPlan, route
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "fold", "lowrank")
+
+
+class InputError(ValueError):
+    """A prompt, text or option that cannot be used, with what to do instead."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    plan: RoutingPlan
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length"
+
+
+@dataclass(frozen=True)
+class Score:
+    nll: float
+    """Total negative log-likelihood (nats) of the scored tokens."""
+    n_tokens: int
+    """Tokens scored: those after the routing prefix."""
+    plan: RoutingPlan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.n_tokens) if self.n_tokens else float("nan")
+
+
+class TTMM:
+    """Test-time model merging over a base model, a sentence encoder and an expert bank."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        encoder: Encoder,
+        bank: Bank,
+        routing: RoutingConfig | None = None,
+    ):
+        bank.check_compatible(model, encoder.dim)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.bank = bank
+        self.routing = routing or bank.routing
+        self.merger = ExpertMerger(model, bank.adapters())
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_bank(
+        cls,
+        bank: str | os.PathLike | Bank,
+        base_model: str | os.PathLike | None = None,
+        encoder: str | os.PathLike | Encoder | None = None,
+        routing: RoutingConfig | None = None,
+    ) -> TTMM:
+        """Load the bank, then its base model and encoder (the ones it names, unless given)."""
+        bank = bank if isinstance(bank, Bank) else Bank.load(bank)
+        model, tokenizer = load_base_model(base_model or bank.manifest.base_model["name"])
+        if not isinstance(encoder, Encoder):
+            encoder = Encoder(encoder or bank.manifest.encoder["name"])
+        return cls(model, tokenizer, encoder, bank, routing)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the shared model runs; take it to use ``self.model`` directly."""
+        return self._lock
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def query_texts(self, texts: Sequence[str], routing: RoutingConfig | None = None) -> list[str]:
+        """The routing query of each text: its first P tokens, decoded (design notes §2)."""
+        P = (routing or self.routing).query_tokens
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [self.tokenizer.decode(row[:P], skip_special_tokens=True) for row in ids]
+
+    def similarities(
+        self, texts: Sequence[str], routing: RoutingConfig | None = None
+    ) -> torch.Tensor:
+        """z = C q for each text, shape (n, K)."""
+        queries = self.query_texts(texts, routing)
+        q = torch.from_numpy(self.encoder.encode(queries))  # (n, dim)
+        return q @ self.bank.centroids.T  # (n, K)
+
+    def route(
+        self, texts: Sequence[str], routing: RoutingConfig | None = None
+    ) -> list[RoutingPlan]:
+        texts = _check_texts(texts)
+        routing = routing or self.routing
+        return [route(z, routing) for z in self.similarities(texts, routing)]
+
+    def _plans(self, texts, routing, plans) -> list[RoutingPlan]:
+        if plans is None:
+            return self.route(texts, routing)
+        plans = list(plans)
+        if len(plans) != len(texts):
+            raise InputError(
+                f"got {len(plans)} plans for {len(texts)} prompts; give one per prompt"
+            )
+        for plan in plans:
+            self.merger.check_plan(plan)
+        return plans
+
+    # -- running merges --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def merged(self, plans: Sequence[RoutingPlan], mode: str = "auto") -> Iterator[None]:
+        """Hold the lock and run the block with the given per-row merges applied."""
+        if mode not in MODES:
+            raise InputError(f"mode={mode!r} is unknown; choose one of {MODES}")
+        plans = list(plans)
+        same = len({p.key() for p in plans}) == 1
+        if mode == "fold" and not same:
+            raise InputError("mode='fold' needs one merge for the whole batch; use 'lowrank'")
+        with self._lock:
+            if same and plans[0].is_base:
+                yield
+            elif mode == "fold" or (mode == "auto" and same and not self.merger.tied_layers):
+                with self.merger.fold(plans[0]):
+                    yield
+            else:
+                with self.merger.lowrank(plans):
+                    yield
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 100,
+        routing: RoutingConfig | None = None,
+        plans: Sequence[RoutingPlan] | None = None,
+        mode: str = "auto",
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Continue each prompt with its own merge; returns the text and the routing used."""
+        prompts = _check_texts(prompts)
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        plans = self._plans(prompts, routing, plans)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        options = {"do_sample": do_sample}
+        if do_sample:
+            options.update(temperature=temperature, top_p=top_p)
+        else:
+            options.update(temperature=None, top_p=None, top_k=None)
+        with self.merged(plans, mode):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **options,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        results = []
+        eos = self.tokenizer.eos_token_id
+        for row, plan, mask in zip(new_tokens, plans, batch["attention_mask"]):
+            tokens = row.tolist()
+            stopped = eos in tokens
+            if stopped:
+                tokens = tokens[: tokens.index(eos)]
+            results.append(
+                Generation(
+                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    plan=plan,
+                    prompt_tokens=int(mask.sum()),
+                    completion_tokens=len(tokens),
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
+        return results
+
+    @torch.no_grad()
+    def score(
+        self,
+        texts: Sequence[str],
+        prefix_tokens: int = 50,
+        max_tokens: int = 1024,
+        routing: RoutingConfig | None = None,
+        plans: Sequence[RoutingPlan] | None = None,
+        mode: str = "auto",
+    ) -> list[Score]:
+        """NLL of the tokens after the first ``prefix_tokens``; the routed prefix is not scored."""
+        texts = _check_texts(texts)
+        ids = [
+            row[:max_tokens] for row in self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
+        short = [i for i, row in enumerate(ids) if len(row) <= prefix_tokens]
+        if short:
+            raise InputError(
+                f"text(s) {short} have at most {prefix_tokens} tokens: nothing is left to score "
+                "after the routing prefix; give longer texts or a smaller prefix_tokens"
+            )
+        routing = (routing or self.routing).replace(query_tokens=prefix_tokens)
+        plans = self._plans(texts, routing, plans)
+        input_ids, attention = _right_pad(ids, self.tokenizer.pad_token_id)
+        with self.merged(plans, mode):
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+        return [
+            Score(nll=nll, n_tokens=n, plan=plan)
+            for (nll, n), plan in zip(
+                continuation_nll(logits, input_ids, attention, prefix_tokens), plans
+            )
+        ]
+
+
+def continuation_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor, prefix_tokens: int
+) -> list[tuple[float, int]]:
+    """(total NLL, scored tokens) per row, over target positions t ≥ prefix_tokens."""
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, s-1, V) predicts t=1..s-1
+    targets = input_ids[:, 1:]  # (b, s-1)
+    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, s-1)
+    positions = torch.arange(1, input_ids.shape[1]).unsqueeze(0)  # target index t
+    scored = (positions >= prefix_tokens) & attention[:, 1:].bool()
+    return [
+        (float(token_nll[i][scored[i]].sum()), int(scored[i].sum()))
+        for i in range(input_ids.shape[0])
+    ]
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise InputError("pass a list of prompts, not a single string")
+    texts = list(texts)
+    if not texts:
+        raise InputError("no prompts given")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"prompt {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise InputError(f"prompt {i} is empty; routing needs some text to embed")
+    return texts
+
+
+__all__ = ["TTMM", "Generation", "Score", "InputError", "MergeError", "continuation_nll"]
