@@ -121,3 +121,64 @@ def random_adapter(
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+def write_random_bank(
+    path,
+    model,
+    encoder_dim: int = 384,
+    num_experts: int = 4,
+    ranks: list[int] | None = None,
+    seed: int = 0,
+    base_model_name: str = "tiny",
+    encoder_name: str = "all-minilm-l6-v2",
+    with_finetune: bool = False,
+):
+    """A valid bank on disk for ``model``: random non-zero adapters and random unit centroids."""
+    from ttmm.adapter import save_adapter
+    from ttmm.bank import (
+        FINETUNE_DIR,
+        BankManifest,
+        ExpertInfo,
+        base_model_record,
+        expert_dir,
+        write_centroids,
+        write_manifest,
+    )
+    from ttmm.routing import RoutingConfig
+
+    ranks = ranks or [2 + 2 * (k % 3) for k in range(num_experts)]
+    experts = []
+    for k in range(num_experts):
+        adapter = random_adapter(model, rank=ranks[k], alpha=2.0 * ranks[k], seed=seed * 100 + k)
+        save_adapter(adapter, path / expert_dir(k))
+        experts.append(ExpertInfo.describe(k, expert_dir(k), adapter, path, label=f"topic {k}"))
+    finetune = None
+    if with_finetune:
+        adapter = random_adapter(model, rank=4, seed=seed * 100 + 99)
+        save_adapter(adapter, path / FINETUNE_DIR)
+        finetune = ExpertInfo.describe(-1, FINETUNE_DIR, adapter, path, label="fine-tuning")
+    generator = torch.Generator().manual_seed(seed)
+    centroids = torch.nn.functional.normalize(
+        torch.randn(num_experts, encoder_dim, generator=generator), dim=1
+    )
+    write_centroids(path, centroids)
+    manifest = BankManifest(
+        base_model=base_model_record(base_model_name, model),
+        encoder={"name": encoder_name, "dim": encoder_dim},
+        routing=RoutingConfig(max_active=3).to_dict(),
+        experts=experts,
+        finetune=finetune,
+    )
+    write_manifest(path, manifest)
+    return path
+
+
+@pytest.fixture
+def tiny_engine(tmp_path, tiny_llama, smol_tokenizer, encoder):
+    """A TTMM engine over the tiny Llama, the real tokenizer and encoder, and a 4-expert bank."""
+    from ttmm.bank import Bank
+    from ttmm.model import TTMM
+
+    bank = Bank.load(write_random_bank(tmp_path / "bank", tiny_llama, encoder.dim))
+    return TTMM(tiny_llama, smol_tokenizer, encoder, bank)

@@ -36,7 +36,7 @@ class Encoder:
             self.model = SentenceTransformer(location, device=device)
         except (OSError, ValueError) as err:
             raise AssetError(f"cannot load encoder {self.name!r} from {location}: {err}") from err
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.dim = int(self.model.get_embedding_dimension())
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def encode(

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -88,7 +88,6 @@ class RoutingPlan:
     rule: str = "explicit"
     fallback: str | None = None
     """``"base"`` when no expert passed the rule, ``"nearest"`` when p was NaN."""
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.expert_ids) != len(self.weights):

@@ -1,0 +1,281 @@
+"""The ``ttmm`` command line: thin typed verbs over the library.
+
+Errors that come from user input (a bad bank, an empty prompt, a wrong option) print one
+clear line and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ttmm.adapter import AdapterError
+from ttmm.assets import AssetError
+from ttmm.bank import BankError
+from ttmm.merge import MergeError
+from ttmm.routing import RoutingConfig, RoutingError
+
+app = typer.Typer(
+    help="Test-Time Model Merging: route each prompt to LoRA experts and merge them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS = (AdapterError, AssetError, BankError, MergeError, RoutingError, ValueError, OSError)
+
+BankOption = Annotated[Path, typer.Option("--bank", "-b", help="Expert bank folder.")]
+BaseModelOption = Annotated[
+    str | None, typer.Option(help="Base model folder or hub id (default: the bank's).")
+]
+EncoderOption = Annotated[
+    str | None, typer.Option(help="Sentence encoder folder or hub id (default: the bank's).")
+]
+RuleOption = Annotated[
+    str | None, typer.Option(help="Routing rule: sparse_softmax, threshold or top_n.")
+]
+BetaOption = Annotated[float | None, typer.Option(help="Softmax temperature β (paper scale).")]
+TauOption = Annotated[float | None, typer.Option(help="Threshold τ on routing probabilities.")]
+MaxActiveOption = Annotated[int | None, typer.Option(help="Most experts merged at once.")]
+
+
+def user_errors(command):
+    """Turn input errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as err:
+            err_console.print(f"[bold red]error:[/] {err}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _engine(bank: Path, base_model: str | None, encoder: str | None):
+    from ttmm.model import TTMM
+
+    with console.status("loading base model, encoder and bank"):
+        return TTMM.from_bank(bank, base_model=base_model, encoder=encoder)
+
+
+def _routing(engine, rule, beta, tau, max_active) -> RoutingConfig:
+    return engine.routing.replace(rule=rule, beta=beta, tau=tau, max_active=max_active)
+
+
+def _plan_table(engine, plan, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("expert", "label", "weight", "similarity"):
+        table.add_column(column)
+    sims = plan.similarities or (float("nan"),) * len(plan.expert_ids)
+    for k, w, z in zip(plan.expert_ids, plan.weights, sims):
+        table.add_row(str(k), engine.bank.label(k), f"{w:.3f}", f"{z:.3f}")
+    if plan.is_base:
+        table.add_row("-", "base model (no expert passed the rule)", "-", "-")
+    return table
+
+
+def _plan_json(engine, plan) -> dict:
+    data = plan.to_dict()
+    for entry in data["experts"]:
+        entry["label"] = engine.bank.label(entry["id"])
+    return data
+
+
+@app.command()
+@user_errors
+def route(
+    text: Annotated[str, typer.Argument(help="Prompt to route.")],
+    bank: BankOption,
+    base_model: BaseModelOption = None,
+    encoder: EncoderOption = None,
+    rule: RuleOption = None,
+    beta: BetaOption = None,
+    tau: TauOption = None,
+    max_active: MaxActiveOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show which experts a prompt is routed to, with labels and weights."""
+    engine = _engine(bank, base_model, encoder)
+    [plan] = engine.route([text], _routing(engine, rule, beta, tau, max_active))
+    if as_json:
+        print(json.dumps(_plan_json(engine, plan), indent=2))
+    else:
+        console.print(_plan_table(engine, plan, f"routing ({plan.rule})"))
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt to continue.")],
+    bank: BankOption,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
+    mode: Annotated[str, typer.Option(help="auto, fold or lowrank.")] = "auto",
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    base_model: BaseModelOption = None,
+    encoder: EncoderOption = None,
+    rule: RuleOption = None,
+    beta: BetaOption = None,
+    tau: TauOption = None,
+    max_active: MaxActiveOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Continue a prompt with the experts merged for it."""
+    engine = _engine(bank, base_model, encoder)
+    routing = _routing(engine, rule, beta, tau, max_active)
+    with console.status("generating"):
+        [result] = engine.generate(
+            [prompt],
+            max_new_tokens=max_new_tokens,
+            routing=routing,
+            mode=mode,
+            do_sample=sample,
+            temperature=temperature,
+            seed=seed,
+        )
+    if as_json:
+        payload = {
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+            },
+            "routing": _plan_json(engine, result.plan),
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        console.print(_plan_table(engine, result.plan, f"routing ({result.plan.rule})"))
+        console.print(f"[bold]{prompt}[/]{result.text}")
+
+
+def _read_texts(file: Path) -> list[str]:
+    """Texts to score: JSONL with a ``text`` field, or a plain file holding one text."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    raw = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(
+                        f"{file}:{number}: expected a JSON object with a 'text' field"
+                    ) from err
+        return texts
+    return [raw]
+
+
+@app.command()
+@user_errors
+def score(
+    file: Annotated[
+        Path, typer.Argument(help="A .jsonl file with a 'text' field per line, or a text file.")
+    ],
+    bank: BankOption,
+    prefix_tokens: Annotated[int, typer.Option(help="Routed prefix, never scored.")] = 50,
+    max_tokens: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 1024,
+    base_model: BaseModelOption = None,
+    encoder: EncoderOption = None,
+    rule: RuleOption = None,
+    beta: BetaOption = None,
+    tau: TauOption = None,
+    max_active: MaxActiveOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Perplexity of each text's continuation after its routed prefix."""
+    import math
+
+    texts = _read_texts(file)
+    engine = _engine(bank, base_model, encoder)
+    routing = _routing(engine, rule, beta, tau, max_active)
+    results = []
+    for text in texts:  # one at a time: every text may get its own merge, folded
+        results.extend(engine.score([text], prefix_tokens, max_tokens, routing=routing))
+    total_nll = sum(r.nll for r in results)
+    total_tokens = sum(r.n_tokens for r in results)
+    if as_json:
+        for r in results:
+            print(
+                json.dumps(
+                    {
+                        "nll": r.nll,
+                        "tokens": r.n_tokens,
+                        "perplexity": r.perplexity,
+                        "routing": _plan_json(engine, r.plan),
+                    }
+                )
+            )
+        return
+    table = Table(title=f"{file} (prefix {prefix_tokens} tokens routed, not scored)")
+    for column in ("#", "tokens", "perplexity", "experts"):
+        table.add_column(column)
+    for i, r in enumerate(results):
+        experts = (
+            ", ".join(f"{k}:{w:.2f}" for k, w in zip(r.plan.expert_ids, r.plan.weights)) or "base"
+        )
+        table.add_row(str(i), str(r.n_tokens), f"{r.perplexity:.3f}", experts)
+    console.print(table)
+    console.print(
+        f"overall perplexity {math.exp(total_nll / total_tokens):.4f} over {total_tokens} tokens"
+    )
+
+
+@app.command("import-bank")
+@user_errors
+def import_bank(
+    src: Annotated[Path, typer.Argument(help="Reference-code layout: numbered folders 0/ … K-1/.")],
+    dst: Annotated[Path, typer.Argument(help="New ttmm bank folder.")],
+    embeddings: Annotated[
+        Path | None,
+        typer.Option(
+            help="Centroid tensor file (.safetensors, .pt or .npy); found in SRC if omitted."
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model the adapters were trained on.")
+    ] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder that made the embeddings.")] = None,
+    reference_beta: Annotated[
+        float, typer.Option(help="The reference code's beta (sqrt of β).")
+    ] = 0.2,
+    tau: Annotated[float, typer.Option(help="Threshold τ.")] = 0.01,
+    max_active: Annotated[int, typer.Option(help="Most experts merged at once.")] = 50,
+) -> None:
+    """Convert a bank in the paper's reference-code layout into a validated ttmm bank."""
+    from ttmm.bank_import import import_reference_bank
+
+    routing = RoutingConfig.from_reference(beta=reference_beta, tau=tau, max_merge_count=max_active)
+    with console.status("importing and validating"):
+        bank = import_reference_bank(
+            src, dst, embeddings=embeddings, base_model=base_model, encoder=encoder, routing=routing
+        )
+    console.print(
+        f"wrote {dst}: {bank.num_experts} experts, {bank.centroids.shape[1]}-dim centroids"
+    )
+
+
+# Commands of other modules are registered below.
