@@ -1,0 +1,158 @@
+"""The TTMM model: per-prompt routing in a batch, thread safety, exact restore after every call."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import ATOL
+
+from ttmm.merge import MergeError
+from ttmm.model import InputError
+from ttmm.routing import RoutingConfig, RoutingPlan
+
+PROMPTS = [
+    "The Roman Empire was the post-Republican state of ancient Rome",
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
+    "Photosynthesis is the process by which green plants use sunlight",
+]
+PLANS = [
+    RoutingPlan.explicit({0: 1.0}),
+    RoutingPlan.explicit({1: 0.6, 2: 0.4}),
+    RoutingPlan.explicit({3: 0.5, 0: 0.25, 2: 0.25}),
+]
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+
+
+def long_text(seed: int) -> str:
+    words = ["alpha", "river", "stone", "number", "light", "green", "market", "code", "lambda"]
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(words[i] for i in torch.randint(0, len(words), (90,), generator=g).tolist())
+
+
+def test_generate_returns_routing_and_restores_weights(tiny_engine):
+    before = snapshot(tiny_engine.model)
+    results = tiny_engine.generate(PROMPTS, max_new_tokens=4)
+    assert_unchanged(tiny_engine.model, before)
+    plans = tiny_engine.route(PROMPTS)
+    assert [r.plan for r in results] == plans
+    for r in results:
+        assert r.completion_tokens == 4 and r.finish_reason == "length" and r.prompt_tokens > 0
+        assert 1 <= len(r.plan.expert_ids) <= 3 and sum(r.plan.weights) == pytest.approx(1.0)
+
+
+def test_batch_of_three_merges_equals_three_single_calls(tiny_engine):
+    texts = [long_text(s) for s in range(3)]
+    batched = tiny_engine.score(texts, prefix_tokens=50, plans=PLANS)
+    singles = [tiny_engine.score([t], prefix_tokens=50, plans=[p])[0] for t, p in zip(texts, PLANS)]
+    for b, s in zip(batched, singles):
+        assert b.n_tokens == s.n_tokens
+        assert b.nll == pytest.approx(s.nll, abs=ATOL * max(1, s.n_tokens))
+    # the three merges really differ
+    assert len({round(s.nll, 3) for s in singles}) == 3
+    base = tiny_engine.score(texts, prefix_tokens=50, plans=[RoutingPlan.base()] * 3)
+    assert all(abs(b.nll - s.nll) > 1e-3 for b, s in zip(base, singles))
+
+    gen_batched = tiny_engine.generate(PROMPTS, max_new_tokens=6, plans=PLANS)
+    for prompt, plan, got in zip(PROMPTS, PLANS, gen_batched):
+        [single] = tiny_engine.generate([prompt], max_new_tokens=6, plans=[plan])
+        assert got.text == single.text and got.plan == plan
+
+
+def test_routed_batch_equals_routed_single_calls(tiny_engine):
+    texts = [long_text(s) for s in range(3, 6)]
+    batched = tiny_engine.score(texts, prefix_tokens=50)
+    for text, b in zip(texts, batched):
+        [s] = tiny_engine.score([text], prefix_tokens=50)
+        # the encoder pads a batch, so similarities agree to float precision, not bitwise
+        assert s.plan.expert_ids == b.plan.expert_ids
+        assert s.plan.weights == pytest.approx(b.plan.weights, abs=ATOL)
+        assert b.nll == pytest.approx(s.nll, abs=ATOL * s.n_tokens)
+
+
+def test_eight_threads_get_the_outputs_of_sequential_calls(tiny_engine):
+    jobs = [(PROMPTS[i % 3], PLANS[(i * 2) % 3]) for i in range(8)]
+    expected = [
+        tiny_engine.generate([p], max_new_tokens=5, plans=[plan])[0].text for p, plan in jobs
+    ]
+    before = snapshot(tiny_engine.model)
+    results: list[str | None] = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        barrier.wait()
+        prompt, plan = jobs[i]
+        results[i] = tiny_engine.generate([prompt], max_new_tokens=5, plans=[plan])[0].text
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+    assert_unchanged(tiny_engine.model, before)
+
+
+@pytest.mark.parametrize("mode", ["fold", "lowrank"])
+def test_weights_restored_after_a_call_that_raised_half_way(tiny_engine, monkeypatch, mode):
+    before = snapshot(tiny_engine.model)
+    real_forward = tiny_engine.model.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory half-way through decoding")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.model, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="half-way"):
+        tiny_engine.generate(PROMPTS[:1], max_new_tokens=8, plans=PLANS[1:2], mode=mode)
+    assert calls["n"] == 3
+    monkeypatch.undo()
+    assert_unchanged(tiny_engine.model, before)
+    assert all(not m._forward_hooks for m in tiny_engine.model.modules())
+
+
+def test_bad_calls_raise_clear_errors_and_change_nothing(tiny_engine):
+    before = snapshot(tiny_engine.model)
+    with pytest.raises(MergeError, match="unknown expert"):
+        tiny_engine.generate(PROMPTS[:1], max_new_tokens=2, plans=[RoutingPlan.explicit({9: 1.0})])
+    with pytest.raises(InputError, match="2 plans for 1 prompts"):
+        tiny_engine.generate(PROMPTS[:1], plans=PLANS[:2])
+    with pytest.raises(InputError, match="one merge for the whole batch"):
+        tiny_engine.generate(PROMPTS, plans=PLANS, mode="fold")
+    with pytest.raises(InputError, match="mode="):
+        tiny_engine.generate(PROMPTS[:1], mode="dense")
+    with pytest.raises(InputError, match="max_new_tokens"):
+        tiny_engine.generate(PROMPTS[:1], max_new_tokens=0)
+    with pytest.raises(InputError, match="nothing is left to score"):
+        tiny_engine.score(["too short"], prefix_tokens=50)
+    assert_unchanged(tiny_engine.model, before)
+
+
+def test_score_never_scores_the_routed_prefix(tiny_engine):
+    text = long_text(7)
+    n = len(tiny_engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    [s] = tiny_engine.score([text], prefix_tokens=50)
+    assert s.n_tokens == n - 50
+    [s10] = tiny_engine.score([text], prefix_tokens=10, plans=[s.plan])
+    assert s10.n_tokens == n - 10 and s10.nll > s.nll
+
+
+def test_routing_overrides_apply(tiny_engine):
+    [plan] = tiny_engine.route(PROMPTS[:1], RoutingConfig(rule="top_n", max_active=2))
+    assert plan.rule == "top_n" and len(plan.expert_ids) == 2
+    [one] = tiny_engine.generate(
+        PROMPTS[:1], max_new_tokens=2, routing=RoutingConfig(rule="top_n", max_active=1)
+    )
+    assert len(one.plan.expert_ids) == 1 and one.plan.weights == (1.0,)
