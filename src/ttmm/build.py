@@ -1,0 +1,560 @@
+"""The train-time pipeline (design §2, train time): a raw corpus in, an expert bank out.
+
+Stages, each timed: read → split → chunk → embed → cluster → write index → train experts (and
+the fine-tuning baseline) → manifest. The output folder holds a small build-state file
+(``.ttmm-build.json``, with the hash of the resolved configuration) from the moment the build
+writes anything, so a killed build resumes and keeps its finished adapters; ``manifest.json``
+is written last, so a half-built folder is never mistaken for a bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ttmm.adapter import AdapterError, load_adapter, save_adapter
+from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, base_model_name, load_base_model
+from ttmm.bank import (
+    FINETUNE_DIR,
+    MANIFEST_NAME,
+    BankManifest,
+    ExpertInfo,
+    base_model_record,
+    expert_dir,
+    write_centroids,
+    write_manifest,
+)
+from ttmm.chunk_index import write_chunk_index, write_split
+from ttmm.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
+from ttmm.corpus import (
+    Chunk,
+    CorpusError,
+    CorpusSpec,
+    chunk_documents,
+    domain_counts,
+    read_corpora,
+    split_documents,
+)
+from ttmm.executors import FINETUNE_JOB, TrainJob, make_executor
+from ttmm.routing import RoutingConfig
+from ttmm.train import LoraTrainConfig, TrainResult, planned_tokens
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = ".ttmm-build.json"
+CONFIG_NAME = "build_config.yaml"
+TRAINING_RECORD = "training.json"
+MAX_LOSS_POINTS = 200
+DEFAULT_CORPORA = ("wiki@1200", "stdlib@120")
+
+
+class BuildError(ValueError):
+    """A build that cannot start or continue: what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
+
+    corpora: tuple[str, ...] = DEFAULT_CORPORA
+    """Corpus spec strings (see :mod:`ttmm.corpus`), e.g. ``wiki@1200``, ``dir:./docs:**/*.md``."""
+    experts: int = 16
+    """K, the number of clusters and so of LoRA experts."""
+    base_model: str = DEFAULT_BASE_MODEL
+    """Base model: the default alias, a local save_pretrained folder, or a hub id."""
+    encoder: str = DEFAULT_ENCODER
+    """Sentence encoder φ that embeds chunks (and, at test time, prompts)."""
+    test_fraction: float = 0.1
+    """Share of documents held out for evaluation (never chunked, clustered or trained on)."""
+    split_seed: int = 0
+    """Seed of the document-level train/test split."""
+    window: int = 256
+    """Chunk length in base-model tokens."""
+    stride: int | None = None
+    """Tokens between chunk starts; None = ``window`` (no overlap)."""
+    min_tokens: int = 32
+    """Shorter tails and documents are dropped."""
+    max_chunks_per_document: int | None = 4
+    """Keep at most this many chunks of a document (long source files would fill clusters
+    alone); None keeps all."""
+    seed: int = 0
+    """Seed of clustering; expert k trains with seed + k, the baseline with seed + K."""
+    with_finetune: bool = False
+    """Also train the fine-tuning baseline: one LoRA on all training chunks, same total tokens."""
+    train: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    """How each adapter is trained."""
+    embed_batch_size: int = 64
+    """Chunks per encoder batch."""
+    label_terms: int = 4
+    """TF-IDF terms in each expert's label."""
+    executor: str = "sequential"
+    """Where training runs: ``sequential`` or ``ray`` (does not change the adapters)."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster; None starts a local Ray."""
+    ray_num_cpus: int | None = None
+    """CPUs of the local Ray (None: all); each task takes ``train.num_threads`` of them."""
+    ray_max_retries: int = 2
+    """Retries of a failed Ray task."""
+
+    # Fields that choose where the work runs, not what it computes: left out of the hash, so a
+    # build started sequentially may be resumed on Ray and the other way round.
+    _PLACEMENT = ("executor", "ray_address", "ray_num_cpus", "ray_max_retries")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpora, str):
+            object.__setattr__(self, "corpora", (self.corpora,))
+        object.__setattr__(self, "corpora", tuple(self.corpora))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", LoraTrainConfig.from_dict(self.train))
+        checks = {
+            "corpora": len(self.corpora) >= 1,
+            "experts": isinstance(self.experts, int) and self.experts >= 1,
+            "test_fraction": 0.0 <= self.test_fraction < 1.0,
+            "window": self.window >= 2,
+            "stride": self.stride is None or 1 <= self.stride <= self.window,
+            "min_tokens": 1 <= self.min_tokens <= self.window,
+            "max_chunks_per_document": self.max_chunks_per_document is None
+            or self.max_chunks_per_document >= 1,
+            "embed_batch_size": self.embed_batch_size >= 1,
+            "label_terms": self.label_terms >= 1,
+            "ray_max_retries": self.ray_max_retries >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise BuildError(f"BuildConfig.{name} = {getattr(self, name)!r} is out of range")
+        if self.executor not in ("sequential", "ray"):
+            raise BuildError(f"BuildConfig.executor = {self.executor!r}; use sequential or ray")
+        for spec in self.corpora:
+            CorpusSpec.parse(spec)  # fail on a bad spec before any work
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["corpora"] = list(self.corpora)
+        data["train"] = self.train.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BuildConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise BuildError(
+                f"unknown build setting(s): {', '.join(sorted(unknown))}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BuildConfig:
+        """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) build configuration."""
+        path = Path(path)
+        if not path.is_file():
+            raise BuildError(f"build config file {path} does not exist")
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(path.read_text())
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(path.read_text()) or {}
+            else:
+                raise BuildError(f"{path}: use a .toml, .yaml or .yml build config")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+            raise BuildError(f"{path}: cannot parse ({err})") from err
+        if not isinstance(data, dict):
+            raise BuildError(f"{path}: must hold a mapping of build settings")
+        return cls.from_dict(data)
+
+    def with_overrides(self, **overrides) -> BuildConfig:
+        """A copy with the given (non-None) fields replaced; ``train_*`` keys go to ``train``."""
+        train = {k[6:]: v for k, v in overrides.items() if k.startswith("train_") and v is not None}
+        top = {k: v for k, v in overrides.items() if not k.startswith("train_") and v is not None}
+        if train:
+            top["train"] = LoraTrainConfig.from_dict({**self.train.to_dict(), **train})
+        return replace(self, **top)
+
+    def resolved(self) -> BuildConfig:
+        """Pin what the defaults leave open (training threads), so the written config is exact."""
+        if self.train.num_threads is not None:
+            return self
+        return replace(self, train=replace(self.train, num_threads=torch.get_num_threads()))
+
+    def content_hash(self) -> str:
+        """Hash of the fields that determine the bank's contents (placement fields excluded)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in self._PLACEMENT}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BuildResult:
+    """What ``run_build`` did."""
+
+    path: Path
+    manifest: BankManifest
+    trained: list[int]  # adapter ids trained in this run (-1 = fine-tuning baseline)
+    reused: list[int]  # adapter ids kept from an interrupted run
+    nothing_to_do: bool = False
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        logger.info("stage %s ...", name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 3)
+        logger.info("stage %s: %.1f s", name, self.seconds[name])
+
+
+def _read_state(out: Path) -> dict | None:
+    path = out / STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BuildError(f"{path} is corrupt ({err}); delete {out} to rebuild") from err
+
+
+def _write_state(out: Path, payload: dict) -> None:
+    path = out / STATE_NAME
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(payload, indent=1))
+    os.replace(staging, path)
+
+
+def check_output(out: Path, config_hash: str) -> str:
+    """``fresh``, ``resume`` or ``done`` for building into ``out``; BuildError for anything else.
+
+    Nothing is written here. A folder that is neither empty nor our own build is refused:
+    a build never overwrites files it did not make.
+    """
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file; choose a new or empty folder")
+    if not out.exists():
+        return "fresh"
+    state = _read_state(out)
+    if state is None:
+        entries = sorted(p.name for p in out.iterdir())
+        if not entries:
+            return "fresh"
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise BuildError(
+            f"--out {out} is not empty and holds no ttmm build ({shown}); choose a new or empty "
+            "folder (ttmm never overwrites files it did not write)"
+        )
+    if state.get("config_hash") != config_hash:
+        raise BuildError(
+            f"--out {out} holds a build with a different configuration (hash "
+            f"{state.get('config_hash')}, now {config_hash}); rerun with that build's "
+            f"{CONFIG_NAME}, choose another --out, or delete the folder"
+        )
+    if state.get("status") == "done" and (out / MANIFEST_NAME).is_file():
+        return "done"
+    return "resume"
+
+
+def _job_digest(job: TrainJob) -> str:
+    digest = hashlib.sha256(json.dumps([job.id, job.seed, job.config.to_dict()]).encode())
+    for ids in job.token_ids:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def _adapter_dir(job_id: int) -> str:
+    return FINETUNE_DIR if job_id == FINETUNE_JOB else expert_dir(job_id)
+
+
+def _finished_record(out: Path, job: TrainJob) -> dict | None:
+    """The training record of a complete adapter folder for exactly this job, else None."""
+    folder = out / _adapter_dir(job.id)
+    try:
+        record = json.loads((folder / TRAINING_RECORD).read_text())
+        load_adapter(folder)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AdapterError):
+        return None
+    return record if record.get("digest") == _job_digest(job) else None
+
+
+def _downsample(losses: list[float], points: int = MAX_LOSS_POINTS) -> list[float]:
+    """Mean loss over equal bins, so long runs keep a readable curve in the manifest."""
+    if len(losses) <= points:
+        return [round(x, 5) for x in losses]
+    bins = np.array_split(np.asarray(losses), points)
+    return [round(float(b.mean()), 5) for b in bins]
+
+
+def _make_jobs(
+    config: BuildConfig, chunks: list[Chunk], assignments: np.ndarray, pad_token_id: int
+) -> list[TrainJob]:
+    jobs = []
+    for k in range(config.experts):
+        ids = tuple(chunks[i].token_ids for i in np.flatnonzero(assignments == k))
+        jobs.append(
+            TrainJob(k, ids, config.seed + k, config.train, config.base_model, pad_token_id)
+        )
+    if config.with_finetune:
+        # Same total budget as all experts together: cap at the tokens they will train on.
+        budget = sum(planned_tokens(job.token_ids, job.config, job.seed) for job in jobs)
+        finetune = replace(config.train, max_tokens=budget)
+        all_ids = tuple(chunk.token_ids for chunk in chunks)
+        jobs.append(
+            TrainJob(
+                FINETUNE_JOB,
+                all_ids,
+                config.seed + config.experts,
+                finetune,
+                config.base_model,
+                pad_token_id,
+            )
+        )
+    return jobs
+
+
+def run_build(
+    config: BuildConfig,
+    out: str | os.PathLike,
+    progress: bool = True,
+    on_saved: Callable[[int], None] | None = None,
+) -> BuildResult:
+    """Build a bank from ``config`` into ``out``, resuming an interrupted build of the same config.
+
+    ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook).
+    """
+    from ttmm.embed import Encoder
+
+    config = config.resolved()
+    out = Path(out).expanduser()
+    config_hash = config.content_hash()
+    state = check_output(out, config_hash)
+    if state == "done":
+        from ttmm.bank import Bank
+
+        logger.info("%s is a finished bank of this configuration: nothing to do", out)
+        return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
+
+    timer = _Timer()
+    started = time.perf_counter()
+    with timer.stage("read"):
+        documents, reports = read_corpora(config.corpora)
+    with timer.stage("split"):
+        split = split_documents(documents, config.test_fraction, config.split_seed)
+    with timer.stage("load_model"):
+        model, tokenizer = load_base_model(config.base_model)
+    with timer.stage("chunk"):
+        chunks = chunk_documents(
+            split.train,
+            tokenizer,
+            window=config.window,
+            stride=config.stride,
+            min_tokens=config.min_tokens,
+            max_chunks_per_document=config.max_chunks_per_document,
+        )
+        if not chunks:
+            raise CorpusError(
+                f"the {len(split.train)} training documents give no chunk of at least "
+                f"{config.min_tokens} tokens; add longer documents or lower min_tokens"
+            )
+    with timer.stage("embed"):
+        encoder = Encoder(config.encoder, cache_dir=_embedding_cache())
+        embeddings = encoder.encode(
+            [c.text for c in chunks], batch_size=config.embed_batch_size, show_progress=progress
+        )
+    with timer.stage("cluster"):
+        assignments = cluster_embeddings(embeddings, config.experts, seed=config.seed)
+        cents = centroids(embeddings, assignments, config.experts)
+        labels = label_clusters(
+            [c.text for c in chunks], assignments, config.experts, config.label_terms
+        )
+        quality = {
+            "topic": cluster_quality(assignments, [c.label for c in chunks]),
+            "domain": cluster_quality(assignments, [c.domain for c in chunks]),
+        }
+
+    # Only now, with the input known to be usable, does the build write anything.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_state(out, {"config_hash": config_hash, "status": "in_progress"})
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with timer.stage("write_index"):
+        data = write_split(out, split, config.split_seed, config.test_fraction)
+        data.update(write_chunk_index(out, chunks, embeddings, assignments))
+        write_centroids(out, cents)
+
+    jobs = _make_jobs(config, chunks, assignments, tokenizer.pad_token_id)
+    records: dict[int, dict] = {}
+    reused = []
+    for job in jobs:
+        record = _finished_record(out, job)
+        if record is not None:
+            records[job.id] = record
+            reused.append(job.id)
+    if reused:
+        logger.info("resuming: keeping %d finished adapter(s) %s", len(reused), reused)
+    todo = [job for job in jobs if job.id not in records]
+
+    def save(job: TrainJob, result: TrainResult) -> None:
+        folder = out / _adapter_dir(job.id)
+        save_adapter(result.adapter, folder)
+        record = {
+            "digest": _job_digest(job),
+            "seed": job.seed,
+            "n_chunks": len(job.token_ids),
+            "n_tokens": result.n_tokens,
+            "seconds": round(result.seconds, 3),
+            "losses": result.losses,
+        }
+        (folder / TRAINING_RECORD).write_text(json.dumps(record))
+        records[job.id] = record
+        logger.info(
+            "%s: %d chunks, %d tokens, %.0f s, loss %.3f -> %.3f",
+            job.name,
+            len(job.token_ids),
+            result.n_tokens,
+            result.seconds,
+            result.losses[0],
+            result.losses[-1],
+        )
+        if on_saved is not None:
+            on_saved(job.id)
+
+    executor = make_executor(
+        config.executor,
+        model=model,
+        progress=progress,
+        address=config.ray_address,
+        num_cpus=config.ray_num_cpus,
+        cpus_per_task=config.train.num_threads,
+        max_retries=config.ray_max_retries,
+    )
+    with timer.stage("train"):
+        executor.run(todo, save)
+
+    with timer.stage("manifest"):
+        manifest = _manifest(
+            out,
+            config,
+            config_hash,
+            model,
+            encoder,
+            jobs,
+            records,
+            labels,
+            chunks,
+            assignments,
+            split,
+            reports,
+            quality,
+            data,
+            timer,
+            reused,
+        )
+        manifest.build["total_seconds"] = round(time.perf_counter() - started, 3)
+        write_manifest(out, manifest)
+    _write_state(out, {"config_hash": config_hash, "status": "done"})
+    return BuildResult(out, manifest, [j.id for j in todo], reused)
+
+
+def _embedding_cache() -> Path:
+    from ttmm.assets import ttmm_home
+
+    return ttmm_home() / "embeddings"
+
+
+def _manifest(
+    out,
+    config,
+    config_hash,
+    model,
+    encoder,
+    jobs,
+    records,
+    labels,
+    chunks,
+    assignments,
+    split,
+    reports,
+    quality,
+    data,
+    timer,
+    reused,
+) -> BankManifest:
+    def info(job: TrainJob, label: str) -> ExpertInfo:
+        record = records[job.id]
+        path = _adapter_dir(job.id)
+        members = (
+            [chunks[i] for i in np.flatnonzero(assignments == job.id)] if job.id >= 0 else chunks
+        )
+        return ExpertInfo.describe(
+            max(job.id, 0),
+            path,
+            load_adapter(out / path),
+            out,
+            label=label,
+            n_chunks=record["n_chunks"],
+            n_tokens=record["n_tokens"],
+            loss_curve=_downsample(record["losses"]),
+            extra={
+                "seed": record["seed"],
+                "seconds": record["seconds"],
+                "tokens_per_second": round(record["n_tokens"] / max(record["seconds"], 1e-9), 2),
+                "domains": domain_counts(members),
+                "n_documents": len({c.doc_id for c in members}),
+            },
+        )
+
+    experts = [info(job, labels[job.id]) for job in jobs if job.id != FINETUNE_JOB]
+    finetune = next(
+        (info(job, "all training chunks") for job in jobs if job.id == FINETUNE_JOB), None
+    )
+    trained = [records[job.id] for job in jobs if job.id != FINETUNE_JOB]
+    expert_tokens = sum(r["n_tokens"] for r in trained)
+    expert_seconds = sum(r["seconds"] for r in trained)
+    data.update(
+        {
+            "corpora": list(config.corpora),
+            "documents": {
+                d: {"train": len(v["train"]), "test": len(v["test"])}
+                for d, v in split.ids_by_domain().items()
+            },
+            "chunks_per_domain": domain_counts(chunks),
+            "window": config.window,
+            "tokenizer": "base_model",
+        }
+    )
+    return BankManifest(
+        base_model=base_model_record(base_model_name(config.base_model), model),
+        encoder={"name": encoder.name, "dim": encoder.dim},
+        routing=RoutingConfig().to_dict(),
+        experts=experts,
+        finetune=finetune,
+        data=data,
+        build={
+            "config": config.to_dict(),
+            "config_hash": config_hash,
+            "executor": config.executor,
+            "stage_seconds": dict(timer.seconds),
+            "training": {
+                "expert_tokens": expert_tokens,
+                "expert_seconds": round(expert_seconds, 3),
+                "tokens_per_second": round(expert_tokens / max(expert_seconds, 1e-9), 2),
+                "finetune_tokens": records[FINETUNE_JOB]["n_tokens"] if finetune else 0,
+            },
+            "cluster_quality": quality,
+            "corpus_reports": reports,
+            "resumed_adapters": reused,
+            "cpu_count": os.cpu_count(),
+        },
+    )
