@@ -19,7 +19,7 @@ linear) and by module path; nothing depends on an architecture's parameter names
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,9 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
+
+PlanFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""A plan's merged (A', B') by layer path, for the layers it adapts."""
 
 
 class MergeError(ValueError):
@@ -147,6 +150,9 @@ class ExpertMerger:
                 scales={expert_id: s for expert_id, _, _, s in entries},
             )
         self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
+        self.factor_cache: MutableMapping[tuple, PlanFactors] | None = None
+        """Optional store of each plan's (A', B') per layer by ``plan.key()`` (e.g. the server's
+        LRU): stacking A' and B' over ~200 layers costs about as much as a few decoding steps."""
 
     @property
     def num_parameters(self) -> int:
@@ -158,6 +164,20 @@ class ExpertMerger:
             raise MergeError(
                 f"unknown expert id(s) {bad}; the bank has experts 0..{self.num_experts - 1}"
             )
+
+    def plan_factors(self, plan: RoutingPlan) -> PlanFactors:
+        """(A', B') of every layer the plan adapts, from ``factor_cache`` when it holds the plan."""
+        cache, key = self.factor_cache, plan.key()
+        if cache is not None and (hit := cache.get(key)) is not None:
+            return hit
+        factors = {}
+        for name, stacked in self.layers.items():
+            pair = stacked.factors(plan)
+            if pair is not None:
+                factors[name] = pair
+        if cache is not None:
+            cache[key] = factors
+        return factors
 
     def delta(self, name: str, plan: RoutingPlan) -> torch.Tensor | None:
         """ΔW of one layer in the Linear convention (d_out, d_in); None if the plan leaves it."""
@@ -179,11 +199,8 @@ class ExpertMerger:
         backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             with torch.no_grad():
-                for stacked in self.layers.values():
-                    factors = stacked.factors(plan)
-                    if factors is None:
-                        continue
-                    A, B = factors  # (Σr, d_in), (d_out, Σr)
+                for name, (A, B) in self.plan_factors(plan).items():  # (Σr, d_in), (d_out, Σr)
+                    stacked = self.layers[name]
                     weight = stacked.module.weight
                     backups.append((weight, weight.detach().clone()))
                     if stacked.transposed:
@@ -207,10 +224,11 @@ class ExpertMerger:
         plans = list(plans)
         for plan in plans:
             self.check_plan(plan)
+        per_plan = [self.plan_factors(plan) for plan in plans]
         handles = []
         try:
-            for stacked in self.layers.values():
-                hook = _lowrank_hook(stacked, plans)
+            for name, stacked in self.layers.items():
+                hook = _lowrank_hook(stacked, plans, [factors.get(name) for factors in per_plan])
                 if hook is not None:
                     handles.append(stacked.module.register_forward_hook(hook))
             yield
@@ -227,9 +245,12 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {pid for pid, count in seen.items() if count > 1}
 
 
-def _lowrank_hook(stacked: _StackedLayer, plans: list[RoutingPlan]):
+def _lowrank_hook(
+    stacked: _StackedLayer,
+    plans: list[RoutingPlan],
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None],
+):
     """A forward hook adding each row's merged LoRA, or None if no plan touches the layer."""
-    factors = [stacked.factors(plan) for plan in plans]
     if all(f is None for f in factors):
         return None
     batch = len(plans)
