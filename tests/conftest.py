@@ -133,6 +133,7 @@ def write_random_bank(
     base_model_name: str = "tiny",
     encoder_name: str = "all-minilm-l6-v2",
     with_finetune: bool = False,
+    magnitude: float = 0.05,
 ):
     """A valid bank on disk for ``model``: random non-zero adapters and random unit centroids."""
     from ttmm.adapter import save_adapter
@@ -150,7 +151,9 @@ def write_random_bank(
     ranks = ranks or [2 + 2 * (k % 3) for k in range(num_experts)]
     experts = []
     for k in range(num_experts):
-        adapter = random_adapter(model, rank=ranks[k], alpha=2.0 * ranks[k], seed=seed * 100 + k)
+        adapter = random_adapter(
+            model, rank=ranks[k], alpha=2.0 * ranks[k], seed=seed * 100 + k, magnitude=magnitude
+        )
         save_adapter(adapter, path / expert_dir(k))
         experts.append(ExpertInfo.describe(k, expert_dir(k), adapter, path, label=f"topic {k}"))
     finetune = None

@@ -1,0 +1,241 @@
+"""Test-time overhead of TTMM on the default model (issue 2 benchmark, design notes §6).
+
+Table 1: for 1, 3 and 10 active experts of a 16-expert bank (r=8, all linear layers), the
+time of route + merge + restore and of generating 100 tokens, as ratios to the base model
+measured in the same run, plus weight memory at rest and the peak during a merge.
+Table 2: a batch of 8 prompts with 8 different merges in low-rank mode against the base
+model on the same batch (throughput ratio).
+
+    .venv/bin/python benchmarks/merge_overhead.py [--tokens 100] [--repeats 3]
+
+Prints both tables and writes ``benchmarks/results/merge_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_random_bank  # noqa: E402  (the same random-bank writer the tests use)
+
+from ttmm.assets import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
+from ttmm.bank import Bank  # noqa: E402
+from ttmm.embed import Encoder  # noqa: E402
+from ttmm.model import TTMM  # noqa: E402
+from ttmm.routing import RoutingConfig, RoutingPlan  # noqa: E402
+
+PROMPTS = [
+    "The French Revolution was a period of political and societal change in France that began",
+    "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description=",
+    "Photosynthesis is a system of biological processes by which photosynthetic organisms",
+    "The Pacific Ocean is the largest and deepest of Earth's five oceanic divisions. It extends",
+    "class Cache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+    "Johann Sebastian Bach was a German composer and musician of the late Baroque period",
+    "The mitochondrion is an organelle found in the cells of most eukaryotes, such as animals",
+    "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]",
+]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def timed(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def adaptation_seconds(engine: TTMM, n_active: int, repeats: int) -> tuple[float, int]:
+    """Median seconds of route + fold + restore, and the bytes the merge holds while folded.
+
+    Inside the block the merger holds one backup of each weight it changed (that is the
+    peak's only extra allocation beyond transient per-layer factors); after it, nothing.
+    """
+    routing = RoutingConfig(rule="top_n", max_active=n_active)
+
+    def once():
+        [plan] = engine.route(PROMPTS[:1], routing)
+        with engine.merger.fold(plan):
+            pass
+
+    once()  # warm-up
+    seconds = timed(once, repeats)
+    [plan] = engine.route(PROMPTS[:1], routing)
+    backups = sum(
+        s.module.weight.numel() * s.module.weight.element_size()
+        for s in engine.merger.layers.values()
+        if s.factors(plan) is not None
+    )
+    return seconds, backups
+
+
+def generation_seconds(engine: TTMM, tokens: int, repeats: int, n_active: int | None) -> float:
+    """Median seconds to generate ``tokens`` from a prompt, everything included."""
+    routing = RoutingConfig(rule="top_n", max_active=n_active) if n_active else None
+    plans = None if n_active else [RoutingPlan.base()]
+
+    def once():
+        engine.generate(
+            PROMPTS[:1], max_new_tokens=tokens, routing=routing, plans=plans, mode="fold"
+        )
+
+    return timed(once, repeats)
+
+
+def batch_throughput(engine: TTMM, tokens: int, repeats: int, different: bool) -> float:
+    """Generated tokens per second for the 8-prompt batch."""
+    if different:
+        plans = [
+            RoutingPlan.explicit({i: 0.5, (i + 5) % 16: 0.3, (i + 11) % 16: 0.2}) for i in range(8)
+        ]
+    else:
+        plans = [RoutingPlan.base()] * 8
+    seconds = timed(
+        lambda: engine.generate(
+            PROMPTS, max_new_tokens=tokens, plans=plans, mode="lowrank" if different else "auto"
+        ),
+        repeats,
+    )
+    return 8 * tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json"
+    )
+    args = parser.parse_args()
+    console = Console()
+    torch.manual_seed(0)
+
+    model, tokenizer = load_base_model()
+    encoder = Encoder()
+    with tempfile.TemporaryDirectory() as tmp:
+        with console.status(
+            f"writing a {args.experts}-expert random bank (r=8, all linear layers)"
+        ):
+            path = write_random_bank(
+                Path(tmp) / "bank",
+                model,
+                encoder.dim,
+                args.experts,
+                ranks=[8] * args.experts,
+                base_model_name=DEFAULT_BASE_MODEL,
+                magnitude=0.02,
+            )
+        engine = TTMM(model, tokenizer, encoder, Bank.load(path))
+        base_bytes = weight_bytes(model)
+        rows = []
+        with console.status("base model: generating"):
+            base_gen = generation_seconds(engine, args.tokens, args.repeats, None)
+        for n_active in (1, 3, 10):
+            with console.status(f"{n_active} experts"):
+                adapt, peak = adaptation_seconds(engine, n_active, max(args.repeats, 5))
+                gen = generation_seconds(engine, args.tokens, args.repeats, n_active)
+            rows.append(
+                {
+                    "active_experts": n_active,
+                    "merged_rank": 8 * n_active,
+                    "route_merge_restore_s": adapt,
+                    "overhead_ratio": adapt / base_gen,
+                    "generate_s": gen,
+                    "generate_ratio": gen / base_gen,
+                    "weights_at_rest_ratio": weight_bytes(model) / base_bytes,
+                    "peak_during_merge_ratio": (base_bytes + peak) / base_bytes,
+                }
+            )
+        with console.status("batch of 8: base"):
+            base_tps = batch_throughput(engine, args.batch_tokens, args.repeats, different=False)
+        with console.status("batch of 8: 8 different merges, low-rank"):
+            merged_tps = batch_throughput(engine, args.batch_tokens, args.repeats, different=True)
+
+    table = Table(title=f"TTMM overhead, {args.experts} experts r=8, {args.tokens} new tokens")
+    for col in (
+        "active",
+        "route+merge+restore",
+        "÷ base 100-token time",
+        "generate ÷ base",
+        "weights at rest",
+        "peak in merge",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["active_experts"]),
+            f"{r['route_merge_restore_s']:.3f} s",
+            f"{100 * r['overhead_ratio']:.1f} %",
+            f"{r['generate_ratio']:.3f}",
+            f"{r['weights_at_rest_ratio']:.2f}×",
+            f"{r['peak_during_merge_ratio']:.2f}×",
+        )
+    console.print(table)
+    console.print(
+        f"base model: {base_gen:.2f} s for {args.tokens} tokens, "
+        f"{weight_bytes(model) / 2**20:.0f} MiB of weights"
+    )
+    batch = Table(title=f"batch of 8 prompts, {args.batch_tokens} new tokens each")
+    for col in ("", "tokens/s", "÷ base"):
+        batch.add_column(col)
+    batch.add_row("base model", f"{base_tps:.1f}", "1.00")
+    batch.add_row(
+        "8 different merges (low-rank, 3 experts each)",
+        f"{merged_tps:.1f}",
+        f"{merged_tps / base_tps:.2f}",
+    )
+    console.print(batch)
+
+    result = {
+        "benchmark": "merge_overhead",
+        "command": " ".join(sys.argv),
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "base_model": DEFAULT_BASE_MODEL,
+        "experts": args.experts,
+        "rank": 8,
+        "tokens": args.tokens,
+        "base_generate_s": base_gen,
+        "base_weight_bytes": base_bytes,
+        "adapter_bytes_in_memory": 4 * engine.merger.num_parameters,
+        "single_prompt": rows,
+        "batch": {
+            "prompts": 8,
+            "new_tokens": args.batch_tokens,
+            "base_tokens_per_s": base_tps,
+            "merged_tokens_per_s": merged_tps,
+            "throughput_ratio": merged_tps / base_tps,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
