@@ -279,3 +279,12 @@ def import_bank(
 
 
 # Commands of other modules are registered below.
+
+from ttmm.cli_build import build, info  # noqa: E402
+
+app.command()(build)
+app.command()(info)
+
+from ttmm.cli_serve import serve  # noqa: E402
+
+app.command()(serve)

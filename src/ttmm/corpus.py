@@ -80,7 +80,7 @@ class CorpusSpec:
         text = spec.strip()
         domain = ""
         head, sep, rest = text.partition("=")
-        if sep and _DOMAIN.match(head) and head not in KINDS:
+        if sep and _DOMAIN.match(head):
             domain, text = head, rest
         limit = None
         body, at, tail = text.rpartition("@")

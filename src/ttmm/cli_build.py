@@ -1,0 +1,212 @@
+"""``ttmm build`` and ``ttmm info``: thin typed verbs over :mod:`ttmm.build` and :mod:`ttmm.bank`.
+
+Settings come from the defaults, then ``--config FILE`` (TOML or YAML, the same keys as the
+``build_config.yaml`` a build writes), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _user_errors(command):
+    """The CLI's error policy (one line, exit status 2), looked up when the verb runs."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ttmm.cli import user_errors
+
+        return user_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+@_user_errors
+def build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bank folder to write (new or empty).")],
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--corpus",
+            "-c",
+            help="Corpus spec, repeatable: wiki, stdlib, jsonl:PATH[:FIELD], dir:PATH[:GLOB], "
+            "each with optional DOMAIN= prefix and @LIMIT suffix (default: wiki@480 stdlib@70).",
+        ),
+    ] = None,
+    experts: Annotated[int | None, typer.Option("--experts", "-k", help="K experts.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML or YAML build configuration.")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model: smollm2-135m, a local folder or a hub id.")
+    ] = None,
+    encoder: Annotated[str | None, typer.Option(help="Sentence encoder folder or id.")] = None,
+    executor: Annotated[str | None, typer.Option(help="sequential or ray.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")
+    ] = None,
+    ray_num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray.")] = None,
+    with_finetune: Annotated[
+        bool | None,
+        typer.Option(
+            "--with-finetune/--no-finetune",
+            help="Also train the fine-tuning baseline on all chunks, same total tokens.",
+        ),
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Share of documents held out.")
+    ] = None,
+    window: Annotated[int | None, typer.Option(help="Chunk length in tokens.")] = None,
+    max_chunks_per_document: Annotated[
+        int | None, typer.Option(help="Chunks kept per document.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of clustering and training.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
+    target_modules: Annotated[
+        str | None, typer.Option(help="all-linear, or comma-separated module names.")
+    ] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="AdamW rate.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over each expert's chunks.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Token budget per adapter (default: epochs decide).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Chunks per step.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per training job (Ray: CPUs per task).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Cluster a corpus and train one LoRA expert per cluster into a bank (resumable)."""
+    from ttmm.build import BuildConfig, run_build
+
+    base = BuildConfig.from_file(config) if config is not None else BuildConfig()
+    if target_modules is not None and target_modules != "all-linear":
+        target_modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
+    resolved = base.with_overrides(
+        corpora=tuple(corpus) if corpus else None,
+        experts=experts,
+        base_model=base_model,
+        encoder=encoder,
+        executor=executor,
+        ray_address=ray_address,
+        ray_num_cpus=ray_num_cpus,
+        with_finetune=with_finetune,
+        test_fraction=test_fraction,
+        window=window,
+        max_chunks_per_document=max_chunks_per_document,
+        seed=seed,
+        train_rank=rank,
+        train_alpha=alpha,
+        train_target_modules=target_modules,
+        train_learning_rate=learning_rate,
+        train_epochs=epochs,
+        train_max_tokens=max_tokens,
+        train_batch_size=batch_size,
+        train_num_threads=threads,
+    )
+    result = run_build(resolved, out, progress=progress)
+    if result.nothing_to_do:
+        console.print(f"{out} is already built with this configuration: nothing to do")
+        return
+    if result.reused:
+        console.print(f"resumed: kept {len(result.reused)} finished adapter(s)")
+    _print_summary(result.manifest, out)
+
+
+def _print_summary(manifest, path: Path) -> None:
+    console.print(_experts_table(manifest, f"bank {path}"))
+    console.print(_build_table(manifest.build))
+
+
+def _experts_table(manifest, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("expert", "label", "chunks", "tokens", "rank", "MB", "loss first → last"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    rows = [(str(e.id), e) for e in manifest.experts]
+    if manifest.finetune is not None:
+        rows.append(("finetune", manifest.finetune))
+    for name, entry in rows:
+        curve = entry.loss_curve
+        loss = f"{curve[0]:.3f} → {curve[-1]:.3f}" if curve else ""
+        table.add_row(
+            name,
+            entry.label,
+            str(entry.n_chunks),
+            str(entry.n_tokens),
+            str(entry.rank),
+            f"{entry.size_bytes / 1e6:.2f}",
+            loss,
+        )
+    return table
+
+
+def _build_table(build_info: dict) -> Table:
+    table = Table(title="build")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for stage, seconds in build_info.get("stage_seconds", {}).items():
+        table.add_row(f"stage {stage}", f"{seconds:.1f} s")
+    if "total_seconds" in build_info:
+        table.add_row("total", f"{build_info['total_seconds']:.1f} s")
+    training = build_info.get("training", {})
+    if training:
+        table.add_row("expert training tokens", str(training["expert_tokens"]))
+        table.add_row("training tokens/s", f"{training['tokens_per_second']:.1f}")
+        if training.get("finetune_tokens"):
+            table.add_row("fine-tuning baseline tokens", str(training["finetune_tokens"]))
+    for gold, quality in (build_info.get("cluster_quality") or {}).items():
+        if quality:
+            table.add_row(
+                f"clusters vs {gold}",
+                f"purity {quality['purity']:.3f}, AMI {quality['ami']:.3f} "
+                f"({quality['n_items']} chunks, {quality['n_classes']} classes)",
+            )
+    return table
+
+
+@_user_errors
+def info(
+    bank: Annotated[Path, typer.Argument(help="Bank folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show a bank: experts, labels, sizes, build configuration and cluster quality."""
+    from ttmm.bank import Bank
+
+    loaded = Bank.load(bank)
+    manifest = loaded.manifest
+    if as_json:
+        typer.echo(json.dumps(manifest.to_dict(), indent=2, default=str))
+        return
+    console.print(
+        f"[bold]{bank}[/]: {len(manifest.experts)} experts on {manifest.base_model['name']} "
+        f"({manifest.base_model.get('architecture', '?')}), encoder {manifest.encoder['name']} "
+        f"({manifest.encoder['dim']}-dim), created {manifest.created}"
+    )
+    console.print(_experts_table(manifest, "experts"))
+    if manifest.build:
+        console.print(_build_table(manifest.build))
+        config = manifest.build.get("config")
+        if config:
+            console.print("[bold]build configuration[/]")
+            console.print(yaml.safe_dump(config, sort_keys=False).rstrip())
+    if manifest.data.get("documents"):
+        table = Table(title="data")
+        for column in ("domain", "train documents", "test documents", "chunks"):
+            table.add_column(column, justify="right")
+        chunks = manifest.data.get("chunks_per_domain", {})
+        for domain, counts in manifest.data["documents"].items():
+            table.add_row(
+                domain, str(counts["train"]), str(counts["test"]), str(chunks.get(domain, 0))
+            )
+        console.print(table)
