@@ -1,0 +1,78 @@
+"""``ttmm serve``: the OpenAI-compatible server over a bank, run by uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ttmm.cli import BankOption, BaseModelOption, EncoderOption, console, user_errors
+
+logger = logging.getLogger(__name__)
+
+
+@user_errors
+def serve(
+    bank: BankOption,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    base_model: BaseModelOption = None,
+    encoder: EncoderOption = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TTMM_API_KEY",
+            help="Require 'Authorization: Bearer <key>' on every endpoint but /health.",
+            show_default=False,
+        ),
+    ] = None,
+    model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Largest max_tokens a request may ask.")
+    ] = 512,
+    default_max_tokens: Annotated[
+        int, typer.Option(help="Tokens generated when a request does not say.")
+    ] = 128,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Requests served at once; more get a 429.")
+    ] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take (504 after).")] = 600.0,
+    max_batch_size: Annotated[int, typer.Option(help="Most prompts generated together.")] = 8,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="How long a batch waits for more requests, in ms.")
+    ] = 10.0,
+    merge_cache_mb: Annotated[
+        float, typer.Option(help="Memory for cached per-plan merge factors, in MiB (0: off).")
+    ] = 1024.0,
+) -> None:
+    """Serve the bank over an OpenAI-compatible HTTP API that routes and merges per request."""
+    import uvicorn
+
+    from ttmm.model import TTMM
+    from ttmm.server import ServerSettings, create_app
+
+    settings = ServerSettings(
+        model_id=model_id,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        default_max_tokens=default_max_tokens,
+        max_concurrent_requests=max_concurrent,
+        request_timeout_s=timeout,
+        max_batch_size=max_batch_size,
+        batch_window_ms=batch_window_ms,
+        merge_cache_mb=merge_cache_mb,
+        api_key=api_key,
+    )
+    with console.status("loading base model, encoder and bank"):
+        engine = TTMM.from_bank(Path(bank), base_model=base_model, encoder=encoder)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach it may use it", host)
+    console.print(
+        f"serving {settings.model_id!r} ({engine.bank.num_experts} experts) on http://{host}:{port}"
+    )
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")

@@ -1,0 +1,340 @@
+"""The OpenAI-compatible server: routes and merges experts per request (design notes §1).
+
+``create_app(engine, settings)`` builds a FastAPI app with ``/v1/completions`` and
+``/v1/chat/completions`` (both stream by server-sent events), ``/v1/models``, ``/v1/route``
+(the routing of a text, without generating), ``/health`` and ``/metrics`` (Prometheus).
+Each request may steer its merge in an extra ``ttmm`` field (see :mod:`ttmm.server_schemas`)
+and every response reports the routing used in a top-level ``ttmm`` field. Non-streamed
+requests are batched (:mod:`ttmm.server_batching`); every error is an OpenAI-style body
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ttmm.merge import MergeError
+from ttmm.model import TTMM
+from ttmm.routing import RoutingError, RoutingPlan
+from ttmm.server_batching import Batcher, GenerationOptions, MergeCache
+from ttmm.server_errors import APIError, install_error_handlers, timeout_error
+from ttmm.server_metrics import ServerMetrics
+from ttmm.server_responses import Reply, plan_json, stream_events
+from ttmm.server_schemas import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    RouteRequest,
+    TTMMControl,
+)
+from ttmm.server_streaming import cut_at_stop
+
+logger = logging.getLogger(__name__)
+
+PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/route",
+    "/health",
+    "/metrics",
+)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and behaviour of one server; validated on construction."""
+
+    model_id: str = "ttmm"
+    """Model name listed by /v1/models; requests naming another model get a 404."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt accepted, in tokens (after the chat template, for chat requests)."""
+    max_new_tokens: int = 512
+    """Largest ``max_tokens`` a request may ask for."""
+    default_max_tokens: int = 128
+    """Tokens generated when a request does not say."""
+    max_concurrent_requests: int = 64
+    """Generation and routing requests served at once; one more gets a 429."""
+    request_timeout_s: float = 600.0
+    """Seconds a request may wait and run before it is answered with a 504."""
+    max_batch_size: int = 8
+    """Most prompts generated together in one batch."""
+    batch_window_ms: float = 10.0
+    """How long the first request of a batch waits for others to join it, in milliseconds."""
+    merge_cache_mb: float = 1024.0
+    """Memory budget of the LRU cache of merged factors (per plan), in MiB; 0 disables it."""
+    api_key: str | None = field(default=None, repr=False)
+    """If set, every endpoint but /health needs ``Authorization: Bearer <api_key>``."""
+
+    def __post_init__(self) -> None:
+        positive_ints = ("max_prompt_tokens", "max_new_tokens", "default_max_tokens")
+        for name in (*positive_ints, "max_concurrent_requests", "max_batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"ServerSettings.{name} must be an integer >= 1, got {value!r}")
+        for name in ("request_timeout_s",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("batch_window_ms", "merge_cache_mb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ServerSettings.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"ServerSettings.default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        if not self.model_id:
+            raise ValueError("ServerSettings.model_id must not be empty")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("ServerSettings.api_key must be None or a non-empty string")
+
+
+class _Slots:
+    """Counts requests being served; one beyond ``limit`` is refused with a 429."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics):
+        self.limit, self.used, self.metrics = limit, 0, metrics
+
+    def take(self) -> Callable[[], None]:
+        """Take a slot; returns an idempotent release."""
+        if self.used >= self.limit:
+            raise APIError(
+                429,
+                f"the server is serving its maximum of {self.limit} requests; retry shortly",
+                type="rate_limit_error",
+                code="too_many_requests",
+            )
+        self.used += 1
+        self.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.used -= 1
+                self.metrics.in_flight.dec()
+
+        return release
+
+
+def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
+    """A FastAPI app serving ``engine`` under ``settings``."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(PATHS)
+    if settings.merge_cache_mb > 0:
+        engine.merger.factor_cache = MergeCache(
+            int(settings.merge_cache_mb * 2**20),
+            on_hit=metrics.cache_hits.inc,
+            on_miss=metrics.cache_misses.inc,
+        )
+    batcher = Batcher(
+        engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
+    )
+    slots = _Slots(settings.max_concurrent_requests, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="ttmm", summary="Test-time model merging, OpenAI-compatible", lifespan=lifespan
+    )
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
+    install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_id, "experts": engine.bank.num_experts}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(engine, settings)]}
+
+    @app.post("/v1/route", dependencies=guarded)
+    async def route_endpoint(body: RouteRequest) -> dict:
+        _check_model(body.model, settings)
+        release = slots.take()
+        try:
+            plan = await _plan_for(engine, body.ttmm, body.input)
+        finally:
+            release()
+        return {
+            "object": "ttmm.route",
+            "model": settings.model_id,
+            "ttmm": plan_json(engine, plan),
+        }
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        return await _serve(body, body.prompt, body.prompt, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatRequest):
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            for m in body.messages
+        ]
+        try:
+            prompt = engine.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as err:  # a template may reject an order of roles
+            message = f"the chat template rejected the messages: {err}"
+            raise APIError(400, message, param="messages") from None
+        users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
+        return await _serve(body, prompt, users[-1], body.requested_tokens, chat=True)
+
+    async def _serve(
+        body: GenerationRequest, prompt: str, query: str, max_tokens: int | None, chat: bool
+    ):
+        """Check limits, route ``query``, then generate from ``prompt`` (batched or streamed)."""
+        _check_model(body.model, settings)
+        options = GenerationOptions.from_request(
+            _max_new_tokens(max_tokens, settings), body.temperature, body.top_p, body.seed
+        )
+        prompt_tokens = len(engine.tokenizer(prompt)["input_ids"])
+        if prompt_tokens > settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
+                f"{settings.max_prompt_tokens}; shorten it",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
+        release = slots.take()
+        try:
+            plan = await _plan_for(engine, body.ttmm, query)
+            reply = Reply(settings.model_id, plan_json(engine, plan), chat)
+            if body.stream:
+                include_usage = (
+                    body.stream_options is not None and body.stream_options.include_usage
+                )
+                events = stream_events(
+                    engine,
+                    metrics,
+                    settings.request_timeout_s,
+                    prompt,
+                    plan,
+                    options,
+                    body.stop_strings,
+                    reply,
+                    include_usage,
+                    release,
+                )
+                release = None  # the stream releases its slot when it ends
+                return StreamingResponse(events, media_type="text/event-stream")
+            try:
+                result = await asyncio.wait_for(
+                    batcher.submit(prompt, plan, options), settings.request_timeout_s
+                )
+            except TimeoutError:
+                raise timeout_error(settings.request_timeout_s) from None
+        finally:
+            if release is not None:
+                release()
+        text, stopped = cut_at_stop(result.text, body.stop_strings)
+        metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
+        finish = "stop" if stopped else result.finish_reason
+        return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
+
+    return app
+
+
+class _RawMiddleware:
+    """Adapts a plain ``app → app`` ASGI wrapper to Starlette's middleware stack."""
+
+    def __init__(self, app, wrap):
+        self.app = wrap(app)
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+def _max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
+    if requested is None:
+        return settings.default_max_tokens
+    if requested > settings.max_new_tokens:
+        raise APIError(
+            400,
+            f"max_tokens={requested} exceeds this server's limit of {settings.max_new_tokens}",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+    return requested
+
+
+def _check_model(model: str | None, settings: ServerSettings) -> None:
+    if model is not None and model != settings.model_id:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {settings.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _model_card(engine: TTMM, settings: ServerSettings) -> dict:
+    return {
+        "id": settings.model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "ttmm",
+        "ttmm": {
+            "base_model": engine.bank.manifest.base_model.get("name"),
+            "experts": [
+                {"id": k, "label": engine.bank.label(k)} for k in range(engine.bank.num_experts)
+            ],
+            "routing": engine.routing.to_dict(),
+        },
+    }
+
+
+async def _plan_for(engine: TTMM, control: TTMMControl | None, query: str) -> RoutingPlan:
+    """The merge a request asked for: explicit experts, the base model, or routing ``query``."""
+    if control is not None and control.base:
+        return RoutingPlan.base()
+    if control is not None and control.experts is not None:
+        try:
+            plan = RoutingPlan.explicit(control.experts)
+            engine.merger.check_plan(plan)
+        except (RoutingError, MergeError) as err:
+            raise APIError(400, str(err), param="ttmm.experts", code="invalid_experts") from None
+        return plan
+    routing = engine.routing
+    if control is not None and control.routing is not None:
+        try:
+            routing = routing.replace(**control.routing.model_dump())
+        except RoutingError as err:
+            raise APIError(400, str(err), param="ttmm.routing") from None
+    [plan] = await asyncio.to_thread(engine.route, [query], routing)
+    return plan

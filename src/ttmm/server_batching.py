@@ -1,0 +1,224 @@
+"""Batching concurrent requests into one engine call, and the LRU cache of merges.
+
+Requests that arrive within a short window of each other (or while the previous batch
+runs) are collected, at most ``max_batch_size`` at a time, grouped by the generation
+options a batch must share, and each group runs as one ``engine.generate`` call in which
+every row carries its own routing plan: the engine folds a merge that all rows share
+(one lone request included) and runs different merges side by side in low-rank mode.
+A sampled request with a seed runs alone, so its draws never depend on its neighbours.
+
+:class:`MergeCache` holds each plan's merged factors (A', B' of every adapted layer) by
+``plan.key()``, the expert ids and rounded weights, and evicts the least recently used
+entries beyond a memory budget; the engine's merger reads it before re-stacking factors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+
+from ttmm.merge import PlanFactors
+from ttmm.model import TTMM, Generation
+from ttmm.routing import RoutingPlan
+
+logger = logging.getLogger(__name__)
+
+
+class MergeCache(MutableMapping):
+    """Thread-safe LRU map ``plan.key()`` → the plan's merged factors, bounded in bytes."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        on_hit: Callable[[], None] = lambda: None,
+        on_miss: Callable[[], None] = lambda: None,
+    ):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[PlanFactors, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._on_hit, self._on_miss = on_hit, on_miss
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __getitem__(self, key: tuple) -> PlanFactors:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                self._on_miss()
+                raise KeyError(key)
+            self._entries.move_to_end(key)
+            self.hits += 1
+            self._on_hit()
+            return entry[0]
+
+    def __setitem__(self, key: tuple, factors: PlanFactors) -> None:
+        size = sum(A.nbytes + B.nbytes for A, B in factors.values())
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= self._entries.pop(key)[1]
+            if size > self.max_bytes:
+                return  # larger than the whole budget: never cached
+            self._entries[key] = (factors, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+
+    def __delitem__(self, key: tuple) -> None:
+        with self._lock:
+            self._bytes -= self._entries.pop(key)[1]
+
+    def __iter__(self) -> Iterator[tuple]:
+        with self._lock:
+            return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What one ``engine.generate`` call shares across its rows."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_request(
+        cls, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> GenerationOptions:
+        """OpenAI semantics: temperature 0 is greedy decoding, where the rest does not matter."""
+        if temperature == 0:
+            return cls(max_new_tokens=max_new_tokens)
+        return cls(max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of ``engine.generate`` besides prompts and plans."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class _Job:
+    prompt: str
+    plan: RoutingPlan
+    options: GenerationOptions
+    future: asyncio.Future
+    serial: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def group(self) -> tuple:
+        """Jobs with equal groups may share a batch; a seeded sample gets a group of its own."""
+        if self.options.do_sample and self.options.seed is not None:
+            return (self.options, self.serial)
+        return (self.options,)
+
+
+class Batcher:
+    """Collects generation jobs for a few milliseconds and runs them in batches."""
+
+    def __init__(
+        self,
+        engine: TTMM,
+        max_batch_size: int,
+        window_s: float,
+        on_batch: Callable[[list[RoutingPlan]], None] = lambda plans: None,
+    ):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.window_s = window_s
+        self._on_batch = on_batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(
+        self, prompt: str, plan: RoutingPlan, options: GenerationOptions
+    ) -> Generation:
+        """Queue one prompt; returns its generation once its batch has run."""
+        queue = self._ensure_running()
+        future = asyncio.get_running_loop().create_future()
+        await queue.put(_Job(prompt, plan, options, future))
+        return await future
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _ensure_running(self) -> asyncio.Queue[_Job]:
+        """Start the worker on the running event loop (again if the loop has changed)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._task = loop.create_task(self._work(self._queue), name="ttmm-batcher")
+        return self._queue
+
+    async def _work(self, queue: asyncio.Queue[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(jobs) < self.max_batch_size:
+                if not queue.empty():
+                    jobs.append(queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            groups: dict[tuple, list[_Job]] = {}
+            for job in jobs:
+                if not job.future.done():  # its client timed out or went away
+                    groups.setdefault(job.group, []).append(job)
+            for group in groups.values():
+                await self._run(group)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        plans = [job.plan for job in jobs]
+        self._on_batch(plans)
+        logger.debug(
+            "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
+        )
+        try:
+            results = await asyncio.to_thread(
+                self.engine.generate,
+                [job.prompt for job in jobs],
+                plans=plans,
+                mode="auto",
+                **jobs[0].options.generate_kwargs(),
+            )
+        except Exception as err:  # every row of a failed batch fails with its error
+            logger.exception("batch of %d rows failed", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        for job, result in zip(jobs, results):
+            if not job.future.done():
+                job.future.set_result(result)

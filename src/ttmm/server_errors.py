@@ -1,0 +1,85 @@
+"""OpenAI-style error bodies: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every failure the server answers, its own checks, FastAPI's body validation (malformed
+JSON, wrong types: 400, not FastAPI's 422), unknown paths and the engine's input errors,
+goes through :class:`APIError`, so clients see one shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ttmm.merge import MergeError
+from ttmm.model import InputError
+from ttmm.routing import RoutingError
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
+
+
+def timeout_error(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"the request took longer than the server's {seconds} s limit",
+        type="timeout_error",
+        code="timeout",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            message, code = f"the body is not valid JSON: {first.get('msg')}", "invalid_json"
+        else:
+            where = ".".join(loc) or "body"
+            message, code = f"{where}: {first.get('msg')}", "invalid_value"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problem(s))"
+        return APIError(400, message, param=".".join(loc) or None, code=code).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return APIError(err.status_code, str(err.detail), type=type_).response()
+
+    @app.exception_handler(InputError)
+    @app.exception_handler(RoutingError)
+    @app.exception_handler(MergeError)
+    async def input_error(request: Request, err: ValueError) -> JSONResponse:
+        return APIError(400, str(err)).response()

@@ -1,0 +1,123 @@
+"""Request bodies of the OpenAI-compatible server, and the ``ttmm`` extension field.
+
+The bodies follow OpenAI's completions and chat-completions APIs. Unknown fields are
+ignored, as OpenAI clients send options this server has no use for; fields whose value
+would change the output in a way the server cannot honour are rejected by name.
+Per-request routing control lives in the extra ``ttmm`` field, exactly one of:
+
+- ``{"routing": {"rule": ..., "beta": ..., "tau": ..., "max_active": ...}}``: route the
+  prompt with these settings (missing ones keep the server's defaults);
+- ``{"experts": {"3": 0.7, "5": 0.3}}``: merge these experts with these weights, no routing;
+- ``{"base": true}``: the base model alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoutingOverride(_Strict):
+    """Routing settings for one request; a missing field keeps the server's default."""
+
+    rule: Literal["sparse_softmax", "threshold", "top_n"] | None = None
+    beta: float | None = Field(default=None, gt=0)
+    tau: float | None = Field(default=None, ge=0, lt=1)
+    max_active: int | None = Field(default=None, ge=1)
+
+
+class TTMMControl(_Strict):
+    """The ``ttmm`` field of a request: how to choose the merge for it."""
+
+    routing: RoutingOverride | None = None
+    experts: dict[int, float] | None = None
+    base: bool = False
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> TTMMControl:
+        chosen = [name for name in ("routing", "experts") if getattr(self, name) is not None]
+        if self.base:
+            chosen.append("base")
+        if len(chosen) > 1:
+            raise ValueError(f"give one of routing, experts or base, not {' and '.join(chosen)}")
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Options shared by both generation endpoints (OpenAI's names and defaults)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: Literal[False, None] = None
+    ttmm: TTMMControl | None = None
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str = Field(min_length=1)
+    echo: Literal[False] = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class RouteRequest(_Strict):
+    """POST /v1/route: the experts and weights a text would get, without generating."""
+
+    model: str | None = None
+    input: str = Field(min_length=1)
+    ttmm: TTMMControl | None = None
