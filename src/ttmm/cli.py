@@ -288,7 +288,3 @@ app.command()(info)
 from ttmm.cli_serve import serve  # noqa: E402
 
 app.command()(serve)
-
-from ttmm.cli_serve import serve  # noqa: E402
-
-app.command()(serve)
