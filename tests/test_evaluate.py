@@ -1,0 +1,178 @@
+"""The evaluation harness: only continuations scored, the result schema, table, plots, resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import ATOL
+from evalbank import eval_bank_path, eval_engine  # noqa: F401  (fixtures)
+
+from ttmm.chunk_index import read_test_documents
+from ttmm.evaluate import METHODS, EvalConfig, EvalError, MethodRunner, evaluate
+from ttmm.model import continuation_nll
+from ttmm.report import RESULT_FIELDS, SCHEMA, TIMING_FIELDS, validate, write_report
+from ttmm.train import LoraTrainConfig
+from ttmm.ttt import TTTConfig
+
+P = 20
+
+
+@pytest.fixture(scope="module")
+def engine(eval_engine):  # noqa: F811
+    return eval_engine
+
+
+def small_config(**changes) -> EvalConfig:
+    ttt = TTTConfig(
+        neighbours=3,
+        query_tokens=P,
+        train=LoraTrainConfig(rank=2, alpha=4.0, max_seq_len=48, num_threads=1),
+    )
+    settings = dict(docs=2, prefix_tokens=P, max_tokens=96, timing_prompts=1, new_tokens=3, ttt=ttt)
+    return EvalConfig(**(settings | changes))
+
+
+def test_prefix_targets_are_never_scored(engine):
+    """Same logits and same continuation, different prefix *targets*: the same score. Changing
+    the first continuation target changes it, so the boundary sits exactly at P."""
+    text = "The river flows through the old town, past the market and the stone bridge. " * 4
+    ids = engine.tokenizer([text], add_special_tokens=False, return_tensors="pt").input_ids
+    attention = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits
+    ((nll, n),) = continuation_nll(logits, ids, attention, P)
+    assert n == ids.shape[1] - P
+    for position in (1, P // 2, P - 1):  # targets inside the routed prefix
+        changed = ids.clone()
+        changed[0, position] = (changed[0, position] + 7) % logits.shape[-1]
+        ((nll_changed, _),) = continuation_nll(logits, changed, attention, P)
+        assert nll_changed == nll
+    changed = ids.clone()
+    changed[0, P] = (changed[0, P] + 7) % logits.shape[-1]  # the first scored target
+    ((nll_changed, _),) = continuation_nll(logits, changed, attention, P)
+    assert nll_changed != nll
+
+
+@pytest.mark.parametrize("method", ["base", "finetune", "top3", "ttmm", "ensemble3", "ttt"])
+def test_every_method_scores_exactly_the_continuation(engine, method):
+    config = small_config()
+    doc = next(
+        d
+        for d in read_test_documents(engine.bank.path)
+        if len(engine.tokenizer(d.text, add_special_tokens=False).input_ids) > 60
+    )
+    ids = engine.tokenizer([doc.text], add_special_tokens=False).input_ids[0][: config.max_tokens]
+    record = MethodRunner(engine, config).score(METHODS[method], doc.text)
+    assert record["tokens"] == len(ids) - P
+    if method == "base":  # by hand: −Σ_{t ≥ P} log p(x_t | x_<t)
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0]
+        log_probs = torch.log_softmax(logits.double(), -1)
+        expected = -sum(float(log_probs[t - 1, ids[t]]) for t in range(P, len(ids)))
+        assert record["nll"] == pytest.approx(expected, abs=ATOL * record["tokens"])
+    if method in ("top3", "ensemble3"):
+        assert record["active_experts"] == 3 and len(record["experts"]) == 3
+
+
+def test_evaluate_writes_schema_table_plot_and_resumes(engine, tmp_path, monkeypatch):
+    config = small_config()
+    report = evaluate({"tiny": engine}, tmp_path, config, progress=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    validate(data)
+    assert set(SCHEMA) <= set(data) and data["schema_version"] == 1
+    for key, kind in SCHEMA.items():
+        assert isinstance(data[key], kind), key
+    assert data["config"]["methods"] == list(METHODS)
+    assert {"torch", "transformers", "peft"} <= set(data["environment"]["packages"])
+    domains = {r["domain"] for r in data["results"]}
+    assert domains == {"wiki", "stdlib"}
+    assert len(data["results"]) == len(METHODS) * len(domains)
+    documents = {}
+    for row in data["results"]:
+        assert set(RESULT_FIELDS) <= set(row)
+        assert 1 <= row["documents"] <= 2 and row["tokens"] > 0
+        assert math.isfinite(row["perplexity"])
+        assert row["documents"] == documents.setdefault(row["domain"], row["documents"])
+        if row["method"] == "base":
+            assert row["normalised_perplexity"] == pytest.approx(1.0)
+        if row["method"] == "ttt":
+            assert row["normalised_perplexity"] == pytest.approx(0.0, abs=1e-12)
+    assert {t["method"] for t in data["timing"]} == set(METHODS)
+    for row in data["timing"]:
+        assert set(TIMING_FIELDS) <= set(row) and row["median_seconds"] > 0
+    ratio = {t["method"]: t["ratio_to_base"] for t in data["timing"]}
+    assert ratio["base"] == pytest.approx(1.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| TTT |" in table and "| fine-tuning |" in table and "× base" in table
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert report["results"] == data["results"]
+
+    lines = (tmp_path / "documents.jsonl").read_text().count("\n")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished document was scored again")
+
+    monkeypatch.setattr(MethodRunner, "score", fail)
+    monkeypatch.setattr(MethodRunner, "time_generation", fail)
+    evaluate({"tiny": engine}, tmp_path, config, progress=False)
+    assert (tmp_path / "documents.jsonl").read_text().count("\n") == lines
+
+
+def test_several_banks_plot_perplexity_against_experts(tmp_path):
+    rows, banks = [], {}
+    for k, ppl in ((4, 9.0), (16, 8.5)):
+        banks[f"k{k}"] = {
+            "num_experts": k,
+            "path": "",
+            "routing": {},
+            "base_model": "m",
+            "build": {},
+            "keys": {},
+            "documents": [],
+        }
+        for method, value in (("base", 10.0), ("top1", ppl), ("ttt", 8.0)):
+            rows.append(
+                {
+                    "bank": f"k{k}",
+                    "domain": "wiki",
+                    "method": method,
+                    "label": METHODS[method].label,
+                    "perplexity": value,
+                    "normalised_perplexity": (value - 8.0) / 2.0,
+                    "nll": 1.0,
+                    "tokens": 10,
+                    "documents": 1,
+                    "mean_active_experts": 1.0,
+                }
+            )
+    report = {
+        "schema_version": 1,
+        "created": "now",
+        "config": {},
+        "environment": {},
+        "methods": {
+            m: {"kind": METHODS[m].kind, "label": METHODS[m].label} for m in ("base", "top1", "ttt")
+        },
+        "banks": banks,
+        "results": rows,
+        "timing": [],
+        "documents": [],
+        "timings": [],
+    }
+    paths = write_report(report, tmp_path)
+    assert paths["experts"].stat().st_size > 1000
+    assert "K=4 wiki" in paths["table"].read_text()
+
+
+def test_config_and_schema_errors_name_the_field():
+    with pytest.raises(EvalError, match="methods"):
+        EvalConfig(methods=("nope",))
+    with pytest.raises(EvalError, match="max_tokens"):
+        EvalConfig(prefix_tokens=50, max_tokens=60)
+    with pytest.raises(ValueError, match="results"):
+        validate(
+            {key: kind() for key, kind in SCHEMA.items()} | {"schema_version": 1, "results": None}
+        )
