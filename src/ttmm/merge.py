@@ -44,18 +44,32 @@ class MergeError(ValueError):
 
 
 def merged_factors(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    scales: Sequence[float],
+    A_stack: torch.Tensor, B_stack: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A' = [w_k s_k A_k] on rows, B' = [B_k] on columns, so that B'A' = Σ w_k s_k B_k A_k.
 
-    Shapes: A_k (r_k, d_in), B_k (d_out, r_k) → A' (Σr, d_in), B' (d_out, Σr).
+    ``A_stack`` (Σ_all r, d_in) and ``B_stack`` (d_out, Σ_all r) hold every expert's factors;
+    ``rows`` picks the chosen experts' rows (Σr,) and ``row_scale`` (Σr,) is w_k s_k on each
+    of expert k's rows. Returns A' (Σr, d_in), B' (d_out, Σr).
     """
-    A = torch.cat([w * s * A_k for A_k, w, s in zip(As, weights, scales)], dim=0)
-    B = torch.cat(list(Bs), dim=1)
+    A = A_stack.index_select(0, rows) * row_scale.unsqueeze(1)
+    B = B_stack.index_select(1, rows)
     return A, B
+
+
+def row_selection(
+    spans: dict[int, tuple[int, int]], scales: dict[int, float], plan: RoutingPlan
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows of the plan's experts in stacked factors, and w_k s_k for each row (None if
+    no expert of the plan is among ``spans``)."""
+    chosen = [(k, w) for k, w in zip(plan.expert_ids, plan.weights) if k in spans]
+    if not chosen:
+        return None
+    rows = torch.cat([torch.arange(*spans[k]) for k, _ in chosen])
+    row_scale = torch.cat(
+        [torch.full((spans[k][1] - spans[k][0],), w * scales[k]) for k, w in chosen]
+    )
+    return rows, row_scale
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -89,6 +103,18 @@ def _resolve(path: str, modules: dict[str, nn.Module], where: str) -> str:
     raise MergeError(f"{where}: layer {path!r} is ambiguous, it matches {candidates}")
 
 
+@dataclass(eq=False)
+class _Layout:
+    """Where each expert's rows sit in a layer's stacked factors, and its scale s_k there.
+
+    Layers adapted by the same experts with the same ranks and scales share one layout, so
+    a plan's rows are selected once per layout (typically once), not once per layer.
+    """
+
+    spans: dict[int, tuple[int, int]]  # expert id → rows [start, end) in the stacked factors
+    scales: dict[int, float]  # expert id → s_k
+
+
 @dataclass
 class _StackedLayer:
     """All experts' factors of one linear layer, stacked so a merge is an index + one GEMM."""
@@ -97,17 +123,21 @@ class _StackedLayer:
     transposed: bool  # Conv1D: weight is (d_in, d_out)
     A_all: torch.Tensor  # (Σ_k r_k, d_in) over experts adapting this layer
     B_all: torch.Tensor  # (d_out, Σ_k r_k)
-    rows: dict[int, torch.Tensor]  # expert id → its row indices in A_all
-    scales: dict[int, float]  # expert id → s_k for this layer
+    layout: _Layout
 
-    def factors(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A', B') of this layer for a plan, or None if no expert of the plan adapts it."""
-        chosen = [(k, w) for k, w in zip(plan.expert_ids, plan.weights) if k in self.rows]
-        if not chosen:
+    def factors(
+        self, plan: RoutingPlan, selection: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A', B') of this layer for a plan, or None if no expert of the plan adapts it.
+
+        ``selection`` is the plan's :func:`row_selection` for this layer's layout, if known.
+        """
+        if selection is None:
+            selection = row_selection(self.layout.spans, self.layout.scales, plan)
+        if selection is None:
             return None
-        As = [self.A_all[self.rows[k]] for k, _ in chosen]
-        Bs = [self.B_all[:, self.rows[k]] for k, _ in chosen]
-        return merged_factors(As, Bs, [w for _, w in chosen], [self.scales[k] for k, _ in chosen])
+        rows, row_scale = selection
+        return merged_factors(self.A_all, self.B_all, rows, row_scale.to(self.A_all.dtype))
 
 
 class ExpertMerger:
@@ -135,19 +165,22 @@ class ExpertMerger:
                 per_layer.setdefault(name, []).append((expert_id, layer.A, layer.B, layer.scale))
         tied = _tied_weights(model)
         self.layers: dict[str, _StackedLayer] = {}
+        layouts: dict[tuple, _Layout] = {}
         for name, entries in per_layer.items():
-            rows, offset = {}, 0
+            spans, offset = {}, 0
             for expert_id, A, _, _ in entries:
-                rows[expert_id] = torch.arange(offset, offset + A.shape[0])
+                spans[expert_id] = (offset, offset + A.shape[0])
                 offset += A.shape[0]
+            scales = {expert_id: s for expert_id, _, _, s in entries}
+            layout_key = (tuple(spans.items()), tuple(scales.items()))
+            layout = layouts.setdefault(layout_key, _Layout(spans=spans, scales=scales))
             module = modules[name]
             self.layers[name] = _StackedLayer(
                 module=module,
                 transposed=not isinstance(module, nn.Linear),
                 A_all=torch.cat([A for _, A, _, _ in entries]).to(param.device, param.dtype),
                 B_all=torch.cat([B for _, _, B, _ in entries], dim=1).to(param.device, param.dtype),
-                rows=rows,
-                scales={expert_id: s for expert_id, _, _, s in entries},
+                layout=layout,
             )
         self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
         self.factor_cache: MutableMapping[tuple, PlanFactors] | None = None
@@ -171,10 +204,13 @@ class ExpertMerger:
         if cache is not None and (hit := cache.get(key)) is not None:
             return hit
         factors = {}
+        selections: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for name, stacked in self.layers.items():
-            pair = stacked.factors(plan)
-            if pair is not None:
-                factors[name] = pair
+            layout = stacked.layout
+            if id(layout) not in selections:
+                selections[id(layout)] = row_selection(layout.spans, layout.scales, plan)
+            if selections[id(layout)] is not None:
+                factors[name] = stacked.factors(plan, selections[id(layout)])
         if cache is not None:
             cache[key] = factors
         return factors
