@@ -176,3 +176,36 @@ def test_config_and_schema_errors_name_the_field():
         validate(
             {key: kind() for key, kind in SCHEMA.items()} | {"schema_version": 1, "results": None}
         )
+
+
+def test_eval_command_writes_results(eval_bank_path, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from ttmm.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--bank",
+            str(eval_bank_path),
+            "--out",
+            str(out),
+            "--methods",
+            "base,top1",
+            "--docs",
+            "1",
+            "--timing-prompts",
+            "0",
+            "--prefix-tokens",
+            "20",
+            "--max-tokens",
+            "64",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Perplexity" in result.output
+    validate(json.loads((out / "results.json").read_text()))
+    bad = CliRunner().invoke(app, ["eval", "--bank", str(eval_bank_path), "--methods", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output

@@ -288,3 +288,8 @@ app.command()(info)
 from ttmm.cli_serve import serve  # noqa: E402
 
 app.command()(serve)
+
+from ttmm.cli_eval import demo, eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command()(demo)

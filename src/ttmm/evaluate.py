@@ -164,6 +164,11 @@ def chunk_fingerprint(bank: Bank) -> str:
     return digest.hexdigest()[:16]
 
 
+def available(bank: Bank, method: str) -> bool:
+    """Whether the bank can run the method (fine-tuning needs the bank's baseline adapter)."""
+    return METHODS[method].kind != "finetune" or bank.manifest.finetune is not None
+
+
 def result_key(bank: Bank, method: str) -> str:
     """What a method's numbers depend on: the base model, the training chunks, or the bank."""
     kind = METHODS[method].kind
@@ -379,7 +384,11 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document]) -> dict:
         "routing": bank.routing.to_dict(),
         "base_model": bank.manifest.base_model.get("name"),
         "build": bank.manifest.build,
-        "keys": {method: result_key(bank, method) for method in runner.config.methods},
+        "keys": {
+            method: result_key(bank, method)
+            for method in runner.config.methods
+            if available(bank, method)
+        },
         "documents": [doc.id for doc in documents],
     }
 
@@ -389,6 +398,9 @@ def _score_all(runners, documents, path: Path, config: EvalConfig, progress: boo
     for name, runner in runners.items():
         bank = runner.engine.bank
         for method in config.methods:
+            if not available(bank, method):
+                logger.warning("bank %s has no fine-tuning adapter: skipping %s", name, method)
+                continue
             spec, key = METHODS[method], result_key(bank, method)
             todo = [d for d in documents[name] if (key, method, d.id) not in done]
             for doc in tqdm(todo, desc=f"{name} {method}", disable=not progress, unit="doc"):
@@ -418,6 +430,8 @@ def _time_all(runners, documents, path: Path, config: EvalConfig, progress: bool
     seen = set()
     for name, runner in runners.items():
         for method in config.methods:
+            if not available(runner.engine.bank, method):
+                continue
             key = result_key(runner.engine.bank, method)
             if (key, method) not in seen:
                 seen.add((key, method))

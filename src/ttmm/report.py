@@ -123,7 +123,7 @@ def build_report(
         wanted = set(info["documents"])
         rows = {}
         for method in methods:
-            key = info["keys"][method]
+            key = info["keys"].get(method)
             records = [
                 r
                 for r in documents
@@ -160,7 +160,7 @@ def build_report(
         results.extend(rows.values())
         per_method = {}
         for method in methods:
-            key = info["keys"][method]
+            key = info["keys"].get(method)
             records = [t for t in timings if t["key"] == key and t["method"] == method]
             used_timings.extend(t for t in records if t not in used_timings)
             if records:
