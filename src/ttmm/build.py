@@ -14,18 +14,16 @@ import json
 import logging
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
-from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, base_model_name, load_base_model
+from ttmm.assets import base_model_name, load_base_model
 from ttmm.bank import (
     FINETUNE_DIR,
     MANIFEST_NAME,
@@ -36,12 +34,13 @@ from ttmm.bank import (
     write_centroids,
     write_manifest,
 )
+from ttmm.build_config import BuildConfig, BuildError
 from ttmm.chunk_index import write_chunk_index, write_split
 from ttmm.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
 from ttmm.corpus import (
     Chunk,
     CorpusError,
-    CorpusSpec,
+    Split,
     chunk_documents,
     domain_counts,
     read_corpora,
@@ -49,7 +48,7 @@ from ttmm.corpus import (
 )
 from ttmm.executors import FINETUNE_JOB, TrainJob, make_executor
 from ttmm.routing import RoutingConfig
-from ttmm.train import LoraTrainConfig, TrainResult, planned_tokens
+from ttmm.train import TrainResult, planned_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -57,141 +56,6 @@ STATE_NAME = ".ttmm-build.json"
 CONFIG_NAME = "build_config.yaml"
 TRAINING_RECORD = "training.json"
 MAX_LOSS_POINTS = 200
-DEFAULT_CORPORA = ("wiki@480", "stdlib@70")  # sized so K=16 with the baseline takes ~35 min
-
-
-class BuildError(ValueError):
-    """A build that cannot start or continue: what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
-
-    corpora: tuple[str, ...] = DEFAULT_CORPORA
-    """Corpus spec strings (see :mod:`ttmm.corpus`), e.g. ``wiki@480``, ``dir:./docs:**/*.md``."""
-    experts: int = 16
-    """K, the number of clusters and so of LoRA experts."""
-    base_model: str = DEFAULT_BASE_MODEL
-    """Base model: the default alias, a local save_pretrained folder, or a hub id."""
-    encoder: str = DEFAULT_ENCODER
-    """Sentence encoder φ that embeds chunks (and, at test time, prompts)."""
-    test_fraction: float = 0.15
-    """Share of documents held out for evaluation (never chunked, clustered or trained on)."""
-    split_seed: int = 0
-    """Seed of the document-level train/test split."""
-    window: int = 256
-    """Chunk length in base-model tokens."""
-    stride: int | None = None
-    """Tokens between chunk starts; None = ``window`` (no overlap)."""
-    min_tokens: int = 32
-    """Shorter tails and documents are dropped."""
-    max_chunks_per_document: int | None = 2
-    """Keep at most this many chunks of a document (long source files would fill clusters
-    alone); None keeps all."""
-    seed: int = 0
-    """Seed of clustering; expert k trains with seed + k, the baseline with seed + K."""
-    with_finetune: bool = False
-    """Also train the fine-tuning baseline: one LoRA on all training chunks, same total tokens."""
-    train: LoraTrainConfig = field(default_factory=LoraTrainConfig)
-    """How each adapter is trained."""
-    embed_batch_size: int = 64
-    """Chunks per encoder batch."""
-    label_terms: int = 4
-    """TF-IDF terms in each expert's label."""
-    executor: str = "sequential"
-    """Where training runs: ``sequential`` or ``ray`` (does not change the adapters)."""
-    ray_address: str | None = None
-    """Address of a running Ray cluster; None starts a local Ray."""
-    ray_num_cpus: int | None = None
-    """CPUs of the local Ray (None: all); each task takes ``train.num_threads`` of them."""
-    ray_max_retries: int = 2
-    """Retries of a failed Ray task."""
-
-    # Fields that choose where the work runs, not what it computes: left out of the hash, so a
-    # build started sequentially may be resumed on Ray and the other way round.
-    _PLACEMENT = ("executor", "ray_address", "ray_num_cpus", "ray_max_retries")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.corpora, str):
-            object.__setattr__(self, "corpora", (self.corpora,))
-        object.__setattr__(self, "corpora", tuple(self.corpora))
-        if isinstance(self.train, dict):
-            object.__setattr__(self, "train", LoraTrainConfig.from_dict(self.train))
-        checks = {
-            "corpora": len(self.corpora) >= 1,
-            "experts": isinstance(self.experts, int) and self.experts >= 1,
-            "test_fraction": 0.0 <= self.test_fraction < 1.0,
-            "window": self.window >= 2,
-            "stride": self.stride is None or 1 <= self.stride <= self.window,
-            "min_tokens": 1 <= self.min_tokens <= self.window,
-            "max_chunks_per_document": self.max_chunks_per_document is None
-            or self.max_chunks_per_document >= 1,
-            "embed_batch_size": self.embed_batch_size >= 1,
-            "label_terms": self.label_terms >= 1,
-            "ray_max_retries": self.ray_max_retries >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise BuildError(f"BuildConfig.{name} = {getattr(self, name)!r} is out of range")
-        if self.executor not in ("sequential", "ray"):
-            raise BuildError(f"BuildConfig.executor = {self.executor!r}; use sequential or ray")
-        for spec in self.corpora:
-            CorpusSpec.parse(spec)  # fail on a bad spec before any work
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["corpora"] = list(self.corpora)
-        data["train"] = self.train.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BuildConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise BuildError(
-                f"unknown build setting(s): {', '.join(sorted(unknown))}; known: {sorted(known)}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> BuildConfig:
-        """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) build configuration."""
-        path = Path(path)
-        if not path.is_file():
-            raise BuildError(f"build config file {path} does not exist")
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(path.read_text())
-            elif path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(path.read_text()) or {}
-            else:
-                raise BuildError(f"{path}: use a .toml, .yaml or .yml build config")
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-            raise BuildError(f"{path}: cannot parse ({err})") from err
-        if not isinstance(data, dict):
-            raise BuildError(f"{path}: must hold a mapping of build settings")
-        return cls.from_dict(data)
-
-    def with_overrides(self, **overrides) -> BuildConfig:
-        """A copy with the given (non-None) fields replaced; ``train_*`` keys go to ``train``."""
-        train = {k[6:]: v for k, v in overrides.items() if k.startswith("train_") and v is not None}
-        top = {k: v for k, v in overrides.items() if not k.startswith("train_") and v is not None}
-        if train:
-            top["train"] = LoraTrainConfig.from_dict({**self.train.to_dict(), **train})
-        return replace(self, **top)
-
-    def resolved(self) -> BuildConfig:
-        """Pin what the defaults leave open (training threads), so the written config is exact."""
-        if self.train.num_threads is not None:
-            return self
-        return replace(self, train=replace(self.train, num_threads=torch.get_num_threads()))
-
-    def content_hash(self) -> str:
-        """Hash of the fields that determine the bank's contents (placement fields excluded)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in self._PLACEMENT}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -324,36 +188,26 @@ def _make_jobs(
     return jobs
 
 
-def run_build(
-    config: BuildConfig,
-    out: str | os.PathLike,
-    progress: bool = True,
-    on_saved: Callable[[int], None] | None = None,
-) -> BuildResult:
-    """Build a bank from ``config`` into ``out``, resuming an interrupted build of the same config.
+@dataclass
+class _Prepared:
+    """What the data stages produce: the split, the training chunks and their clusters."""
 
-    ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook).
-    """
-    from ttmm.embed import Encoder
+    split: Split
+    reports: dict[str, dict]
+    chunks: list[Chunk]
+    embeddings: np.ndarray  # (n, dim) unit rows
+    assignments: np.ndarray  # (n,) expert id of each chunk
+    centroids: np.ndarray  # (K, dim) unit rows
+    labels: list[str]
+    quality: dict
 
-    config = config.resolved()
-    out = Path(out).expanduser()
-    config_hash = config.content_hash()
-    state = check_output(out, config_hash)
-    if state == "done":
-        from ttmm.bank import Bank
 
-        logger.info("%s is a finished bank of this configuration: nothing to do", out)
-        return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
-
-    timer = _Timer()
-    started = time.perf_counter()
+def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: bool) -> _Prepared:
+    """Read → split → chunk → embed → cluster: everything before the first file is written."""
     with timer.stage("read"):
         documents, reports = read_corpora(config.corpora)
     with timer.stage("split"):
         split = split_documents(documents, config.test_fraction, config.split_seed)
-    with timer.stage("load_model"):
-        model, tokenizer = load_base_model(config.base_model)
     with timer.stage("chunk"):
         chunks = chunk_documents(
             split.train,
@@ -369,13 +223,11 @@ def run_build(
                 f"{config.min_tokens} tokens; add longer documents or lower min_tokens"
             )
     with timer.stage("embed"):
-        encoder = Encoder(config.encoder, cache_dir=_embedding_cache())
         embeddings = encoder.encode(
             [c.text for c in chunks], batch_size=config.embed_batch_size, show_progress=progress
         )
     with timer.stage("cluster"):
         assignments = cluster_embeddings(embeddings, config.experts, seed=config.seed)
-        cents = centroids(embeddings, assignments, config.experts)
         labels = label_clusters(
             [c.text for c in chunks], assignments, config.experts, config.label_terms
         )
@@ -383,24 +235,64 @@ def run_build(
             "topic": cluster_quality(assignments, [c.label for c in chunks]),
             "domain": cluster_quality(assignments, [c.domain for c in chunks]),
         }
+    return _Prepared(
+        split=split,
+        reports=reports,
+        chunks=chunks,
+        embeddings=embeddings,
+        assignments=assignments,
+        centroids=centroids(embeddings, assignments, config.experts),
+        labels=labels,
+        quality=quality,
+    )
+
+
+def run_build(
+    config: BuildConfig,
+    out: str | os.PathLike,
+    progress: bool = True,
+    on_saved: Callable[[int], None] | None = None,
+) -> BuildResult:
+    """Build a bank from ``config`` into ``out``, resuming an interrupted build of the same config.
+
+    ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook).
+    """
+    from ttmm.embed import Encoder
+
+    config = config.resolved()
+    out = Path(out).expanduser()
+    config_hash = config.content_hash()
+    if check_output(out, config_hash) == "done":
+        from ttmm.bank import Bank
+
+        logger.info("%s is a finished bank of this configuration: nothing to do", out)
+        return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
+
+    timer = _Timer()
+    started = time.perf_counter()
+    with timer.stage("load_model"):
+        model, tokenizer = load_base_model(config.base_model)
+        encoder = Encoder(config.encoder, cache_dir=_embedding_cache())
+    prepared = _prepare(config, tokenizer, encoder, timer, progress)
 
     # Only now, with the input known to be usable, does the build write anything.
     out.mkdir(parents=True, exist_ok=True)
     _write_state(out, {"config_hash": config_hash, "status": "in_progress"})
     (out / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     with timer.stage("write_index"):
-        data = write_split(out, split, config.split_seed, config.test_fraction)
-        data.update(write_chunk_index(out, chunks, embeddings, assignments))
-        write_centroids(out, cents)
+        data = write_split(out, prepared.split, config.split_seed, config.test_fraction)
+        data.update(
+            write_chunk_index(out, prepared.chunks, prepared.embeddings, prepared.assignments)
+        )
+        write_centroids(out, prepared.centroids)
 
-    jobs = _make_jobs(config, chunks, assignments, tokenizer.pad_token_id)
+    jobs = _make_jobs(config, prepared.chunks, prepared.assignments, tokenizer.pad_token_id)
     records: dict[int, dict] = {}
-    reused = []
     for job in jobs:
         record = _finished_record(out, job)
         if record is not None:
             records[job.id] = record
-            reused.append(job.id)
+    reused = sorted(records)
     if reused:
         logger.info("resuming: keeping %d finished adapter(s) %s", len(reused), reused)
     todo = [job for job in jobs if job.id not in records]
@@ -443,25 +335,13 @@ def run_build(
         executor.run(todo, save)
 
     with timer.stage("manifest"):
-        manifest = _manifest(
-            out,
-            config,
-            config_hash,
-            model,
-            encoder,
-            jobs,
-            records,
-            labels,
-            chunks,
-            assignments,
-            split,
-            reports,
-            quality,
-            data,
-            timer,
-            reused,
+        manifest = _manifest(out, config, prepared, model, encoder, jobs, records, data)
+        manifest.build.update(
+            config_hash=config_hash,
+            stage_seconds=dict(timer.seconds),
+            total_seconds=round(time.perf_counter() - started, 3),
+            resumed_adapters=reused,
         )
-        manifest.build["total_seconds"] = round(time.perf_counter() - started, 3)
         write_manifest(out, manifest)
     _write_state(out, {"config_hash": config_hash, "status": "done"})
     return BuildResult(out, manifest, [j.id for j in todo], reused)
@@ -474,29 +354,24 @@ def _embedding_cache() -> Path:
 
 
 def _manifest(
-    out,
-    config,
-    config_hash,
+    out: Path,
+    config: BuildConfig,
+    prepared: _Prepared,
     model,
     encoder,
-    jobs,
-    records,
-    labels,
-    chunks,
-    assignments,
-    split,
-    reports,
-    quality,
-    data,
-    timer,
-    reused,
+    jobs: list[TrainJob],
+    records: dict[int, dict],
+    data: dict,
 ) -> BankManifest:
+    chunks, assignments = prepared.chunks, prepared.assignments
+
     def info(job: TrainJob, label: str) -> ExpertInfo:
         record = records[job.id]
         path = _adapter_dir(job.id)
-        members = (
-            [chunks[i] for i in np.flatnonzero(assignments == job.id)] if job.id >= 0 else chunks
-        )
+        if job.id == FINETUNE_JOB:
+            members = chunks
+        else:
+            members = [chunks[i] for i in np.flatnonzero(assignments == job.id)]
         return ExpertInfo.describe(
             max(job.id, 0),
             path,
@@ -515,19 +390,18 @@ def _manifest(
             },
         )
 
-    experts = [info(job, labels[job.id]) for job in jobs if job.id != FINETUNE_JOB]
+    experts = [info(job, prepared.labels[job.id]) for job in jobs if job.id != FINETUNE_JOB]
     finetune = next(
         (info(job, "all training chunks") for job in jobs if job.id == FINETUNE_JOB), None
     )
-    trained = [records[job.id] for job in jobs if job.id != FINETUNE_JOB]
-    expert_tokens = sum(r["n_tokens"] for r in trained)
-    expert_seconds = sum(r["seconds"] for r in trained)
+    expert_tokens = sum(e.n_tokens for e in experts)
+    expert_seconds = sum(e.extra["seconds"] for e in experts)
     data.update(
         {
             "corpora": list(config.corpora),
             "documents": {
                 d: {"train": len(v["train"]), "test": len(v["test"])}
-                for d, v in split.ids_by_domain().items()
+                for d, v in prepared.split.ids_by_domain().items()
             },
             "chunks_per_domain": domain_counts(chunks),
             "window": config.window,
@@ -543,18 +417,16 @@ def _manifest(
         data=data,
         build={
             "config": config.to_dict(),
-            "config_hash": config_hash,
             "executor": config.executor,
-            "stage_seconds": dict(timer.seconds),
             "training": {
                 "expert_tokens": expert_tokens,
                 "expert_seconds": round(expert_seconds, 3),
                 "tokens_per_second": round(expert_tokens / max(expert_seconds, 1e-9), 2),
-                "finetune_tokens": records[FINETUNE_JOB]["n_tokens"] if finetune else 0,
+                "finetune_tokens": finetune.n_tokens if finetune else 0,
+                "finetune_seconds": finetune.extra["seconds"] if finetune else 0.0,
             },
-            "cluster_quality": quality,
-            "corpus_reports": reports,
-            "resumed_adapters": reused,
+            "cluster_quality": prepared.quality,
+            "corpus_reports": prepared.reports,
             "cpu_count": os.cpu_count(),
         },
     )

@@ -40,7 +40,7 @@ def build(
             "--corpus",
             "-c",
             help="Corpus spec, repeatable: wiki, stdlib, jsonl:PATH[:FIELD], dir:PATH[:GLOB], "
-            "each with optional DOMAIN= prefix and @LIMIT suffix (default: wiki@480 stdlib@70).",
+            "each with optional DOMAIN= prefix and @LIMIT suffix (default: wiki@240 stdlib@24).",
         ),
     ] = None,
     experts: Annotated[int | None, typer.Option("--experts", "-k", help="K experts.")] = None,

@@ -1,0 +1,157 @@
+"""The build configuration: every setting that determines a bank, from a file or the CLI.
+
+A frozen dataclass with a docstring per field, loadable from TOML or YAML with the same keys as
+the ``build_config.yaml`` that every build writes into its bank, so a bank can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
+from ttmm.corpus import CorpusSpec
+from ttmm.train import LoraTrainConfig
+
+DEFAULT_CORPORA = ("wiki@240", "stdlib@24")  # sized so K=16 with the baseline fits ~45 min
+
+
+class BuildError(ValueError):
+    """A build that cannot start or continue: what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
+
+    corpora: tuple[str, ...] = DEFAULT_CORPORA
+    """Corpus spec strings (see :mod:`ttmm.corpus`), e.g. ``wiki@480``, ``dir:./docs:**/*.md``."""
+    experts: int = 16
+    """K, the number of clusters and so of LoRA experts."""
+    base_model: str = DEFAULT_BASE_MODEL
+    """Base model: the default alias, a local save_pretrained folder, or a hub id."""
+    encoder: str = DEFAULT_ENCODER
+    """Sentence encoder φ that embeds chunks (and, at test time, prompts)."""
+    test_fraction: float = 0.15
+    """Share of documents held out for evaluation (never chunked, clustered or trained on)."""
+    split_seed: int = 0
+    """Seed of the document-level train/test split."""
+    window: int = 256
+    """Chunk length in base-model tokens."""
+    stride: int | None = None
+    """Tokens between chunk starts; None = ``window`` (no overlap)."""
+    min_tokens: int = 32
+    """Shorter tails and documents are dropped."""
+    max_chunks_per_document: int | None = 2
+    """Keep at most this many chunks of a document (long source files would fill clusters
+    alone); None keeps all."""
+    seed: int = 0
+    """Seed of clustering; expert k trains with seed + k, the baseline with seed + K."""
+    with_finetune: bool = False
+    """Also train the fine-tuning baseline: one LoRA on all training chunks, same total tokens."""
+    train: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    """How each adapter is trained."""
+    embed_batch_size: int = 64
+    """Chunks per encoder batch."""
+    label_terms: int = 4
+    """TF-IDF terms in each expert's label."""
+    executor: str = "sequential"
+    """Where training runs: ``sequential`` or ``ray`` (does not change the adapters)."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster; None starts a local Ray."""
+    ray_num_cpus: int | None = None
+    """CPUs of the local Ray (None: all); each task takes ``train.num_threads`` of them."""
+    ray_max_retries: int = 2
+    """Retries of a failed Ray task."""
+
+    # Fields that choose where the work runs, not what it computes: left out of the hash, so a
+    # build started sequentially may be resumed on Ray and the other way round.
+    _PLACEMENT = ("executor", "ray_address", "ray_num_cpus", "ray_max_retries")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpora, str):
+            object.__setattr__(self, "corpora", (self.corpora,))
+        object.__setattr__(self, "corpora", tuple(self.corpora))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", LoraTrainConfig.from_dict(self.train))
+        checks = {
+            "corpora": len(self.corpora) >= 1,
+            "experts": isinstance(self.experts, int) and self.experts >= 1,
+            "test_fraction": 0.0 <= self.test_fraction < 1.0,
+            "window": self.window >= 2,
+            "stride": self.stride is None or 1 <= self.stride <= self.window,
+            "min_tokens": 1 <= self.min_tokens <= self.window,
+            "max_chunks_per_document": self.max_chunks_per_document is None
+            or self.max_chunks_per_document >= 1,
+            "embed_batch_size": self.embed_batch_size >= 1,
+            "label_terms": self.label_terms >= 1,
+            "ray_max_retries": self.ray_max_retries >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise BuildError(f"BuildConfig.{name} = {getattr(self, name)!r} is out of range")
+        if self.executor not in ("sequential", "ray"):
+            raise BuildError(f"BuildConfig.executor = {self.executor!r}; use sequential or ray")
+        for spec in self.corpora:
+            CorpusSpec.parse(spec)  # fail on a bad spec before any work
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["corpora"] = list(self.corpora)
+        data["train"] = self.train.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BuildConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise BuildError(
+                f"unknown build setting(s): {', '.join(sorted(unknown))}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BuildConfig:
+        """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) build configuration."""
+        path = Path(path)
+        if not path.is_file():
+            raise BuildError(f"build config file {path} does not exist")
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(path.read_text())
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(path.read_text()) or {}
+            else:
+                raise BuildError(f"{path}: use a .toml, .yaml or .yml build config")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+            raise BuildError(f"{path}: cannot parse ({err})") from err
+        if not isinstance(data, dict):
+            raise BuildError(f"{path}: must hold a mapping of build settings")
+        return cls.from_dict(data)
+
+    def with_overrides(self, **overrides) -> BuildConfig:
+        """A copy with the given (non-None) fields replaced; ``train_*`` keys go to ``train``."""
+        train = {k[6:]: v for k, v in overrides.items() if k.startswith("train_") and v is not None}
+        top = {k: v for k, v in overrides.items() if not k.startswith("train_") and v is not None}
+        if train:
+            top["train"] = LoraTrainConfig.from_dict({**self.train.to_dict(), **train})
+        return replace(self, **top)
+
+    def resolved(self) -> BuildConfig:
+        """Pin what the defaults leave open (training threads), so the written config is exact."""
+        if self.train.num_threads is not None:
+            return self
+        return replace(self, train=replace(self.train, num_threads=torch.get_num_threads()))
+
+    def content_hash(self) -> str:
+        """Hash of the fields that determine the bank's contents (placement fields excluded)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in self._PLACEMENT}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
