@@ -131,14 +131,17 @@ def _print_summary(manifest, path: Path) -> None:
 
 def _experts_table(manifest, title: str) -> Table:
     table = Table(title=title)
-    for column in ("expert", "label", "chunks", "tokens", "rank", "MB", "loss first → last"):
+    for column in ("expert", "label", "chunks", "tokens", "rank", "MB", "loss start → end"):
         table.add_column(column, justify="left" if column == "label" else "right")
     rows = [(str(e.id), e) for e in manifest.experts]
     if manifest.finetune is not None:
         rows.append(("finetune", manifest.finetune))
     for name, entry in rows:
         curve = entry.loss_curve
-        loss = f"{curve[0]:.3f} → {curve[-1]:.3f}" if curve else ""
+        tenth = max(1, len(curve) // 10)  # mean of the first and last tenth: steps are noisy
+        loss = (
+            f"{sum(curve[:tenth]) / tenth:.3f} → {sum(curve[-tenth:]) / tenth:.3f}" if curve else ""
+        )
         table.add_row(
             name,
             entry.label,
