@@ -72,6 +72,8 @@ def test_folder_reader_skips_and_counts_non_utf8_files(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("second document ü")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")  # hidden: never read
     docs, report = read_corpus(f"notes=dir:{tmp_path}")
     assert [d.id for d in docs] == ["notes/a.txt", "notes/sub/b.md"]
     assert report.skipped_non_utf8 == 2

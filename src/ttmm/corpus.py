@@ -8,7 +8,8 @@ A corpus is named on the command line by a *spec string*::
     stdlib                     non-test .py modules of CPython's standard library
     jsonl:PATH[:FIELD]         one JSON object per line; text in FIELD (default "text"),
                                optional "id" and "label" keys
-    dir:PATH[:GLOB]            every file under PATH matching GLOB (default "**/*"), read as UTF-8
+    dir:PATH[:GLOB]            every file under PATH matching GLOB (default "**/*"), read as UTF-8;
+                               hidden files and folders (.git, ...) are left out
 
 ``@LIMIT`` keeps at most LIMIT documents, chosen by a hash of their ids (so a small build is a
 stable, topic-spread sample, not the alphabetically first documents). ``DOMAIN=`` names the
@@ -200,7 +201,9 @@ def _read_files(root: Path, pattern: str, spec: CorpusSpec, report: ReadReport, 
     relatives = [
         p.relative_to(root).as_posix()
         for p in root.glob(pattern)
-        if p.is_file() and (keep is None or keep(p.relative_to(root)))
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)  # .git etc.
+        and (keep is None or keep(p.relative_to(root)))
     ]
     for relative in _hash_order(relatives, spec.domain):
         raw = (root / relative).read_bytes()
