@@ -488,3 +488,37 @@ def test_the_official_openai_client_talks_to_the_server(live_server, tiny_engine
     wrong_key = openai.OpenAI(base_url=live_server, api_key="guess", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong_key.models.list()
+
+
+def test_a_failing_row_fails_alone_not_its_whole_batch(tiny_engine, monkeypatch):
+    from ttmm.model import InputError
+
+    generate = tiny_engine.generate
+
+    def picky(prompts, *args, **kwargs):
+        if any("poison" in p for p in prompts):
+            raise InputError("this prompt is poisoned")
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "generate", picky)
+    app = create_app(tiny_engine, ServerSettings(batch_window_ms=300))
+
+    async def burst():
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120
+        ) as c:
+            return await asyncio.gather(
+                c.post("/v1/completions", json={"prompt": PROMPT, **GREEDY}),
+                c.post("/v1/completions", json={"prompt": "poison " + PROMPT, **GREEDY}),
+            )
+
+    healthy, poisoned = asyncio.run(burst())
+    assert healthy.status_code == 200
+    [expected] = tiny_engine.route([PROMPT])
+    assert healthy.json()["choices"][0]["text"] == engine_text(tiny_engine, PROMPT, expected)
+    assert poisoned.status_code == 400
+    assert poisoned.json()["error"]["message"] == "this prompt is poisoned"
+    rows = app.state.metrics.batch_rows.collect()[0].samples
+    counts = {s.name: s.value for s in rows}
+    # one batch of both rows, then each row alone: 3 batches, 4 rows
+    assert (counts["ttmm_batch_rows_count"], counts["ttmm_batch_rows_sum"]) == (3, 4)

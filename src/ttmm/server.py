@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ttmm.merge import MergeError
 from ttmm.model import TTMM
 from ttmm.routing import RoutingError, RoutingPlan
-from ttmm.server_batching import Batcher, GenerationOptions, MergeCache
+from ttmm.server_batching import Batcher, GenerationOptions, MergeCache, MergeRequest
 from ttmm.server_errors import APIError, install_error_handlers, timeout_error
 from ttmm.server_metrics import ServerMetrics
 from ttmm.server_responses import Reply, plan_json, stream_events
@@ -185,7 +185,7 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         _check_model(body.model, settings)
         release = slots.take()
         try:
-            plan = await _plan_for(engine, body.ttmm, body.input)
+            plan = await _resolve(engine, _merge_for(engine, body.ttmm, body.input, "input"))
         finally:
             release()
         return {
@@ -196,7 +196,9 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
-        return await _serve(body, body.prompt, body.prompt, body.max_tokens, chat=False)
+        return await _serve(
+            body, body.prompt, body.prompt, body.max_tokens, chat=False, param="prompt"
+        )
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
@@ -212,10 +214,17 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
             message = f"the chat template rejected the messages: {err}"
             raise APIError(400, message, param="messages") from None
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
-        return await _serve(body, prompt, users[-1], body.requested_tokens, chat=True)
+        return await _serve(
+            body, prompt, users[-1], body.requested_tokens, chat=True, param="messages"
+        )
 
     async def _serve(
-        body: GenerationRequest, prompt: str, query: str, max_tokens: int | None, chat: bool
+        body: GenerationRequest,
+        prompt: str,
+        query: str,
+        max_tokens: int | None,
+        chat: bool,
+        param: str,
     ):
         """Check limits, route ``query``, then generate from ``prompt`` (batched or streamed)."""
         _check_model(body.model, settings)
@@ -228,14 +237,15 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
                 400,
                 f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
                 f"{settings.max_prompt_tokens}; shorten it",
-                param="messages" if chat else "prompt",
+                param=param,
                 code="context_length_exceeded",
             )
+        merge = _merge_for(engine, body.ttmm, query, param)
         release = slots.take()
         try:
-            plan = await _plan_for(engine, body.ttmm, query)
-            reply = Reply(settings.model_id, plan_json(engine, plan), chat)
             if body.stream:
+                plan = await _resolve(engine, merge)
+                reply = Reply(settings.model_id, plan_json(engine, plan), chat)
                 include_usage = (
                     body.stream_options is not None and body.stream_options.include_usage
                 )
@@ -255,13 +265,14 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
                 return StreamingResponse(events, media_type="text/event-stream")
             try:
                 result = await asyncio.wait_for(
-                    batcher.submit(prompt, plan, options), settings.request_timeout_s
+                    batcher.submit(prompt, merge, options), settings.request_timeout_s
                 )
             except TimeoutError:
                 raise timeout_error(settings.request_timeout_s) from None
         finally:
             if release is not None:
                 release()
+        reply = Reply(settings.model_id, plan_json(engine, result.plan), chat)
         text, stopped = cut_at_stop(result.text, body.stop_strings)
         metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
         finish = "stop" if stopped else result.finish_reason
@@ -319,22 +330,31 @@ def _model_card(engine: TTMM, settings: ServerSettings) -> dict:
     }
 
 
-async def _plan_for(engine: TTMM, control: TTMMControl | None, query: str) -> RoutingPlan:
+def _merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str) -> MergeRequest:
     """The merge a request asked for: explicit experts, the base model, or routing ``query``."""
     if control is not None and control.base:
-        return RoutingPlan.base()
+        return MergeRequest(plan=RoutingPlan.base())
     if control is not None and control.experts is not None:
         try:
             plan = RoutingPlan.explicit(control.experts)
             engine.merger.check_plan(plan)
         except (RoutingError, MergeError) as err:
             raise APIError(400, str(err), param="ttmm.experts", code="invalid_experts") from None
-        return plan
+        return MergeRequest(plan=plan)
     routing = engine.routing
     if control is not None and control.routing is not None:
         try:
             routing = routing.replace(**control.routing.model_dump())
         except RoutingError as err:
             raise APIError(400, str(err), param="ttmm.routing") from None
-    [plan] = await asyncio.to_thread(engine.route, [query], routing)
+    if not query.strip():
+        raise APIError(400, f"{param} is blank: routing needs some text to embed", param=param)
+    return MergeRequest(query=query, routing=routing)
+
+
+async def _resolve(engine: TTMM, merge: MergeRequest) -> RoutingPlan:
+    """The plan of a merge request, routing its query now (outside any batch)."""
+    if merge.plan is not None:
+        return merge.plan
+    [plan] = await asyncio.to_thread(engine.route, [merge.query], merge.routing)
     return plan

@@ -1,11 +1,14 @@
 """Batching concurrent requests into one engine call, and the LRU cache of merges.
 
 Requests that arrive within a short window of each other (or while the previous batch
-runs) are collected, at most ``max_batch_size`` at a time, grouped by the generation
-options a batch must share, and each group runs as one ``engine.generate`` call in which
-every row carries its own routing plan: the engine folds a merge that all rows share
-(one lone request included) and runs different merges side by side in low-rank mode.
-A sampled request with a seed runs alone, so its draws never depend on its neighbours.
+runs) are collected, at most ``max_batch_size`` at a time, and grouped by the generation
+options a batch must share. Each group is routed in one encoder call (rows that asked for
+routing; others bring a fixed plan) and generated in one ``engine.generate`` call in which
+every row carries its own plan: the engine folds a merge that all rows share (one lone
+request included) and runs different merges side by side in low-rank mode. Routing inside
+the batch, not before queueing, keeps requests that arrive together in one batch.
+A sampled request with a seed runs alone, so its draws never depend on its neighbours;
+if a batch fails, its rows are retried one by one so that one bad row fails alone.
 
 :class:`MergeCache` holds each plan's merged factors (A', B' of every adapted layer) by
 ``plan.key()``, the expert ids and rounded weights, and evicts the least recently used
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ttmm.merge import PlanFactors
 from ttmm.model import TTMM, Generation
-from ttmm.routing import RoutingPlan
+from ttmm.routing import RoutingConfig, RoutingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +121,23 @@ class GenerationOptions:
         }
 
 
+@dataclass(frozen=True)
+class MergeRequest:
+    """The merge a row asked for: a fixed ``plan``, or routing ``query`` under ``routing``."""
+
+    plan: RoutingPlan | None = None
+    query: str | None = None
+    routing: RoutingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.plan is None) == (self.query is None or self.routing is None):
+            raise ValueError("give either a plan, or a query and a routing configuration")
+
+
 @dataclass
 class _Job:
     prompt: str
-    plan: RoutingPlan
+    merge: MergeRequest
     options: GenerationOptions
     future: asyncio.Future
     serial: int = field(default_factory=itertools.count().__next__)
@@ -153,12 +169,12 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     async def submit(
-        self, prompt: str, plan: RoutingPlan, options: GenerationOptions
+        self, prompt: str, merge: MergeRequest, options: GenerationOptions
     ) -> Generation:
-        """Queue one prompt; returns its generation once its batch has run."""
+        """Queue one prompt; returns its generation (with the plan used) once its batch ran."""
         queue = self._ensure_running()
         future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(prompt, plan, options, future))
+        await queue.put(_Job(prompt, merge, options, future))
         return await future
 
     async def stop(self) -> None:
@@ -200,25 +216,41 @@ class Batcher:
                 await self._run(group)
 
     async def _run(self, jobs: list[_Job]) -> None:
-        plans = [job.plan for job in jobs]
-        self._on_batch(plans)
-        logger.debug(
-            "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
-        )
         try:
-            results = await asyncio.to_thread(
-                self.engine.generate,
-                [job.prompt for job in jobs],
-                plans=plans,
-                mode="auto",
-                **jobs[0].options.generate_kwargs(),
-            )
-        except Exception as err:  # every row of a failed batch fails with its error
-            logger.exception("batch of %d rows failed", len(jobs))
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(err)
+            results = await asyncio.to_thread(self._generate, jobs)
+        except Exception as err:
+            if len(jobs) > 1:  # find the bad row: every row runs alone
+                logger.warning(
+                    "batch of %d rows failed (%s); running its rows alone", len(jobs), err
+                )
+                for job in jobs:
+                    await self._run([job])
+                return
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(err)
             return
         for job, result in zip(jobs, results):
             if not job.future.done():
                 job.future.set_result(result)
+
+    def _generate(self, jobs: list[_Job]) -> list[Generation]:
+        """Route the rows that ask for it, then generate every row with its own plan."""
+        plans = [job.merge.plan for job in jobs]
+        to_route: dict[RoutingConfig, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.merge.plan is None:
+                to_route.setdefault(job.merge.routing, []).append(i)
+        for routing, rows in to_route.items():
+            routed = self.engine.route([jobs[i].merge.query for i in rows], routing)
+            for i, plan in zip(rows, routed):
+                plans[i] = plan
+        self._on_batch(plans)
+        logger.debug(
+            "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
+        )
+        return self.engine.generate(
+            [job.prompt for job in jobs],
+            plans=plans,
+            mode="auto",
+            **jobs[0].options.generate_kwargs(),
+        )
