@@ -1,8 +1,7 @@
 """Bisecting k-means over chunk embeddings, centroids, expert labels, cluster quality (§2, 3-4).
 
 Centroid c_k = normalize(mean of the unit embeddings e over cluster k). Each expert gets a human
-label made of the top TF-IDF terms of its chunks, taking each cluster's text as one document
-so that terms shared by every cluster (``self``, ``the``) score low.
+label made of the top TF-IDF terms of its chunks.
 """
 
 from __future__ import annotations
@@ -60,29 +59,41 @@ def centroids(embeddings: np.ndarray, assignments: np.ndarray, k: int) -> np.nda
 def label_clusters(
     texts: Sequence[str], assignments: np.ndarray, k: int, n_terms: int = 4
 ) -> list[str]:
-    """A label per cluster: its ``n_terms`` top TF-IDF terms, joined by ", "."""
+    """A label per cluster: the ``n_terms`` terms of highest mean TF-IDF over its chunks.
+
+    TF-IDF is fitted on the chunks, keeping terms found in at least 2 chunks and at most half of
+    them, so a label names what a cluster's chunks share, not a word one chunk happens to hold.
+    """
+    matrix, vocabulary = _tfidf(texts)
+    labels = []
+    for cluster in range(k):
+        rows = matrix[np.flatnonzero(assignments == cluster)] if matrix is not None else None
+        if rows is None or rows.shape[0] == 0:
+            labels.append(f"cluster {cluster}")
+            continue
+        scores = np.asarray(rows.mean(axis=0)).ravel()  # (vocab,)
+        top = [vocabulary[i] for i in np.argsort(-scores, kind="stable")[:n_terms] if scores[i] > 0]
+        labels.append(", ".join(top) if top else f"cluster {cluster}")
+    return labels
+
+
+def _tfidf(texts: Sequence[str]):
+    """(chunks × terms) TF-IDF and its vocabulary, pruning less for tiny corpora; None if empty."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    documents = [[] for _ in range(k)]
-    for text, cluster in zip(texts, assignments, strict=True):
-        documents[int(cluster)].append(text)
-    vectorizer = TfidfVectorizer(
-        stop_words="english",
-        token_pattern=r"(?u)\b[A-Za-z][A-Za-z_]{2,}\b",
-        sublinear_tf=True,
-        lowercase=True,
-    )
-    try:
-        matrix = vectorizer.fit_transform(["\n".join(docs) for docs in documents])  # (K, vocab)
-    except ValueError:  # no terms at all (e.g. only digits and stop words)
-        return [f"cluster {c}" for c in range(k)]
-    vocabulary = vectorizer.get_feature_names_out()
-    labels = []
-    for row in range(k):
-        scores = matrix[row].toarray().ravel()
-        top = [vocabulary[i] for i in np.argsort(-scores, kind="stable")[:n_terms] if scores[i] > 0]
-        labels.append(", ".join(top) if top else f"cluster {row}")
-    return labels
+    for min_df, max_df in ((2, 0.5), (1, 1.0)):
+        vectorizer = TfidfVectorizer(
+            stop_words="english",
+            token_pattern=r"(?u)\b[A-Za-z][A-Za-z_]{2,}\b",
+            sublinear_tf=True,
+            min_df=min_df,
+            max_df=max_df,
+        )
+        try:
+            return vectorizer.fit_transform(texts), vectorizer.get_feature_names_out()
+        except ValueError:  # no term survives pruning (or none at all)
+            continue
+    return None, None
 
 
 def cluster_quality(assignments: np.ndarray, gold: Sequence[str | None]) -> dict | None:
