@@ -45,7 +45,7 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Most prompts generated together.")] = 8,
     batch_window_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests, in ms.")
-    ] = 10.0,
+    ] = 50.0,
     merge_cache_mb: Annotated[
         float, typer.Option(help="Memory for cached per-plan merge factors, in MiB (0: off).")
     ] = 1024.0,

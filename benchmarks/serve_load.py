@@ -1,0 +1,300 @@
+"""Load test of ``ttmm serve`` on the real default model (issue 5 benchmark).
+
+Starts the server in-process on a free loopback port, then runs N concurrent clients,
+each sending R completion requests one after another (greedy, T new tokens), twice per
+round: with routing on (every prompt routed and merged, the server's default) and with
+routing off (every request ``"ttmm": {"base": true}``, the base model alone). Rounds
+alternate the two so that a busy machine slows both alike; the table reports throughput
+(requests/s, generated tokens/s) and latency percentiles of each, and their ratios.
+
+    .venv/bin/python benchmarks/serve_load.py [--clients 8] [--requests 4] [--tokens 32] \
+        [--threads 1]
+
+The bank is ``banks/default-k16`` when it has been built, otherwise a random 16-expert bank
+(r=8 on every linear layer) for the default model, written to a temporary folder.
+Writes ``benchmarks/results/serve_load.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import write_random_bank  # noqa: E402  (the same random-bank writer the tests use)
+
+from ttmm.assets import load_base_model  # noqa: E402
+from ttmm.bank import Bank  # noqa: E402
+from ttmm.embed import Encoder  # noqa: E402
+from ttmm.model import TTMM  # noqa: E402
+from ttmm.routing import RoutingConfig  # noqa: E402
+from ttmm.server import ServerSettings, create_app  # noqa: E402
+
+logger = logging.getLogger("serve_load")
+
+DEFAULT_BANK = ROOT / "banks" / "default-k16"
+RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
+
+PROMPTS = [
+    "The French Revolution was a period of political and societal change in France that began",
+    "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description=",
+    "Photosynthesis is a system of biological processes by which photosynthetic organisms",
+    "The Pacific Ocean is the largest and deepest of Earth's five oceanic divisions. It extends",
+    "class Cache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+    "Johann Sebastian Bach was a German composer and musician of the late Baroque period",
+    "The mitochondrion is an organelle found in the cells of most eukaryotes, such as animals",
+    "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]",
+    "The Great Wall of China is a series of fortifications that were built across the northern",
+    "SELECT customers.name, SUM(orders.total) FROM customers JOIN orders ON customers.id =",
+    "Albert Einstein was a German-born theoretical physicist who is best known for developing",
+    "async def fetch(session, url):\n    async with session.get(url) as response:\n",
+]
+
+
+def load_engine(bank: Path | None) -> tuple[TTMM, str]:
+    model, tokenizer = load_base_model()
+    if bank is None and (DEFAULT_BANK / "manifest.json").exists():
+        bank = DEFAULT_BANK
+    if bank is None:
+        bank = Path(tempfile.mkdtemp(prefix="ttmm-serve-load-")) / "bank"
+        write_random_bank(
+            bank, model, base_model_name="smollm2-135m", num_experts=16, ranks=[8] * 16
+        )
+        description = "random 16-expert bank, r=8 on every linear layer"
+    else:
+        description = str(bank.relative_to(ROOT) if bank.is_relative_to(ROOT) else bank)
+    loaded = Bank.load(bank)
+    # A random bank carries the test helper's routing (3 experts); serve it with the paper's
+    # defaults instead (sparse softmax, beta 0.04, tau 0.01, up to 10 experts).
+    routing = RoutingConfig() if "random" in description else None
+    engine = TTMM(model, tokenizer, Encoder(loaded.manifest.encoder["name"]), loaded, routing)
+    return engine, description
+
+
+class LiveServer:
+    """uvicorn serving an app on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start within 60 s")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+async def run_phase(url: str, routed: bool, clients: int, requests: int, tokens: int) -> dict:
+    """``clients`` concurrent clients, each sending ``requests`` completions in turn."""
+    latencies: list[float] = []
+    generated = 0
+    experts: list[int] = []
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal generated
+        for r in range(requests):
+            body = {
+                "model": "ttmm",
+                "prompt": PROMPTS[(index * requests + r) % len(PROMPTS)],
+                "max_tokens": tokens,
+                "temperature": 0,
+            }
+            if not routed:
+                body["ttmm"] = {"base": True}
+            start = time.perf_counter()
+            response = await http.post("/v1/completions", json=body)
+            latencies.append(time.perf_counter() - start)
+            response.raise_for_status()
+            data = response.json()
+            generated += data["usage"]["completion_tokens"]
+            experts.append(len(data["ttmm"]["experts"]))
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "latencies": latencies, "tokens": generated, "experts": experts}
+
+
+def summarise(phases: list[dict]) -> dict:
+    latencies = sorted(x for p in phases for x in p["latencies"])
+    wall = sum(p["wall_s"] for p in phases)
+    tokens = sum(p["tokens"] for p in phases)
+    experts = [n for p in phases for n in p["experts"]]
+    counters = {k: sum(p["counters"][k] for p in phases) for k in phases[0]["counters"]}
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]
+
+    return {
+        "requests": len(latencies),
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": pct(0.50),
+        "latency_p90_s": pct(0.90),
+        "latency_p99_s": pct(0.99),
+        "mean_active_experts": statistics.mean(experts),
+        "rows_per_batch": counters["rows"] / counters["batches"],
+        **counters,
+    }
+
+
+def server_counters(app) -> dict:
+    """Cache and batching counters read from the app's own metrics registry."""
+    registry = app.state.metrics.registry
+    value = registry.get_sample_value
+    return {
+        "merge_cache_hits": value("ttmm_merge_cache_hits_total") or 0.0,
+        "merge_cache_misses": value("ttmm_merge_cache_misses_total") or 0.0,
+        "batches": value("ttmm_batch_rows_count") or 0.0,
+        "rows": value("ttmm_batch_rows_sum") or 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
+    parser.add_argument("--requests", type=int, default=4, help="Requests per client per phase.")
+    parser.add_argument("--tokens", type=int, default=32, help="New tokens per request.")
+    parser.add_argument("--rounds", type=int, default=2, help="Alternating on/off rounds.")
+    parser.add_argument("--max-batch-size", type=int, default=ServerSettings.max_batch_size)
+    parser.add_argument("--batch-window-ms", type=float, default=ServerSettings.batch_window_ms)
+    parser.add_argument("--bank", type=Path, default=None, help="Bank folder (default: see doc).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). On a machine shared with other jobs, "
+        "1 avoids OpenMP threads spinning against each other.",
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    engine, bank_description = load_engine(args.bank)
+    settings = ServerSettings(
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_new_tokens=max(512, args.tokens),
+    )
+    app = create_app(engine, settings)
+    phases: dict[str, list[dict]] = {"routing on": [], "routing off": []}
+    with LiveServer(app) as url:
+        logger.info("server up at %s; warming up", url)
+        for routed in (False, True):
+            asyncio.run(run_phase(url, routed, clients=1, requests=1, tokens=4))
+        for round_index in range(args.rounds):
+            order = (
+                ("routing off", "routing on")
+                if round_index % 2 == 0
+                else ("routing on", "routing off")
+            )
+            for name in order:
+                before = server_counters(app)
+                result = asyncio.run(
+                    run_phase(url, name == "routing on", args.clients, args.requests, args.tokens)
+                )
+                result["counters"] = {k: v - before[k] for k, v in server_counters(app).items()}
+                phases[name].append(result)
+                logger.info("round %d, %s: %.1f s", round_index + 1, name, result["wall_s"])
+
+    summary = {name: summarise(runs) for name, runs in phases.items()}
+    on, off = summary["routing on"], summary["routing off"]
+    ratios = {
+        "throughput_requests": on["requests_per_s"] / off["requests_per_s"],
+        "throughput_tokens": on["tokens_per_s"] / off["tokens_per_s"],
+        "latency_p50": on["latency_p50_s"] / off["latency_p50_s"],
+        "latency_p90": on["latency_p90_s"] / off["latency_p90_s"],
+        "latency_p99": on["latency_p99_s"] / off["latency_p99_s"],
+    }
+
+    table = Table(
+        title=f"ttmm serve: {args.clients} clients × {args.requests} requests × "
+        f"{args.tokens} tokens, {args.rounds} rounds"
+    )
+    for column in ("", "req/s", "tok/s", "p50 s", "p90 s", "p99 s", "experts/req", "rows/batch"):
+        table.add_column(column, justify="right")
+    for name, s in summary.items():
+        table.add_row(
+            name,
+            f"{s['requests_per_s']:.3f}",
+            f"{s['tokens_per_s']:.1f}",
+            f"{s['latency_p50_s']:.2f}",
+            f"{s['latency_p90_s']:.2f}",
+            f"{s['latency_p99_s']:.2f}",
+            f"{s['mean_active_experts']:.1f}",
+            f"{s['rows_per_batch']:.1f}",
+        )
+    table.add_row(
+        "on / off",
+        f"{ratios['throughput_requests']:.2f}",
+        f"{ratios['throughput_tokens']:.2f}",
+        f"{ratios['latency_p50']:.2f}",
+        f"{ratios['latency_p90']:.2f}",
+        f"{ratios['latency_p99']:.2f}",
+        "",
+        "",
+    )
+    console = Console(width=120)
+    console.print(table)
+    console.print(
+        f"merge cache (routing on): {on['merge_cache_hits']:.0f} hits, "
+        f"{on['merge_cache_misses']:.0f} misses"
+    )
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "bank": bank_description,
+        "experts": engine.bank.num_experts,
+        "routing": engine.routing.to_dict(),
+        "settings": {k: v for k, v in vars(settings).items() if k != "api_key"},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "summary": summary,
+        "ratios_on_over_off": ratios,
+    }
+    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("wrote %s", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
