@@ -39,7 +39,9 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from conftest import write_random_bank  # noqa: E402  (the same random-bank writer the tests use)
+from merge_overhead import PROMPTS as MERGE_PROMPTS  # noqa: E402
 
 from ttmm.assets import load_base_model  # noqa: E402
 from ttmm.bank import Bank  # noqa: E402
@@ -53,15 +55,8 @@ logger = logging.getLogger("serve_load")
 DEFAULT_BANK = ROOT / "banks" / "default-k16"
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 
-PROMPTS = [
-    "The French Revolution was a period of political and societal change in France that began",
-    "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description=",
-    "Photosynthesis is a system of biological processes by which photosynthetic organisms",
-    "The Pacific Ocean is the largest and deepest of Earth's five oceanic divisions. It extends",
-    "class Cache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
-    "Johann Sebastian Bach was a German composer and musician of the late Baroque period",
-    "The mitochondrion is an organelle found in the cells of most eukaryotes, such as animals",
-    "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]",
+PROMPTS = [  # the merge benchmark's 8 prompts (prose and code), and 4 more
+    *MERGE_PROMPTS,
     "The Great Wall of China is a series of fortifications that were built across the northern",
     "SELECT customers.name, SUM(orders.total) FROM customers JOIN orders ON customers.id =",
     "Albert Einstein was a German-born theoretical physicist who is best known for developing",
