@@ -55,7 +55,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {err}")
+            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

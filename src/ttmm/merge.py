@@ -4,10 +4,11 @@ The merge of n experts is one LoRA of rank Σ r_k with B' = [B_1 … B_n] and
 A' = [w_1 s_1 A_1; …; w_n s_n A_n]; :func:`merged_factors` is the only place that
 formula is written. Two ways to run it:
 
-- :meth:`ExpertMerger.fold`: W ← W + B'A' for the duration of a ``with`` block, then every
-  touched weight is copied back from a backup taken just before it was changed, so the
-  restore is bitwise exact (subtracting ΔW is not). The backups live only inside the block:
-  at rest the merger holds no copy of any base weight.
+- :meth:`ExpertMerger.fold`: W ← W + B'A' for the duration of a ``with`` block. Each merged
+  weight is computed into a fresh tensor and swapped into the parameter; the original tensor
+  is set aside untouched and swapped back on exit, so the restore is bitwise exact by
+  construction (subtracting ΔW is not) and costs nothing. The merged tensors exist only
+  inside the block: at rest the merger holds no copy of any base weight.
 - :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks add x A'ᵀ B'ᵀ, and every
   row of a batch may carry its own merge.
 
@@ -222,7 +223,7 @@ class ExpertMerger:
 
     @contextlib.contextmanager
     def fold(self, plan: RoutingPlan) -> Iterator[None]:
-        """W ← W + ΔW inside the block; every touched weight is restored bitwise on exit."""
+        """W ← W + ΔW inside the block; the original weights, never written, are back on exit."""
         self.check_plan(plan)
         if plan.is_base:
             yield
@@ -232,23 +233,24 @@ class ExpertMerger:
                 f"layers {self.tied_layers} share their weight with another module (tied "
                 "embeddings); folding would change both. Use mode='lowrank'."
             )
-        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        set_aside: list[tuple[nn.Parameter, torch.Tensor]] = []
         try:
             with torch.no_grad():
                 for name, (A, B) in self.plan_factors(plan).items():  # (Σr, d_in), (d_out, Σr)
                     stacked = self.layers[name]
                     weight = stacked.module.weight
-                    backups.append((weight, weight.detach().clone()))
-                    if stacked.transposed:
-                        weight.addmm_(A.T, B.T)  # (d_in, d_out) += (B A)ᵀ
+                    original = weight.data
+                    if stacked.transposed:  # Conv1D: (d_in, d_out) + (B A)ᵀ
+                        merged = torch.addmm(original, A.T, B.T)
                     else:
-                        weight.addmm_(B, A)
+                        merged = torch.addmm(original, B, A)
+                    weight.data = merged
+                    set_aside.append((weight, original))
             yield
         finally:
-            with torch.no_grad():
-                for weight, backup in backups:
-                    weight.copy_(backup)
-            backups.clear()
+            for weight, original in set_aside:
+                weight.data = original
+            set_aside.clear()
 
     @contextlib.contextmanager
     def lowrank(self, plans: Sequence[RoutingPlan]) -> Iterator[None]:
