@@ -13,7 +13,6 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import torch
 import yaml
 
 from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
@@ -146,10 +145,17 @@ class BuildConfig:
         return replace(self, **top)
 
     def resolved(self) -> BuildConfig:
-        """Pin what the defaults leave open (training threads), so the written config is exact."""
+        """Pin what the defaults leave open (training threads), so the written config is exact.
+
+        Training threads default to half the CPUs: on a 2-core machine that other work shares,
+        two torch threads per process thrash (SmolLM2-135M, r=8: two threads gave 106 tokens/s
+        on a quiet machine but 7 under a load of 4, where one thread kept 36), and a local Ray
+        then runs one single-threaded expert per core.
+        """
         if self.train.num_threads is not None:
             return self
-        return replace(self, train=replace(self.train, num_threads=torch.get_num_threads()))
+        threads = max(1, (os.cpu_count() or 2) // 2)
+        return replace(self, train=replace(self.train, num_threads=threads))
 
     def content_hash(self) -> str:
         """Hash of the fields that determine the bank's contents (placement fields excluded)."""
