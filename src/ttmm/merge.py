@@ -199,19 +199,26 @@ class ExpertMerger:
                 f"unknown expert id(s) {bad}; the bank has experts 0..{self.num_experts - 1}"
             )
 
+    def _selections(self, plan: RoutingPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The plan's :func:`row_selection` for each distinct layout, by ``id(layout)``."""
+        selections = {}
+        for stacked in self.layers.values():
+            layout = stacked.layout
+            if id(layout) not in selections:
+                selections[id(layout)] = row_selection(layout.spans, layout.scales, plan)
+        return selections
+
     def plan_factors(self, plan: RoutingPlan) -> PlanFactors:
         """(A', B') of every layer the plan adapts, from ``factor_cache`` when it holds the plan."""
         cache, key = self.factor_cache, plan.key()
         if cache is not None and (hit := cache.get(key)) is not None:
             return hit
+        selections = self._selections(plan)
         factors = {}
-        selections: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for name, stacked in self.layers.items():
-            layout = stacked.layout
-            if id(layout) not in selections:
-                selections[id(layout)] = row_selection(layout.spans, layout.scales, plan)
-            if selections[id(layout)] is not None:
-                factors[name] = stacked.factors(plan, selections[id(layout)])
+            selection = selections[id(stacked.layout)]
+            if selection is not None:
+                factors[name] = stacked.factors(plan, selection)
         if cache is not None:
             cache[key] = factors
         return factors
@@ -262,13 +269,20 @@ class ExpertMerger:
         plans = list(plans)
         for plan in plans:
             self.check_plan(plan)
-        per_plan = [self.plan_factors(plan) for plan in plans]
+        if len({plan.key() for plan in plans}) == 1:  # one merge for every row
+            factors = self.plan_factors(plans[0])
+            hooks = {name: _shared_hook(*pair) for name, pair in factors.items()}
+        else:
+            per_row = [self._selections(plan) for plan in plans]
+            hooks = {
+                name: _per_row_hook(stacked, [sel[id(stacked.layout)] for sel in per_row])
+                for name, stacked in self.layers.items()
+            }
         handles = []
         try:
-            for name, stacked in self.layers.items():
-                hook = _lowrank_hook(stacked, plans, [factors.get(name) for factors in per_plan])
+            for name, hook in hooks.items():
                 if hook is not None:
-                    handles.append(stacked.module.register_forward_hook(hook))
+                    handles.append(self.layers[name].module.register_forward_hook(hook))
             yield
         finally:
             for handle in handles:
@@ -283,40 +297,45 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {pid for pid, count in seen.items() if count > 1}
 
 
-def _lowrank_hook(
-    stacked: _StackedLayer,
-    plans: list[RoutingPlan],
-    factors: list[tuple[torch.Tensor, torch.Tensor] | None],
+def _shared_hook(A: torch.Tensor, B: torch.Tensor):
+    """Forward hook adding x A'ᵀ B'ᵀ, the same merge for every row."""
+
+    def hook(module, inputs, output):
+        return output + (inputs[0].to(A.dtype) @ A.T) @ B.T
+
+    return hook
+
+
+def _per_row_hook(
+    stacked: _StackedLayer, selections: list[tuple[torch.Tensor, torch.Tensor] | None]
 ):
-    """A forward hook adding each row's merged LoRA, or None if no plan touches the layer."""
-    if all(f is None for f in factors):
+    """Forward hook giving row i of the batch its own merge, or None if no row adapts the layer.
+
+    With U the union of the experts any row uses, ΔW_i = B_U diag(S_i) A_U where S_i holds
+    w_k s_k on expert k's rows for the experts of row i and 0 elsewhere (the merge formula with
+    the row scale moved between A and B). A_U and B_U are read once per forward whatever the
+    batch size, instead of one A', B' pair per row.
+    """
+    chosen = [sel for sel in selections if sel is not None]
+    if not chosen:
         return None
-    batch = len(plans)
-    if len(set(plan.key() for plan in plans)) == 1:  # one merge for every row: plain matmuls
-        A, B = factors[0]
+    union = torch.unique(torch.cat([rows for rows, _ in chosen]))  # sorted rows of U
+    A_U, B_U = merged_factors(stacked.A_all, stacked.B_all, union, torch.ones(len(union)))
+    batch = len(selections)
+    S = A_U.new_zeros(batch, 1, len(union))  # (b, 1, R_U): w_k s_k per row and expert row
+    for i, sel in enumerate(selections):
+        if sel is not None:
+            rows, row_scale = sel
+            S[i, 0, torch.searchsorted(union, rows)] = row_scale.to(S.dtype)
+    A_t, B_t = A_U.T, B_U.T  # (d_in, R_U), (R_U, d_out)
 
-        def shared(module, inputs, output):
-            x = inputs[0]
-            return output + (x.to(A.dtype) @ A.T) @ B.T
-
-        return shared
-    d_in, d_out = stacked.A_all.shape[1], stacked.B_all.shape[0]
-    r_max = max(f[0].shape[0] for f in factors if f is not None)
-    A = stacked.A_all.new_zeros(batch, r_max, d_in)  # (b, R, d_in), zero-padded
-    B = stacked.B_all.new_zeros(batch, d_out, r_max)  # (b, d_out, R)
-    for i, f in enumerate(factors):
-        if f is not None:
-            r = f[0].shape[0]
-            A[i, :r], B[i, :, :r] = f[0], f[1]
-    A_t, B_t = A.transpose(1, 2), B.transpose(1, 2)  # (b, d_in, R), (b, R, d_out)
-
-    def per_row(module, inputs, output):
+    def hook(module, inputs, output):
         x = inputs[0]
         if x.shape[0] != batch:
             raise MergeError(
                 f"low-rank merge was set up for a batch of {batch} rows but got {x.shape[0]}"
             )
-        h = x.to(A.dtype).reshape(batch, -1, d_in)  # (b, s, d_in)
-        return output + torch.bmm(torch.bmm(h, A_t), B_t).reshape(output.shape)
+        z = x.to(A_t.dtype).reshape(batch, -1, A_t.shape[0]) @ A_t  # (b, s, R_U)
+        return output + ((z * S) @ B_t).reshape(output.shape)
 
-    return per_row
+    return hook
