@@ -272,3 +272,20 @@ def test_cli_info_and_one_line_errors(bank, tmp_path):
     assert failed.exit_code == 2
     assert "does not exist" in failed.output and "Traceback" not in failed.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_build_from_a_config_file_with_flag_overrides(tmp_path, tiny_model_dir):
+    from ttmm.cli import app
+
+    config_file = tmp_path / "build.yaml"
+    config_file.write_text(yaml.safe_dump(small_config(tiny_model_dir).to_dict()))
+    out = tmp_path / "bank"
+    args = ["build", "--out", str(out), "--config", str(config_file), "-k", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = Bank.load(out).manifest
+    assert len(manifest.experts) == 2  # the flag wins over the file
+    assert manifest.build["config"]["window"] == 64  # the file wins over the defaults
+    assert "stage train" in result.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
