@@ -64,21 +64,20 @@ def write_chunk_index(
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(_staging(path), path)
 
-    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)  # (n, dim)
+    index = ChunkIndex.from_arrays(
+        [c.token_ids for c in chunks], embeddings, experts=np.asarray(assignments)
+    )
     path = root / EMBEDDINGS_NAME
     save_file(
         {
-            "embeddings": torch.from_numpy(vectors),
-            "experts": torch.as_tensor(np.asarray(assignments), dtype=torch.int64),
+            "embeddings": torch.from_numpy(index.embeddings),
+            "experts": torch.from_numpy(index.experts),
         },
         _staging(path),
     )
     os.replace(_staging(path), path)
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
     path = root / FAISS_NAME
-    faiss.write_index(index, str(_staging(path)))
+    faiss.write_index(index.index, str(_staging(path)))
     os.replace(_staging(path), path)
     return {
         "chunks": CHUNKS_NAME,
