@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
 from ttmm.assets import base_model_name, load_base_model
@@ -319,6 +320,7 @@ def run_build(
             result.losses[0],
             result.losses[-1],
         )
+        bar.update(1)
         if on_saved is not None:
             on_saved(job.id)
 
@@ -331,7 +333,8 @@ def run_build(
         cpus_per_task=config.train.num_threads,
         max_retries=config.ray_max_retries,
     )
-    with timer.stage("train"):
+    bar = tqdm(total=len(jobs), initial=len(reused), desc="adapters", disable=not progress)
+    with timer.stage("train"), bar:
         executor.run(todo, save)
 
     with timer.stage("manifest"):
