@@ -3,8 +3,8 @@
 Table 1: for 1, 3 and 10 active experts of a 16-expert bank (r=8, all linear layers), the
 time of route + merge + restore and of generating 100 tokens, as ratios to the base model
 measured in the same run, plus weight memory at rest and the peak during a merge.
-Table 2: a batch of 8 prompts with 8 different merges in low-rank mode against the base
-model on the same batch (throughput ratio).
+Table 2: a batch of 8 prompts with 8 different merges (3 or 10 experts each) in low-rank mode
+against the base model on the same batch (throughput ratio).
 
     .venv/bin/python benchmarks/merge_overhead.py [--tokens 100] [--repeats 3]
 
@@ -96,23 +96,34 @@ def generation_seconds(engine: TTMM, tokens: int, repeats: int, n_active: int | 
 
     def once():
         engine.generate(
-            PROMPTS[:1], max_new_tokens=tokens, routing=routing, plans=plans, mode="fold"
+            PROMPTS[:1],
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,  # every method decodes the same length
+            routing=routing,
+            plans=plans,
+            mode="fold",
         )
 
     return timed(once, repeats)
 
 
-def batch_throughput(engine: TTMM, tokens: int, repeats: int, different: bool) -> float:
-    """Generated tokens per second for the 8-prompt batch."""
-    if different:
-        plans = [
-            RoutingPlan.explicit({i: 0.5, (i + 5) % 16: 0.3, (i + 11) % 16: 0.2}) for i in range(8)
-        ]
-    else:
-        plans = [RoutingPlan.base()] * 8
+def batch_throughput(engine: TTMM, tokens: int, repeats: int, active: int) -> float:
+    """Generated tokens per second for the 8-prompt batch; row i merges ``active`` experts
+    starting at expert i (8 different merges), or none for the base model."""
+    K = engine.bank.num_experts
+    plans = [
+        RoutingPlan.explicit({(i + j) % K: 1.0 / active for j in range(active)})
+        if active
+        else RoutingPlan.base()
+        for i in range(8)
+    ]
     seconds = timed(
         lambda: engine.generate(
-            PROMPTS, max_new_tokens=tokens, plans=plans, mode="lowrank" if different else "auto"
+            PROMPTS,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            plans=plans,
+            mode="lowrank" if active else "auto",
         ),
         repeats,
     )
@@ -126,11 +137,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json"
     )
     args = parser.parse_args()
     console = Console()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_base_model()
     encoder = Encoder()
@@ -169,9 +185,13 @@ def main() -> None:
                 }
             )
         with console.status("batch of 8: base"):
-            base_tps = batch_throughput(engine, args.batch_tokens, args.repeats, different=False)
-        with console.status("batch of 8: 8 different merges, low-rank"):
-            merged_tps = batch_throughput(engine, args.batch_tokens, args.repeats, different=True)
+            base_tps = batch_throughput(engine, args.batch_tokens, args.repeats, active=0)
+        merged_tps = {}
+        for active in (3, 10):
+            with console.status(f"batch of 8: 8 different merges of {active} experts, low-rank"):
+                merged_tps[active] = batch_throughput(
+                    engine, args.batch_tokens, args.repeats, active
+                )
 
     table = Table(title=f"TTMM overhead, {args.experts} experts r=8, {args.tokens} new tokens")
     for col in (
@@ -201,11 +221,12 @@ def main() -> None:
     for col in ("", "tokens/s", "÷ base"):
         batch.add_column(col)
     batch.add_row("base model", f"{base_tps:.1f}", "1.00")
-    batch.add_row(
-        "8 different merges (low-rank, 3 experts each)",
-        f"{merged_tps:.1f}",
-        f"{merged_tps / base_tps:.2f}",
-    )
+    for active, tps in merged_tps.items():
+        batch.add_row(
+            f"8 different merges of {active} experts (low-rank)",
+            f"{tps:.1f}",
+            f"{tps / base_tps:.2f}",
+        )
     console.print(batch)
 
     result = {
@@ -228,8 +249,10 @@ def main() -> None:
             "prompts": 8,
             "new_tokens": args.batch_tokens,
             "base_tokens_per_s": base_tps,
-            "merged_tokens_per_s": merged_tps,
-            "throughput_ratio": merged_tps / base_tps,
+            "merged": [
+                {"active_experts": a, "tokens_per_s": tps, "throughput_ratio": tps / base_tps}
+                for a, tps in merged_tps.items()
+            ],
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def test_merged_factors_is_one_lora_of_summed_rank():
     Bs = [torch.randn(4, r, generator=g) for r in (2, 3)]
     rows = torch.tensor([0, 1, 2, 3, 4])
     row_scale = torch.tensor([0.3 * 2.0] * 2 + [0.7 * 0.5] * 3)
-    A, B = merged_factors(torch.cat(As), torch.cat(Bs, dim=1), rows, row_scale)
+    A, B = merged_factors(torch.cat(As), torch.cat(Bs, dim=1).T, rows, row_scale)
     assert A.shape == (5, 5) and B.shape == (4, 5)
     expected = 0.3 * 2.0 * Bs[0] @ As[0] + 0.7 * 0.5 * Bs[1] @ As[1]
     torch.testing.assert_close(B @ A, expected, atol=ATOL, rtol=0)
@@ -166,8 +166,8 @@ def test_restore_is_bitwise_after_a_failure_half_way_through_the_merge():
     merger = ExpertMerger(model, [random_adapter(model, seed=1)])
     before = snapshot(model)
     fifth = list(merger.layers.values())[4]
-    d_out, rank = fifth.B_all.shape
-    fifth.B_all = torch.ones(d_out + 1, rank)  # the fifth layer's addmm_ fails on shapes
+    rank, d_out = fifth.B_t_all.shape
+    fifth.B_t_all = torch.ones(rank, d_out + 1)  # the fifth layer's addmm fails on shapes
     with pytest.raises(RuntimeError), merger.fold(RoutingPlan.explicit({0: 1.0})):
         pass
     assert_bitwise_unchanged(model, before)
@@ -177,7 +177,7 @@ def test_merger_holds_no_copy_of_base_weights_at_rest():
     model = build_tiny_llama(VOCAB)
     merger = ExpertMerger(model, [random_adapter(model, rank=2, seed=1)])
     base_ptrs = {p.data_ptr() for p in model.parameters()}
-    held = [t for s in merger.layers.values() for t in (s.A_all, s.B_all)]
+    held = [t for s in merger.layers.values() for t in (s.A_all, s.B_t_all)]
     assert all(t.data_ptr() not in base_ptrs for t in held)
     adapter_numel = sum(t.numel() for t in held)
     assert adapter_numel == merger.num_parameters

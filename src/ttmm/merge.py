@@ -45,17 +45,26 @@ class MergeError(ValueError):
 
 
 def merged_factors(
-    A_stack: torch.Tensor, B_stack: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor
+    A_stack: torch.Tensor, B_t_stack: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A' = [w_k s_k A_k] on rows, B' = [B_k] on columns, so that B'A' = Σ w_k s_k B_k A_k.
 
-    ``A_stack`` (Σ_all r, d_in) and ``B_stack`` (d_out, Σ_all r) hold every expert's factors;
-    ``rows`` picks the chosen experts' rows (Σr,) and ``row_scale`` (Σr,) is w_k s_k on each
-    of expert k's rows. Returns A' (Σr, d_in), B' (d_out, Σr).
+    The stacks hold every expert's factors with one row per rank, so picking experts is a
+    contiguous row gather: ``A_stack`` (Σ_all r, d_in) and ``B_t_stack`` (Σ_all r, d_out),
+    i.e. B transposed. ``rows`` picks the chosen experts' rows (Σr,) and ``row_scale`` (Σr,)
+    is w_k s_k on each of expert k's rows. Returns A' (Σr, d_in) and B' (d_out, Σr), the
+    latter a transposed view of a contiguous (Σr, d_out) tensor.
     """
-    A = A_stack.index_select(0, rows) * row_scale.unsqueeze(1)
-    B = B_stack.index_select(1, rows)
-    return A, B
+    A = _gather_rows(A_stack, rows) * row_scale.unsqueeze(1)  # (Σr, d_in)
+    B_t = _gather_rows(B_t_stack, rows)  # (Σr, d_out)
+    return A, B_t.T
+
+
+def _gather_rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``stack[rows]``, without a copy when ``rows`` is every row in order."""
+    if len(rows) == stack.shape[0] and bool((rows == torch.arange(len(rows))).all()):
+        return stack
+    return stack.index_select(0, rows)
 
 
 def row_selection(
@@ -122,8 +131,8 @@ class _StackedLayer:
 
     module: nn.Module
     transposed: bool  # Conv1D: weight is (d_in, d_out)
-    A_all: torch.Tensor  # (Σ_k r_k, d_in) over experts adapting this layer
-    B_all: torch.Tensor  # (d_out, Σ_k r_k)
+    A_all: torch.Tensor  # (Σ_k r_k, d_in): every adapting expert's A, stacked on rows
+    B_t_all: torch.Tensor  # (Σ_k r_k, d_out): every adapting expert's B, transposed, stacked
     layout: _Layout
 
     def factors(
@@ -138,7 +147,7 @@ class _StackedLayer:
         if selection is None:
             return None
         rows, row_scale = selection
-        return merged_factors(self.A_all, self.B_all, rows, row_scale.to(self.A_all.dtype))
+        return merged_factors(self.A_all, self.B_t_all, rows, row_scale.to(self.A_all.dtype))
 
 
 class ExpertMerger:
@@ -180,7 +189,9 @@ class ExpertMerger:
                 module=module,
                 transposed=not isinstance(module, nn.Linear),
                 A_all=torch.cat([A for _, A, _, _ in entries]).to(param.device, param.dtype),
-                B_all=torch.cat([B for _, _, B, _ in entries], dim=1).to(param.device, param.dtype),
+                B_t_all=torch.cat([B for _, _, B, _ in entries], dim=1)
+                .T.contiguous()
+                .to(param.device, param.dtype),
                 layout=layout,
             )
         self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
@@ -190,7 +201,7 @@ class ExpertMerger:
 
     @property
     def num_parameters(self) -> int:
-        return sum(s.A_all.numel() + s.B_all.numel() for s in self.layers.values())
+        return sum(s.A_all.numel() + s.B_t_all.numel() for s in self.layers.values())
 
     def check_plan(self, plan: RoutingPlan) -> None:
         bad = [k for k in plan.expert_ids if not 0 <= k < self.num_experts]
@@ -274,15 +285,19 @@ class ExpertMerger:
             hooks = {name: _shared_hook(*pair) for name, pair in factors.items()}
         else:
             per_row = [self._selections(plan) for plan in plans]
+            unions = {  # one union of experts and row-scale matrix S per layout
+                layout: union_selection([selections[layout] for selections in per_row])
+                for layout in per_row[0]
+            }
             hooks = {
-                name: _per_row_hook(stacked, [sel[id(stacked.layout)] for sel in per_row])
+                name: _per_row_hook(stacked, *unions[id(stacked.layout)])
                 for name, stacked in self.layers.items()
+                if unions[id(stacked.layout)] is not None
             }
         handles = []
         try:
             for name, hook in hooks.items():
-                if hook is not None:
-                    handles.append(self.layers[name].module.register_forward_hook(hook))
+                handles.append(self.layers[name].module.register_forward_hook(hook))
             yield
         finally:
             for handle in handles:
@@ -297,37 +312,54 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {pid for pid, count in seen.items() if count > 1}
 
 
+def _add_lowrank(output: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    """output + z B_t, in place when no gradient is recorded (one fused addmm)."""
+    if torch.is_grad_enabled():
+        return output + (z @ B_t).reshape(output.shape)
+    output.view(-1, output.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B_t)
+    return output
+
+
 def _shared_hook(A: torch.Tensor, B: torch.Tensor):
     """Forward hook adding x A'ᵀ B'ᵀ, the same merge for every row."""
+    A_t, B_t = A.T, B.T  # (d_in, R) view, (R, d_out) contiguous: see merged_factors
 
     def hook(module, inputs, output):
-        return output + (inputs[0].to(A.dtype) @ A.T) @ B.T
+        return _add_lowrank(output, inputs[0].to(A_t.dtype) @ A_t, B_t)
 
     return hook
 
 
-def _per_row_hook(
-    stacked: _StackedLayer, selections: list[tuple[torch.Tensor, torch.Tensor] | None]
-):
-    """Forward hook giving row i of the batch its own merge, or None if no row adapts the layer.
+def union_selection(
+    selections: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows U of all experts any batch row uses, and S (b, 1, |U|): w_k s_k on row i's
+    experts' rows and 0 elsewhere, so that row i's merge is ΔW_i = B_U diag(S_i) A_U.
 
-    With U the union of the experts any row uses, ΔW_i = B_U diag(S_i) A_U where S_i holds
-    w_k s_k on expert k's rows for the experts of row i and 0 elsewhere (the merge formula with
-    the row scale moved between A and B). A_U and B_U are read once per forward whatever the
-    batch size, instead of one A', B' pair per row.
+    None if no row adapts the layout.
     """
     chosen = [sel for sel in selections if sel is not None]
     if not chosen:
         return None
     union = torch.unique(torch.cat([rows for rows, _ in chosen]))  # sorted rows of U
-    A_U, B_U = merged_factors(stacked.A_all, stacked.B_all, union, torch.ones(len(union)))
-    batch = len(selections)
-    S = A_U.new_zeros(batch, 1, len(union))  # (b, 1, R_U): w_k s_k per row and expert row
+    S = torch.zeros(len(selections), 1, len(union))  # (b, 1, R_U)
     for i, sel in enumerate(selections):
         if sel is not None:
             rows, row_scale = sel
-            S[i, 0, torch.searchsorted(union, rows)] = row_scale.to(S.dtype)
-    A_t, B_t = A_U.T, B_U.T  # (d_in, R_U), (R_U, d_out)
+            S[i, 0, torch.searchsorted(union, rows)] = row_scale
+    return union, S
+
+
+def _per_row_hook(stacked: _StackedLayer, union: torch.Tensor, S: torch.Tensor):
+    """Forward hook giving row i of the batch its own merge ΔW_i = B_U diag(S_i) A_U.
+
+    A_U and B_U are read once per forward whatever the batch size, instead of one A', B'
+    pair per row (the merge formula with the row scale moved between A and B).
+    """
+    A_t = _gather_rows(stacked.A_all, union).T  # (d_in, R_U) view
+    B_t = _gather_rows(stacked.B_t_all, union)  # (R_U, d_out)
+    S = S.to(A_t.dtype)
+    batch = S.shape[0]
 
     def hook(module, inputs, output):
         x = inputs[0]
@@ -336,6 +368,6 @@ def _per_row_hook(
                 f"low-rank merge was set up for a batch of {batch} rows but got {x.shape[0]}"
             )
         z = x.to(A_t.dtype).reshape(batch, -1, A_t.shape[0]) @ A_t  # (b, s, R_U)
-        return output + ((z * S) @ B_t).reshape(output.shape)
+        return _add_lowrank(output, z.mul_(S), B_t)
 
     return hook

@@ -164,14 +164,23 @@ class TTMM:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
-        """Continue each prompt with its own merge; returns the text and the routing used."""
+        """Continue each prompt with its own merge; returns the text and the routing used.
+
+        ``min_new_tokens`` suppresses the end-of-sequence token until that many tokens exist
+        (timing runs set it to ``max_new_tokens`` so every method decodes the same length).
+        """
         prompts = _check_texts(prompts)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         plans = self._plans(prompts, routing, plans)
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        options = {"do_sample": do_sample}
+        if not (isinstance(min_new_tokens, int) and 0 <= min_new_tokens <= max_new_tokens):
+            raise InputError(
+                f"min_new_tokens must lie in [0, max_new_tokens], got {min_new_tokens!r}"
+            )
+        options = {"do_sample": do_sample, "min_new_tokens": min_new_tokens}
         if do_sample:
             options.update(temperature=temperature, top_p=top_p)
         else:
