@@ -153,14 +153,22 @@ def select_documents(docs: Sequence[Document], tokenizer, config: EvalConfig) ->
 
 
 def chunk_fingerprint(bank: Bank) -> str:
-    """Identity of the bank's training chunks: TTT results depend on nothing else of a bank."""
-    digest = hashlib.sha256()
-    for key in ("chunks", "faiss_index", "embeddings"):
-        name = bank.manifest.data.get(key)
-        path = Path(bank.path) / name if name else None
-        if path is not None and path.is_file():
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-    digest.update(bank.manifest.base_model["fingerprint"].encode())
+    """Identity of the bank's training chunks (their documents, tokens and embeddings) and base
+    model: TTT depends on nothing else of a bank, so banks of several K share its results."""
+    from safetensors.numpy import load_file
+
+    from ttmm.chunk_index import CHUNKS_NAME, EMBEDDINGS_NAME
+
+    digest = hashlib.sha256(bank.manifest.base_model["fingerprint"].encode())
+    root = Path(bank.path)
+    if (root / CHUNKS_NAME).is_file():
+        with open(root / CHUNKS_NAME, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)  # its expert assignment depends on K: left out
+                    digest.update(json.dumps([record["doc_id"], record["token_ids"]]).encode())
+    if (root / EMBEDDINGS_NAME).is_file():
+        digest.update(load_file(root / EMBEDDINGS_NAME)["embeddings"].tobytes())
     return digest.hexdigest()[:16]
 
 
