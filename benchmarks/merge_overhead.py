@@ -6,7 +6,7 @@ measured in the same run, plus weight memory at rest and the peak during a merge
 Table 2: a batch of 8 prompts with 8 different merges (3 or 10 experts each) in low-rank mode
 against the base model on the same batch (throughput ratio).
 
-    .venv/bin/python benchmarks/merge_overhead.py [--tokens 100] [--repeats 3]
+    .venv/bin/python benchmarks/merge_overhead.py [--tokens 100] [--repeats 3] [--threads N]
 
 Prints both tables and writes ``benchmarks/results/merge_overhead.json``.
 """
@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--batch-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
@@ -165,33 +165,44 @@ def main() -> None:
             )
         engine = TTMM(model, tokenizer, encoder, Bank.load(path))
         base_bytes = weight_bytes(model)
-        rows = []
-        with console.status("base model: generating"):
-            base_gen = generation_seconds(engine, args.tokens, args.repeats, None)
-        for n_active in (1, 3, 10):
-            with console.status(f"{n_active} experts"):
-                adapt, peak = adaptation_seconds(engine, n_active, max(args.repeats, 5))
-                gen = generation_seconds(engine, args.tokens, args.repeats, n_active)
-            rows.append(
-                {
-                    "active_experts": n_active,
-                    "merged_rank": 8 * n_active,
-                    "route_merge_restore_s": adapt,
-                    "overhead_ratio": adapt / base_gen,
-                    "generate_s": gen,
-                    "generate_ratio": gen / base_gen,
-                    "weights_at_rest_ratio": weight_bytes(model) / base_bytes,
-                    "peak_during_merge_ratio": (base_bytes + peak) / base_bytes,
-                }
-            )
-        with console.status("batch of 8: base"):
-            base_tps = batch_throughput(engine, args.batch_tokens, args.repeats, active=0)
-        merged_tps = {}
-        for active in (3, 10):
-            with console.status(f"batch of 8: 8 different merges of {active} experts, low-rank"):
-                merged_tps[active] = batch_throughput(
-                    engine, args.batch_tokens, args.repeats, active
+        # Every method once per round, rounds interleaved, medians at the end: a machine
+        # that gets busier or quieter during the run then slows every method alike.
+        samples: dict[str, list[float]] = {}
+        peaks = {}
+        for round_ in range(args.repeats):
+            with console.status(f"round {round_ + 1}/{args.repeats}: single prompts"):
+                samples.setdefault("base", []).append(
+                    generation_seconds(engine, args.tokens, 1, None)
                 )
+                for n in (1, 3, 10):
+                    adapt, peaks[n] = adaptation_seconds(engine, n, 3)
+                    samples.setdefault(f"adapt{n}", []).append(adapt)
+                    samples.setdefault(f"gen{n}", []).append(
+                        generation_seconds(engine, args.tokens, 1, n)
+                    )
+            with console.status(f"round {round_ + 1}/{args.repeats}: batches of 8"):
+                for active in (0, 3, 10):
+                    samples.setdefault(f"batch{active}", []).append(
+                        batch_throughput(engine, args.batch_tokens, 1, active)
+                    )
+        median = {key: statistics.median(values) for key, values in samples.items()}
+        base_gen = median["base"]
+        rows = [
+            {
+                "active_experts": n,
+                "merged_rank": 8 * n,
+                "route_merge_restore_s": median[f"adapt{n}"],
+                "overhead_ratio": median[f"adapt{n}"] / base_gen,
+                "generate_s": median[f"gen{n}"],
+                "generate_ratio": median[f"gen{n}"] / base_gen,
+                "weights_at_rest_ratio": weight_bytes(model) / base_bytes,
+                "peak_during_merge_ratio": (base_bytes + peaks[n]) / base_bytes,
+            }
+            for n in (1, 3, 10)
+        ]
+        base_tps = median["batch0"]
+        merged_tps = {active: median[f"batch{active}"] for active in (3, 10)}
+        adapter_bytes = 4 * engine.merger.num_parameters
 
     table = Table(title=f"TTMM overhead, {args.experts} experts r=8, {args.tokens} new tokens")
     for col in (
@@ -243,7 +254,8 @@ def main() -> None:
         "tokens": args.tokens,
         "base_generate_s": base_gen,
         "base_weight_bytes": base_bytes,
-        "adapter_bytes_in_memory": 4 * engine.merger.num_parameters,
+        "adapter_bytes_in_memory": adapter_bytes,
+        "samples": samples,
         "single_prompt": rows,
         "batch": {
             "prompts": 8,
