@@ -284,22 +284,22 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
 
     banks = sorted(report["banks"], key=lambda b: report["banks"][b]["num_experts"])
     cost = {(t["bank"], t["method"]): t["ratio_to_base"] for t in report["timing"]}
-    fig, axes = plt.subplots(1, len(banks), figsize=(5.5 * len(banks), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(banks), figsize=(5.5 * len(banks), 4.8), squeeze=False)
+    methods = list(report["methods"])
+    colours = plt.get_cmap("tab10")
     markers = "osD^v<>px"
+    domains = sorted({r["domain"] for r in report["results"]})
     for ax, bank in zip(axes[0], banks):
-        domains = sorted({r["domain"] for r in report["results"] if r["bank"] == bank})
         for r in report["results"]:
             x = cost.get((bank, r["method"]))
             if r["bank"] != bank or x is None or r["normalised_perplexity"] is None:
                 continue
-            marker = markers[domains.index(r["domain"]) % len(markers)]
-            ax.scatter(x, r["normalised_perplexity"], marker=marker, s=50)
-            ax.annotate(
-                f"{r['label']} ({r['domain']})",
-                (x, r["normalised_perplexity"]),
-                fontsize=7,
-                xytext=(4, 2),
-                textcoords="offset points",
+            ax.scatter(
+                x,
+                r["normalised_perplexity"],
+                color=colours(methods.index(r["method"]) % 10),
+                marker=markers[domains.index(r["domain"]) % len(markers)],
+                s=50,
             )
         ax.set_xscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -307,7 +307,15 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
         ax.set_xlabel("test-time cost (× base model, log scale)")
         ax.set_ylabel("normalised perplexity (1 = base, 0 = TTT)")
         ax.set_title(f"K = {report['banks'][bank]['num_experts']}")
-    fig.tight_layout()
+    handles = [
+        plt.Line2D([], [], color=colours(i % 10), marker="o", ls="", label=info["label"])
+        for i, info in enumerate(report["methods"].values())
+    ] + [
+        plt.Line2D([], [], color="black", marker=markers[i % len(markers)], ls="", label=d)
+        for i, d in enumerate(domains)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
