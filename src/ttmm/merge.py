@@ -234,11 +234,6 @@ class ExpertMerger:
             cache[key] = factors
         return factors
 
-    def delta(self, name: str, plan: RoutingPlan) -> torch.Tensor | None:
-        """ΔW of one layer in the Linear convention (d_out, d_in); None if the plan leaves it."""
-        factors = self.layers[name].factors(plan)
-        return None if factors is None else factors[1] @ factors[0]
-
     @contextlib.contextmanager
     def fold(self, plan: RoutingPlan) -> Iterator[None]:
         """W ← W + ΔW inside the block; the original weights, never written, are back on exit."""
