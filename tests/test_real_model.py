@@ -115,6 +115,14 @@ def test_cli_route_generate_score(real_bank, tmp_path):
     payload = json.loads(generated.stdout)
     assert payload["usage"]["completion_tokens"] == 4 and payload["routing"]["experts"]
 
+    # user text is printed as it is, never read as rich markup
+    plain = runner.invoke(
+        app,
+        ["generate", "--bank", str(real_bank), "[section] name = value", "--max-new-tokens", "2"],
+    )
+    assert plain.exit_code == 0, plain.output
+    assert "[section] name = value" in plain.output
+
     texts = tmp_path / "texts.jsonl"
     texts.write_text(json.dumps({"text": PROSE}) + "\n" + json.dumps({"text": PROSE[::-1]}) + "\n")
     scored = runner.invoke(app, ["score", "--bank", str(real_bank), str(texts), "--json"])

@@ -14,7 +14,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ttmm.adapter import AdapterError
 from ttmm.assets import AssetError
@@ -55,7 +57,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -88,7 +90,7 @@ def _plan_table(engine, plan, title: str) -> Table:
         table.add_column(column)
     sims = plan.similarities or (float("nan"),) * len(plan.expert_ids)
     for k, w, z in zip(plan.expert_ids, plan.weights, sims):
-        table.add_row(str(k), engine.bank.label(k), f"{w:.3f}", f"{z:.3f}")
+        table.add_row(str(k), Text(engine.bank.label(k)), f"{w:.3f}", f"{z:.3f}")
     if plan.is_base:
         table.add_row("-", "base model (no expert passed the rule)", "-", "-")
     return table
@@ -167,7 +169,7 @@ def generate(
         print(json.dumps(payload, indent=2))
     else:
         console.print(_plan_table(engine, result.plan, f"routing ({result.plan.rule})"))
-        console.print(f"[bold]{prompt}[/]{result.text}")
+        console.print(Text.assemble((prompt, "bold"), result.text))  # user text: no markup
 
 
 def _read_texts(file: Path) -> list[str]:

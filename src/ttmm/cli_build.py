@@ -15,6 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -144,7 +145,7 @@ def _experts_table(manifest, title: str) -> Table:
         )
         table.add_row(
             name,
-            entry.label,
+            Text(entry.label),  # labels are corpus words: never rich markup
             str(entry.n_chunks),
             str(entry.n_tokens),
             str(entry.rank),
@@ -202,7 +203,7 @@ def info(
         config = manifest.build.get("config")
         if config:
             console.print("[bold]build configuration[/]")
-            console.print(yaml.safe_dump(config, sort_keys=False).rstrip())
+            console.print(Text(yaml.safe_dump(config, sort_keys=False).rstrip()))
     if manifest.data.get("documents"):
         table = Table(title="data")
         for column in ("domain", "train documents", "test documents", "chunks"):

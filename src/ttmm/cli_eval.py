@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ttmm.cli import console, user_errors
 from ttmm.evaluate import METHODS, EvalConfig, EvalError
@@ -161,11 +163,11 @@ def demo(
     for doc in shown:
         (query,) = engine.query_texts([doc.text])
         (plan,) = engine.route([doc.text])
-        table = Table(title=f"{doc.id}: “{query[:90]}…”", title_justify="left")
+        table = Table(title=escape(f"{doc.id}: “{query[:90]}…”"), title_justify="left")
         for column in ("expert", "label", "similarity z", "weight w"):
             table.add_column(column)
         for k, w, z in zip(plan.expert_ids, plan.weights, plan.similarities):
-            table.add_row(str(k), bank.label(k), f"{z:.3f}", f"{w:.3f}")
+            table.add_row(str(k), Text(bank.label(k)), f"{z:.3f}", f"{w:.3f}")
         if plan.is_base:
             table.add_row("–", "no expert passed the threshold: base model", "", "")
         console.print(table)
@@ -191,11 +193,11 @@ def demo(
         engine.generate([prompt], max_new_tokens=tokens, plans=[p])[0]
         for p in (RoutingPlan.base(), plan)
     )
-    console.print(Panel(prompt, title="prompt (held out)"))
+    console.print(Panel(Text(prompt), title="prompt (held out)"))  # user text: no markup
     side = Table(show_lines=True, expand=True)
     side.add_column("base model", ratio=1)
     side.add_column(f"TTMM ({len(plan.expert_ids)} experts merged)", ratio=1)
-    side.add_row(base.text, merged.text)
+    side.add_row(Text(base.text), Text(merged.text))
     console.print(side)
 
 
