@@ -68,8 +68,9 @@ def timed(fn, repeats: int) -> float:
 def adaptation_seconds(engine: TTMM, n_active: int, repeats: int) -> tuple[float, int]:
     """Median seconds of route + fold + restore, and the bytes the merge holds while folded.
 
-    Inside the block the merger holds one backup of each weight it changed (that is the
-    peak's only extra allocation beyond transient per-layer factors); after it, nothing.
+    Inside the block each adapted weight has a merged twin (the originals are set aside,
+    unwritten): that is the peak's only extra allocation beyond transient per-layer factors;
+    after the block, nothing.
     """
     routing = RoutingConfig(rule="top_n", max_active=n_active)
 
@@ -81,12 +82,12 @@ def adaptation_seconds(engine: TTMM, n_active: int, repeats: int) -> tuple[float
     once()  # warm-up
     seconds = timed(once, repeats)
     [plan] = engine.route(PROMPTS[:1], routing)
-    backups = sum(
-        s.module.weight.numel() * s.module.weight.element_size()
-        for s in engine.merger.layers.values()
-        if s.factors(plan) is not None
+    layers = engine.merger.layers
+    merged_bytes = sum(
+        layers[name].module.weight.numel() * layers[name].module.weight.element_size()
+        for name in engine.merger.plan_factors(plan)
     )
-    return seconds, backups
+    return seconds, merged_bytes
 
 
 def generation_seconds(engine: TTMM, tokens: int, repeats: int, n_active: int | None) -> float:
