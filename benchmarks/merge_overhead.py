@@ -31,10 +31,12 @@ from conftest import write_random_bank  # noqa: E402  (the same random-bank writ
 
 from ttmm.assets import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
 from ttmm.bank import Bank  # noqa: E402
+from ttmm.device import describe, resolve_device, synchronize  # noqa: E402
 from ttmm.embed import Encoder  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
 from ttmm.routing import RoutingConfig, RoutingPlan  # noqa: E402
 
+DEVICE = torch.device("cpu")  # set from --device in main(); timed() waits for its queued work
 PROMPTS = [
     "The French Revolution was a period of political and societal change in France that began",
     "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description=",
@@ -57,10 +59,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def timed(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn``; on a GPU, queued work is waited for on both sides."""
     samples = []
     for _ in range(repeats):
+        synchronize(DEVICE)
         start = time.perf_counter()
         fn()
+        synchronize(DEVICE)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -140,17 +145,21 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json"
     )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = resolve_device(args.device)
     console = Console()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_base_model()
-    encoder = Encoder()
+    model, tokenizer = load_base_model(dtype=args.dtype, device=DEVICE)
+    encoder = Encoder(device=DEVICE)
     with tempfile.TemporaryDirectory() as tmp:
         with console.status(
             f"writing a {args.experts}-expert random bank (r=8, all linear layers)"
@@ -245,6 +254,8 @@ def main() -> None:
         "benchmark": "merge_overhead",
         "command": " ".join(sys.argv),
         "machine": {
+            "device": describe(DEVICE),
+            "dtype": str(model.dtype),
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

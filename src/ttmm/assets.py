@@ -147,11 +147,21 @@ def resolve_encoder(name_or_path: str | os.PathLike | None = None) -> str:
 
 
 def load_base_model(
-    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "cpu",
 ):
-    """Load ``(model, tokenizer)`` in eval mode, with a pad token and left padding for batches."""
+    """Load ``(model, tokenizer)`` in eval mode, with a pad token and left padding for batches.
+
+    ``device`` and ``dtype`` take the names of :mod:`ttmm.device` (``dtype=None`` is ``auto``:
+    float32 on a CPU, bfloat16 on a GPU). Bad names fail before anything is loaded.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ttmm.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     location = resolve_base_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -159,6 +169,7 @@ def load_base_model(
     except OSError as err:
         raise AssetError(f"cannot load base model {name_or_path!r} from {location}: {err}") from err
     prepare_tokenizer(tokenizer)
+    model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

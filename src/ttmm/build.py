@@ -132,7 +132,10 @@ def check_output(out: Path, config_hash: str) -> str:
 
 
 def _job_digest(job: TrainJob) -> str:
-    digest = hashlib.sha256(json.dumps([job.id, job.seed, job.config.to_dict()]).encode())
+    identity = [job.id, job.seed, job.config.to_dict()]
+    if job.dtype != "float32":  # float32 adapters keep the digest they had before dtypes
+        identity.append(job.dtype)
+    digest = hashlib.sha256(json.dumps(identity).encode())
     for ids in job.token_ids:
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -169,7 +172,16 @@ def _make_jobs(
     for k in range(config.experts):
         ids = tuple(chunks[i].token_ids for i in np.flatnonzero(assignments == k))
         jobs.append(
-            TrainJob(k, ids, config.seed + k, config.train, config.base_model, pad_token_id)
+            TrainJob(
+                k,
+                ids,
+                config.seed + k,
+                config.train,
+                config.base_model,
+                pad_token_id,
+                config.device,
+                config.dtype,
+            )
         )
     if config.with_finetune:
         # Same total budget as all experts together: cap at the tokens they will train on.
@@ -184,6 +196,8 @@ def _make_jobs(
                 finetune,
                 config.base_model,
                 pad_token_id,
+                config.device,
+                config.dtype,
             )
         )
     return jobs
@@ -272,8 +286,10 @@ def run_build(
     timer = _Timer()
     started = time.perf_counter()
     with timer.stage("load_model"):
-        model, tokenizer = load_base_model(config.base_model)
-        encoder = Encoder(config.encoder, cache_dir=_embedding_cache())
+        model, tokenizer = load_base_model(
+            config.base_model, dtype=config.dtype, device=config.device
+        )
+        encoder = Encoder(config.encoder, device=config.device, cache_dir=_embedding_cache())
     prepared = _prepare(config, tokenizer, encoder, timer, progress)
 
     # Only now, with the input known to be usable, does the build write anything.
@@ -332,6 +348,7 @@ def run_build(
         num_cpus=config.ray_num_cpus,
         cpus_per_task=config.train.num_threads,
         max_retries=config.ray_max_retries,
+        gpus_per_task=config.ray_gpus_per_task,
     )
     bar = tqdm(total=len(jobs), initial=len(reused), desc="adapters", disable=not progress)
     with timer.stage("train"), bar:

@@ -17,6 +17,7 @@ import yaml
 
 from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 from ttmm.corpus import CorpusSpec
+from ttmm.device import DTYPES, dtype_name, resolve_device, resolve_dtype
 from ttmm.train import LoraTrainConfig
 
 DEFAULT_CORPORA = ("wiki@240", "stdlib@24")  # sized so K=16 with the baseline fits ~45 min
@@ -69,10 +70,28 @@ class BuildConfig:
     """CPUs of the local Ray (None: all); each task takes ``train.num_threads`` of them."""
     ray_max_retries: int = 2
     """Retries of a failed Ray task."""
+    ray_gpus_per_task: float = 1.0
+    """GPUs each Ray task asks for when ``device`` is CUDA (a fraction shares a GPU)."""
+    device: str = "auto"
+    """Where the base model and the encoder run: auto (CUDA, then MPS, then CPU), cpu, cuda,
+    cuda:N or mps. Resolved to the device found when the build starts."""
+    dtype: str = "auto"
+    """The base model's dtype while training: auto (float32 on a CPU, bfloat16 on a GPU),
+    float32, bfloat16 or float16. Adapters are saved in float32 whatever it is."""
 
     # Fields that choose where the work runs, not what it computes: left out of the hash, so a
     # build started sequentially may be resumed on Ray and the other way round.
-    _PLACEMENT = ("executor", "ray_address", "ray_num_cpus", "ray_max_retries")
+    _PLACEMENT = (
+        "executor",
+        "ray_address",
+        "ray_num_cpus",
+        "ray_max_retries",
+        "ray_gpus_per_task",
+        "device",
+    )
+    # Fields added after the first banks, with the value those banks were built with: left out
+    # of the hash at that value, so older banks keep their hash and still resume.
+    _ADDED_DEFAULTS = {"dtype": "float32"}
 
     def __post_init__(self) -> None:
         if isinstance(self.corpora, str):
@@ -92,6 +111,8 @@ class BuildConfig:
             "embed_batch_size": self.embed_batch_size >= 1,
             "label_terms": self.label_terms >= 1,
             "ray_max_retries": self.ray_max_retries >= 0,
+            "ray_gpus_per_task": self.ray_gpus_per_task > 0,
+            "dtype": self.dtype == "auto" or self.dtype in DTYPES,
         }
         for name, ok in checks.items():
             if not ok:
@@ -145,19 +166,28 @@ class BuildConfig:
         return replace(self, **top)
 
     def resolved(self) -> BuildConfig:
-        """Pin what the defaults leave open (training threads), so the written config is exact.
+        """Pin what the defaults leave open (device, dtype, training threads), so the written
+        config is exact. Raises :class:`~ttmm.device.DeviceError` for a device not usable here.
 
         Training threads default to half the CPUs: on a 2-core machine that other work shares,
         two torch threads per process thrash (SmolLM2-135M, r=8: two threads gave 106 tokens/s
         on a quiet machine but 7 under a load of 4, where one thread kept 36), and a local Ray
         then runs one single-threaded expert per core.
         """
+        device = resolve_device(self.device)
+        config = replace(
+            self, device=str(device), dtype=dtype_name(resolve_dtype(self.dtype, device))
+        )
         if self.train.num_threads is not None:
-            return self
+            return config
         threads = max(1, (os.cpu_count() or 2) // 2)
-        return replace(self, train=replace(self.train, num_threads=threads))
+        return replace(config, train=replace(self.train, num_threads=threads))
 
     def content_hash(self) -> str:
         """Hash of the fields that determine the bank's contents (placement fields excluded)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in self._PLACEMENT}
+        data = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in self._PLACEMENT and self._ADDED_DEFAULTS.get(k, object()) != v
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

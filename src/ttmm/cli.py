@@ -21,6 +21,7 @@ from rich.text import Text
 from ttmm.adapter import AdapterError
 from ttmm.assets import AssetError
 from ttmm.bank import BankError
+from ttmm.device import DEVICE_HELP, DTYPE_HELP
 from ttmm.merge import MergeError
 from ttmm.routing import RoutingConfig, RoutingError
 
@@ -47,6 +48,8 @@ RuleOption = Annotated[
 BetaOption = Annotated[float | None, typer.Option(help="Softmax temperature β (paper scale).")]
 TauOption = Annotated[float | None, typer.Option(help="Threshold τ on routing probabilities.")]
 MaxActiveOption = Annotated[int | None, typer.Option(help="Most experts merged at once.")]
+DeviceOption = Annotated[str, typer.Option(help=f"Where the models run: {DEVICE_HELP}.")]
+DtypeOption = Annotated[str, typer.Option(help=f"Base model weights: {DTYPE_HELP}.")]
 
 
 def user_errors(command):
@@ -73,11 +76,13 @@ def main(
     )
 
 
-def _engine(bank: Path, base_model: str | None, encoder: str | None):
+def _engine(bank: Path, base_model: str | None, encoder: str | None, device: str, dtype: str):
     from ttmm.model import TTMM
 
     with console.status("loading base model, encoder and bank"):
-        return TTMM.from_bank(bank, base_model=base_model, encoder=encoder)
+        return TTMM.from_bank(
+            bank, base_model=base_model, encoder=encoder, device=device, dtype=dtype
+        )
 
 
 def _routing(engine, rule, beta, tau, max_active) -> RoutingConfig:
@@ -110,6 +115,8 @@ def route(
     bank: BankOption,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     rule: RuleOption = None,
     beta: BetaOption = None,
     tau: TauOption = None,
@@ -117,7 +124,7 @@ def route(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show which experts a prompt is routed to, with labels and weights."""
-    engine = _engine(bank, base_model, encoder)
+    engine = _engine(bank, base_model, encoder, device, dtype)
     [plan] = engine.route([text], _routing(engine, rule, beta, tau, max_active))
     if as_json:
         print(json.dumps(_plan_json(engine, plan), indent=2))
@@ -137,6 +144,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     rule: RuleOption = None,
     beta: BetaOption = None,
     tau: TauOption = None,
@@ -144,7 +153,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Continue a prompt with the experts merged for it."""
-    engine = _engine(bank, base_model, encoder)
+    engine = _engine(bank, base_model, encoder, device, dtype)
     routing = _routing(engine, rule, beta, tau, max_active)
     with console.status("generating"):
         [result] = engine.generate(
@@ -202,6 +211,8 @@ def score(
     max_tokens: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 1024,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     rule: RuleOption = None,
     beta: BetaOption = None,
     tau: TauOption = None,
@@ -212,7 +223,7 @@ def score(
     import math
 
     texts = _read_texts(file)
-    engine = _engine(bank, base_model, encoder)
+    engine = _engine(bank, base_model, encoder, device, dtype)
     routing = _routing(engine, rule, beta, tau, max_active)
     results = []
     for text in texts:  # one at a time: every text may get its own merge, folded

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ttmm.device import DEVICE_HELP, DTYPE_HELP
+
 console = Console()
 
 
@@ -57,6 +59,9 @@ def build(
         str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")
     ] = None,
     ray_num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray.")] = None,
+    ray_gpus_per_task: Annotated[
+        float | None, typer.Option(help="GPUs per Ray task when --device is CUDA (default 1).")
+    ] = None,
     with_finetune: Annotated[
         bool | None,
         typer.Option(
@@ -86,6 +91,10 @@ def build(
     threads: Annotated[
         int | None, typer.Option(help="Torch threads per training job (Ray: CPUs per task).")
     ] = None,
+    device: Annotated[str | None, typer.Option(help=f"Where training runs: {DEVICE_HELP}.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help=f"Base model weights while training: {DTYPE_HELP}.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Cluster a corpus and train one LoRA expert per cluster into a bank (resumable)."""
@@ -102,6 +111,9 @@ def build(
         executor=executor,
         ray_address=ray_address,
         ray_num_cpus=ray_num_cpus,
+        ray_gpus_per_task=ray_gpus_per_task,
+        device=device,
+        dtype=dtype,
         with_finetune=with_finetune,
         test_fraction=test_fraction,
         window=window,

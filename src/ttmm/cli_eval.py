@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli import console, user_errors
+from ttmm.cli import DeviceOption, DtypeOption, console, user_errors
 from ttmm.evaluate import METHODS, EvalConfig, EvalError
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ DEMO_METHODS = ("base", "finetune", "top1", "ttmm", "ttt")
 DEMO_NEIGHBOURS = 10
 
 
-def _engines(banks: list[Path]) -> dict:
+def _engines(banks: list[Path], device: str = "auto", dtype: str = "auto") -> dict:
     """One engine per bank, all on one base model and encoder (loaded once)."""
     from ttmm.assets import load_base_model
     from ttmm.bank import Bank
@@ -34,8 +34,10 @@ def _engines(banks: list[Path]) -> dict:
 
     loaded = [Bank.load(path) for path in banks]
     with console.status("loading base model and encoder"):
-        model, tokenizer = load_base_model(loaded[0].manifest.base_model["name"])
-        encoder = Encoder(loaded[0].manifest.encoder["name"])
+        model, tokenizer = load_base_model(
+            loaded[0].manifest.base_model["name"], dtype=dtype, device=device
+        )
+        encoder = Encoder(loaded[0].manifest.encoder["name"], device=device)
     engines = {}
     for path, bank in zip(banks, loaded):
         name = path.name if path.name not in engines else str(path)
@@ -86,6 +88,8 @@ def eval_command(
     prefix_tokens: Annotated[int, typer.Option(help="Tokens routed on (never scored).")] = 50,
     max_tokens: Annotated[int, typer.Option(help="Tokens read per document.")] = 512,
     neighbours: Annotated[int, typer.Option(help="TTT: training chunks retrieved.")] = 20,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Evaluate base, fine-tuning, TTMM merging and ensembling, and TTT on held-out documents."""
     from ttmm.evaluate import evaluate
@@ -101,7 +105,7 @@ def eval_command(
         new_tokens=tokens,
         ttt=TTTConfig(neighbours=neighbours, query_tokens=prefix_tokens),
     )
-    report = evaluate(_engines(bank), out, config)
+    report = evaluate(_engines(bank, device, dtype), out, config)
     console.print(_results_table(report, "Perplexity on held-out documents"))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and plots in {out}")
 
@@ -116,6 +120,8 @@ def demo(
     prompts: Annotated[int, typer.Option(help="Held-out prompts whose routing is shown.")] = 3,
     docs: Annotated[int, typer.Option(help="Held-out documents per domain scored.")] = 2,
     tokens: Annotated[int, typer.Option(help="Tokens of the side-by-side continuation.")] = 40,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Build a small bank on the default corpora (cached), then show TTMM at work."""
     import shutil
@@ -133,6 +139,8 @@ def demo(
         test_fraction=0.1,
         max_chunks_per_document=2,
         with_finetune=True,
+        device=device,
+        dtype=dtype,
     ).resolved()
     home = ttmm_home() / "demo" / build.content_hash()  # one cache per demo configuration
     bank_dir = home / "bank"
@@ -144,7 +152,7 @@ def demo(
         f"LoRA experts and a fine-tuning baseline, cached in {bank_dir}"
     )
     run_build(build, bank_dir, progress=True)
-    engines = _engines([bank_dir])
+    engines = _engines([bank_dir], build.device, build.dtype)
     (engine,) = engines.values()
     bank = engine.bank
     console.print(f"{bank.num_experts} experts, routing {engine.routing.to_dict()}")

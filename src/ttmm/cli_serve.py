@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ttmm.cli import BankOption, BaseModelOption, EncoderOption, console, user_errors
+from ttmm.cli import (
+    BankOption,
+    BaseModelOption,
+    DeviceOption,
+    DtypeOption,
+    EncoderOption,
+    console,
+    user_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +30,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -69,10 +79,13 @@ def serve(
         api_key=api_key,
     )
     with console.status("loading base model, encoder and bank"):
-        engine = TTMM.from_bank(Path(bank), base_model=base_model, encoder=encoder)
+        engine = TTMM.from_bank(
+            Path(bank), base_model=base_model, encoder=encoder, device=device, dtype=dtype
+        )
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it may use it", host)
     console.print(
-        f"serving {settings.model_id!r} ({engine.bank.num_experts} experts) on http://{host}:{port}"
+        f"serving {settings.model_id!r} ({engine.bank.num_experts} experts, "
+        f"{engine.device}, {engine.model.dtype}) on http://{host}:{port}"
     )
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")

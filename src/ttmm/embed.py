@@ -25,15 +25,18 @@ class Encoder:
     def __init__(
         self,
         name_or_path: str | os.PathLike | None = None,
-        device: str = "cpu",
+        device: str | None = "cpu",
         cache_dir: str | os.PathLike | None = None,
     ):
         from sentence_transformers import SentenceTransformer
 
+        from ttmm.device import resolve_device
+
         self.name = DEFAULT_ENCODER if name_or_path is None else str(name_or_path)
+        self.device = resolve_device(device)
         location = resolve_encoder(name_or_path)
         try:
-            self.model = SentenceTransformer(location, device=device)
+            self.model = SentenceTransformer(location, device=str(self.device))
         except (OSError, ValueError) as err:
             raise AssetError(f"cannot load encoder {self.name!r} from {location}: {err}") from err
         self.dim = int(self.model.get_embedding_dimension())

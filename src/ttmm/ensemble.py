@@ -72,7 +72,7 @@ def ensemble_score(
                 f"a text has {len(ids)} tokens, at most prefix_tokens={prefix_tokens}: "
                 "nothing is left to score"
             )
-        input_ids, attention = _right_pad([ids], engine.tokenizer.pad_token_id)
+        input_ids, attention = _right_pad([ids], engine.tokenizer.pad_token_id, engine.device)
         parts = members(plan)
         logits = []
         for member, _ in parts:
@@ -101,8 +101,11 @@ def ensemble_generate(
     if plan is None:
         plan = engine.route([prompt])[0]
     parts = members(plan)
-    log_w = torch.tensor([math.log(w) for _, w in parts]).unsqueeze(-1)  # (n, 1)
-    ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    device = engine.device
+    log_w = torch.tensor([math.log(w) for _, w in parts], device=device).unsqueeze(-1)  # (n, 1)
+    ids = torch.tensor(
+        [engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device
+    )
     batch = ids.repeat(len(parts), 1)  # (n, s)
     eos = engine.tokenizer.eos_token_id
     new: list[int] = []
@@ -116,7 +119,7 @@ def ensemble_generate(
                 break
             new.append(token)
             output = engine.model(
-                input_ids=torch.full((len(parts), 1), token, dtype=torch.long),
+                input_ids=torch.full((len(parts), 1), token, dtype=torch.long, device=device),
                 past_key_values=output.past_key_values,
                 use_cache=True,
             )

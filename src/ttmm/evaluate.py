@@ -27,11 +27,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ttmm.bank import Bank
 from ttmm.chunk_index import ChunkIndex, read_test_documents
 from ttmm.corpus import Document
+from ttmm.device import describe, dtype_name, synchronize
 from ttmm.ensemble import ensemble_generate, ensemble_score
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
@@ -177,14 +179,16 @@ def available(bank: Bank, method: str) -> bool:
     return METHODS[method].kind != "finetune" or bank.manifest.finetune is not None
 
 
-def result_key(bank: Bank, method: str) -> str:
-    """What a method's numbers depend on: the base model, the training chunks, or the bank."""
+def result_key(bank: Bank, method: str, dtype: torch.dtype = torch.float32) -> str:
+    """What a method's numbers depend on: the base model, the training chunks, or the bank;
+    and the weights' dtype (suffixed unless float32, so the keys of float32 runs stay put)."""
     kind = METHODS[method].kind
+    suffix = "" if dtype == torch.float32 else f"@{dtype_name(dtype)}"
     if kind == "base":
-        return f"base:{bank.manifest.base_model['fingerprint']}"
+        return f"base:{bank.manifest.base_model['fingerprint']}{suffix}"
     if kind == "ttt":
-        return f"chunks:{chunk_fingerprint(bank)}"
-    return f"bank:{Path(bank.path).resolve()}"
+        return f"chunks:{chunk_fingerprint(bank)}{suffix}"
+    return f"bank:{Path(bank.path).resolve()}{suffix}"
 
 
 class MethodRunner:
@@ -263,7 +267,7 @@ class MethodRunner:
     def time_generation(self, spec: MethodSpec, prompt: str) -> dict:
         """Seconds to generate ``new_tokens`` from ``prompt``, and the adaptation part of it."""
         n = self.config.new_tokens
-        with _Stopwatch() as clock:
+        with _Stopwatch(self.engine.device) as clock:
             if spec.kind == "base":
                 clock.decode(lambda: self._decode(prompt, n))
             elif spec.kind == "ensemble":
@@ -285,7 +289,7 @@ class MethodRunner:
     def _decode(self, prompt: str, n: int) -> None:
         """Greedy decoding of exactly ``n`` tokens with the model as it stands."""
         tokenizer = self.engine.tokenizer
-        batch = tokenizer([prompt], return_tensors="pt")
+        batch = tokenizer([prompt], return_tensors="pt").to(self.engine.device)
         with self.engine.lock:
             self.engine.model.generate(
                 **batch,
@@ -300,21 +304,31 @@ class MethodRunner:
 
 
 class _Stopwatch:
-    """Splits a timed block into adaptation (routing, merging, restoring, TTT) and decoding."""
+    """Splits a timed block into adaptation (routing, merging, restoring, TTT) and decoding.
+
+    On a GPU it waits for queued work at every boundary, so each part is charged its own work.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
 
     def __enter__(self) -> _Stopwatch:
         self.adapt_seconds = 0.0
+        synchronize(self.device)
         self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        synchronize(self.device)
         self.total = time.perf_counter() - self._started
 
     def adapt(self, step: Callable):
+        synchronize(self.device)
         started = time.perf_counter()
         try:
             return step()
         finally:
+            synchronize(self.device)
             self.adapt_seconds += time.perf_counter() - started
 
     def decode(self, step: Callable) -> None:
@@ -391,9 +405,11 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document]) -> dict:
         "num_experts": bank.num_experts,
         "routing": bank.routing.to_dict(),
         "base_model": bank.manifest.base_model.get("name"),
+        "device": describe(runner.engine.device),
+        "dtype": dtype_name(runner.engine.model.dtype),
         "build": bank.manifest.build,
         "keys": {
-            method: result_key(bank, method)
+            method: result_key(bank, method, runner.engine.model.dtype)
             for method in runner.config.methods
             if available(bank, method)
         },
@@ -409,7 +425,7 @@ def _score_all(runners, documents, path: Path, config: EvalConfig, progress: boo
             if not available(bank, method):
                 logger.warning("bank %s has no fine-tuning adapter: skipping %s", name, method)
                 continue
-            spec, key = METHODS[method], result_key(bank, method)
+            spec, key = METHODS[method], result_key(bank, method, runner.engine.model.dtype)
             todo = [d for d in documents[name] if (key, method, d.id) not in done]
             for doc in tqdm(todo, desc=f"{name} {method}", disable=not progress, unit="doc"):
                 record = {"key": key, "method": method, "doc_id": doc.id, "domain": doc.domain}
@@ -440,7 +456,7 @@ def _time_all(runners, documents, path: Path, config: EvalConfig, progress: bool
         for method in config.methods:
             if not available(runner.engine.bank, method):
                 continue
-            key = result_key(runner.engine.bank, method)
+            key = result_key(runner.engine.bank, method, runner.engine.model.dtype)
             if (key, method) not in seen:
                 seen.add((key, method))
                 jobs.append((name, method, key))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,13 +36,17 @@ class TrainJob:
     base_model: str
     """Base model name or folder, loaded by the worker when it has no model at hand."""
     pad_token_id: int
+    device: str = "cpu"
+    """Where a worker that loads the base model itself puts it (see :mod:`ttmm.device`)."""
+    dtype: str = "float32"
+    """The dtype it loads the base model in; adapters are float32 whatever it is."""
 
     @property
     def name(self) -> str:
         return "fine-tuning baseline" if self.id == FINETUNE_JOB else f"expert {self.id}"
 
 
-_MODELS: dict[str, torch.nn.Module] = {}  # a worker's base model, loaded once per process
+_MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}  # a worker's base model, loaded once
 
 
 def run_job(
@@ -50,11 +54,12 @@ def run_job(
 ) -> TrainResult:
     """Train one job's adapter on ``model``, or on the base model loaded by name."""
     if model is None:
-        if job.base_model not in _MODELS:
+        key = (job.base_model, job.device, job.dtype)
+        if key not in _MODELS:
             from ttmm.assets import load_base_model
 
-            _MODELS[job.base_model], _ = load_base_model(job.base_model)
-        model = _MODELS[job.base_model]
+            _MODELS[key], _ = load_base_model(job.base_model, dtype=job.dtype, device=job.device)
+        model = _MODELS[key]
     return train_lora(
         model,
         job.token_ids,
@@ -93,14 +98,18 @@ class RayExecutor:
         num_cpus: int | None = None,
         cpus_per_task: int = 1,
         max_retries: int = 2,
+        gpus_per_task: float = 1.0,
         **_,
     ):
         if cpus_per_task < 1:
             raise ExecutorError(f"ray cpus_per_task must be at least 1, got {cpus_per_task}")
+        if gpus_per_task <= 0:
+            raise ExecutorError(f"ray gpus_per_task must be above 0, got {gpus_per_task}")
         self.address = address
         self.num_cpus = num_cpus
         self.cpus_per_task = cpus_per_task
         self.max_retries = max_retries
+        self.gpus_per_task = gpus_per_task
 
     def run(self, jobs: Sequence[TrainJob], on_result: OnResult) -> None:
         import ray
@@ -117,7 +126,9 @@ class RayExecutor:
                 )
         try:
             task = ray.remote(num_cpus=self.cpus_per_task, max_retries=self.max_retries)(run_job)
-            pending = {task.remote(job): job for job in jobs}
+            pending = {
+                task.options(num_gpus=self.gpus(job)).remote(self.placed(job)): job for job in jobs
+            }
             logger.info("submitted %d training tasks to Ray", len(pending))
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -127,6 +138,16 @@ class RayExecutor:
         finally:
             if started_here:
                 ray.shutdown()
+
+    def gpus(self, job: TrainJob) -> float:
+        """GPUs a job's task asks Ray for: ``gpus_per_task`` for a CUDA job, else none."""
+        return self.gpus_per_task if job.device.startswith("cuda") else 0
+
+    @staticmethod
+    def placed(job: TrainJob) -> TrainJob:
+        """The job as a Ray worker runs it: Ray hides all but the task's GPUs, so a CUDA job
+        uses the worker's first visible device, whatever index the driver chose."""
+        return replace(job, device="cuda") if job.device.startswith("cuda") else job
 
 
 EXECUTORS = {"sequential": SequentialExecutor, "ray": RayExecutor}

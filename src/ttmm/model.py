@@ -21,6 +21,7 @@ import torch
 
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
+from ttmm.device import model_device, resolve_device, resolve_dtype
 from ttmm.embed import Encoder
 from ttmm.merge import ExpertMerger, MergeError
 from ttmm.routing import RoutingConfig, RoutingPlan, route
@@ -83,13 +84,27 @@ class TTMM:
         base_model: str | os.PathLike | None = None,
         encoder: str | os.PathLike | Encoder | None = None,
         routing: RoutingConfig | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
     ) -> TTMM:
-        """Load the bank, then its base model and encoder (the ones it names, unless given)."""
+        """Load the bank, then its base model and encoder (the ones it names, unless given).
+
+        ``device`` and ``dtype`` place the base model and the encoder (see :mod:`ttmm.device`).
+        """
         bank = bank if isinstance(bank, Bank) else Bank.load(bank)
-        model, tokenizer = load_base_model(base_model or bank.manifest.base_model["name"])
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)  # both checked before the bank's adapters load
+        model, tokenizer = load_base_model(
+            base_model or bank.manifest.base_model["name"], dtype=dtype, device=device
+        )
         if not isinstance(encoder, Encoder):
-            encoder = Encoder(encoder or bank.manifest.encoder["name"])
+            encoder = Encoder(encoder or bank.manifest.encoder["name"], device=device)
         return cls(model, tokenizer, encoder, bank, routing)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base model runs, and so where its inputs go."""
+        return model_device(self.model)
 
     @property
     def lock(self) -> threading.RLock:
@@ -176,6 +191,7 @@ class TTMM:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         plans = self._plans(prompts, routing, plans)
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        batch = batch.to(self.device)
         if not (isinstance(min_new_tokens, int) and 0 <= min_new_tokens <= max_new_tokens):
             raise InputError(
                 f"min_new_tokens must lie in [0, max_new_tokens], got {min_new_tokens!r}"
@@ -236,7 +252,7 @@ class TTMM:
             )
         routing = (routing or self.routing).replace(query_tokens=prefix_tokens)
         plans = self._plans(texts, routing, plans)
-        input_ids, attention = _right_pad(ids, self.tokenizer.pad_token_id)
+        input_ids, attention = _right_pad(ids, self.tokenizer.pad_token_id, self.device)
         with self.merged(plans, mode):
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         return [
@@ -254,7 +270,7 @@ def continuation_nll(
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, s-1, V) predicts t=1..s-1
     targets = input_ids[:, 1:]  # (b, s-1)
     token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, s-1)
-    positions = torch.arange(1, input_ids.shape[1]).unsqueeze(0)  # target index t
+    positions = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # t
     scored = (positions >= prefix_tokens) & attention[:, 1:].bool()
     return [
         (float(token_nll[i][scored[i]].sum()), int(scored[i].sum()))
@@ -262,14 +278,16 @@ def continuation_nll(
     ]
 
 
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(
+    rows: list[list[int]], pad_id: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

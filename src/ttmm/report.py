@@ -7,7 +7,8 @@
     config           the EvalConfig of the run (methods, docs, prefix_tokens, ..., ttt)
     environment      python, platform, cpu_count, torch_threads, packages {name: version}
     methods          {name: {kind, label}}
-    banks            {bank name: {path, num_experts, routing, base_model, build, keys, documents}}
+    banks            {bank name: {path, num_experts, routing, base_model, device, dtype, build,
+                      keys, documents}}
     results          [{bank, domain, method, label, perplexity, normalised_perplexity, nll,
                        tokens, documents, mean_active_experts}]            one row per bank ×
                                                                           domain × method

@@ -93,7 +93,9 @@ class _Cancelled(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 _END = object()
@@ -111,7 +113,7 @@ async def stream_generation(
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = engine.tokenizer
-    batch = tokenizer([prompt], return_tensors="pt")
+    batch = tokenizer([prompt], return_tensors="pt").to(engine.device)
     result.prompt_tokens = int(batch["input_ids"].shape[1])
     streamer = _QueueStreamer(tokenizer, loop, queue)
     sampling: dict = {"do_sample": options.do_sample}

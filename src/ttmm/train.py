@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ttmm.adapter import LoraAdapter
+from ttmm.device import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def train_lora(
     if pad_token_id is None:
         pad_token_id = _default_pad_id(model)
     batches = _batches(chunks, config, seed)
+    device = model_device(model)
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -241,7 +243,7 @@ def train_lora(
             leave=False,
         )
         for batch in bar:
-            inputs = _collate(batch, pad_token_id)
+            inputs = {k: v.to(device) for k, v in _collate(batch, pad_token_id).items()}
             loss = peft_model(**inputs).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,180 @@
+"""Device and dtype: names resolved with clear errors, and the whole engine in bfloat16.
+
+This machine has no GPU, so CUDA is exercised through torch's availability checks (patched
+where a test needs a GPU to exist); bfloat16 runs for real on the CPU, which covers every path
+where the weights' dtype differs from the adapters' float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_llama, random_adapter, write_random_bank
+from test_build import small_config, tiny_model_dir  # noqa: F401 (a fixture)
+from typer.testing import CliRunner
+
+from ttmm.bank import Bank
+from ttmm.build import run_build
+from ttmm.build_config import BuildConfig
+from ttmm.device import DeviceError, dtype_name, model_device, resolve_device, resolve_dtype
+from ttmm.executors import RayExecutor, TrainJob
+from ttmm.model import TTMM
+from ttmm.routing import RoutingPlan
+from ttmm.train import LoraTrainConfig, train_lora
+
+BF16_ATOL = 0.05  # bfloat16 keeps 8 bits of mantissa: compare its logits loosely
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_device_names_resolve_or_say_what_to_use(no_gpu):
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None) == resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="no CUDA GPU is usable here.*--device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="MPS is not available"):
+        resolve_device("mps")
+    for name in ("tpu0", "gpu", "cuda:x"):
+        with pytest.raises(DeviceError, match="unknown|not supported"):
+            resolve_device(name)
+
+
+def test_auto_prefers_a_gpu_and_checks_its_index(two_gpus):
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match="2 CUDA device.*0 to 1"):
+        resolve_device("cuda:2")
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_dtype_names(no_gpu, monkeypatch):
+    assert resolve_dtype(None) == resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16") == resolve_dtype("torch.bfloat16") == torch.bfloat16
+    assert resolve_dtype(torch.float16) == torch.float16
+    assert dtype_name(torch.bfloat16) == "bfloat16"
+    with pytest.raises(DeviceError, match="dtype 'int8' is unknown"):
+        resolve_dtype("int8")
+    with pytest.raises(DeviceError, match="not supported"):
+        resolve_dtype(torch.int8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16  # an older GPU
+
+
+def test_build_config_pins_device_and_dtype_and_keeps_float32_hashes(no_gpu):
+    config = BuildConfig(corpora=("wiki@10",), experts=2)
+    resolved = config.resolved()
+    assert (resolved.device, resolved.dtype) == ("cpu", "float32")
+    # A float32 bank keeps the hash it had before the dtype field existed.
+    legacy = {k: v for k, v in resolved.to_dict().items() if k not in BuildConfig._PLACEMENT}
+    legacy.pop("dtype")
+    import hashlib
+    import json
+
+    expected = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    assert resolved.content_hash() == expected
+    bf16 = BuildConfig(corpora=("wiki@10",), experts=2, dtype="bf16").resolved()
+    assert bf16.dtype == "bfloat16" and bf16.content_hash() != resolved.content_hash()
+    elsewhere = BuildConfig(corpora=("wiki@10",), experts=2, device="cpu").resolved()
+    assert elsewhere.content_hash() == resolved.content_hash()  # placement is not content
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        BuildConfig(corpora=("wiki@10",), device="cuda").resolved()
+    with pytest.raises(ValueError, match="BuildConfig.dtype"):
+        BuildConfig(dtype="double")
+
+
+def test_cli_refuses_a_device_it_cannot_use_before_writing(no_gpu, tmp_path):
+    from ttmm.cli import app
+
+    out = tmp_path / "bank"
+    result = CliRunner().invoke(
+        app, ["build", "--out", str(out), "-k", "2", "--corpus", "wiki@10", "--device", "cuda"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "no CUDA GPU" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    bank = write_random_bank(tmp_path / "random", build_tiny_llama(64))
+    for args in (["--device", "cuda:0"], ["--dtype", "half-ish"]):
+        routed = CliRunner().invoke(app, ["route", "some text", "--bank", str(bank), *args])
+        assert routed.exit_code == 2 and "Traceback" not in routed.output, routed.output
+
+
+def test_ray_asks_for_a_gpu_only_for_cuda_jobs():
+    config = LoraTrainConfig()
+    job = TrainJob(0, ((1, 2, 3),), 0, config, "tiny", 0, device="cuda:1", dtype="bfloat16")
+    executor = RayExecutor(gpus_per_task=0.5)
+    assert executor.gpus(job) == 0.5
+    assert executor.placed(job).device == "cuda"  # Ray shows a task only its own GPU
+    cpu_job = TrainJob(0, ((1, 2, 3),), 0, config, "tiny", 0)
+    assert executor.gpus(cpu_job) == 0 and executor.placed(cpu_job) is cpu_job
+
+
+@pytest.fixture
+def bf16_engine(tmp_path, smol_tokenizer, encoder):
+    """The tiny engine with its base model in bfloat16 (adapters stay float32 on disk)."""
+    model = build_tiny_llama(len(smol_tokenizer))
+    bank = Bank.load(write_random_bank(tmp_path / "bank", model, encoder.dim))
+    return TTMM(model.to(torch.bfloat16), smol_tokenizer, encoder, bank)
+
+
+def test_bfloat16_engine_folds_restores_and_matches_low_rank(bf16_engine):
+    engine = bf16_engine
+    assert engine.device == model_device(engine.model) == torch.device("cpu")
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    text = "The committee met in the old town hall to vote on the new bridge. " * 4
+    plan = RoutingPlan.explicit({0: 0.6, 2: 0.4})
+    (folded,) = engine.score([text], prefix_tokens=8, plans=[plan], mode="fold")
+    (low_rank,) = engine.score([text], prefix_tokens=8, plans=[plan], mode="lowrank")
+    (base,) = engine.score([text], prefix_tokens=8, plans=[RoutingPlan.base()])
+    assert folded.n_tokens == low_rank.n_tokens == base.n_tokens > 0
+    per_token = abs(folded.nll - low_rank.nll) / folded.n_tokens
+    assert per_token < BF16_ATOL, (folded.nll, low_rank.nll)
+    assert abs(folded.nll - base.nll) / base.n_tokens > per_token  # the merge did something
+    for name, param in engine.model.named_parameters():
+        assert param.dtype == torch.bfloat16
+        assert torch.equal(param, before[name]), name  # restored bit for bit
+    (generation,) = engine.generate([text], max_new_tokens=5, plans=[plan])
+    assert generation.completion_tokens <= 5
+
+
+def test_train_lora_on_a_bfloat16_model_gives_a_float32_adapter(smol_tokenizer):
+    model = build_tiny_llama(len(smol_tokenizer)).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chunks = [list(range(5, 60)), list(range(100, 170))]
+    result = train_lora(model, chunks, LoraTrainConfig(rank=4, epochs=3, learning_rate=5e-3))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < result.losses[0]
+    layer = next(iter(result.adapter.layers.values()))
+    assert layer.A.dtype == layer.B.dtype == torch.float32 and layer.B.abs().sum() > 0
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, before[name]), name
+    reference = random_adapter(build_tiny_llama(len(smol_tokenizer)), rank=4)
+    assert result.adapter.layers.keys() == reference.layers.keys()
+
+
+def test_bfloat16_build_records_its_dtype_and_keeps_adapters_float32(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+    no_gpu,
+):
+    config = small_config(tiny_model_dir, experts=2, dtype="bfloat16")
+    out = tmp_path / "bank"
+    run_build(config, out, progress=False)
+    bank = Bank.load(out)
+    assert bank.manifest.build["config"]["dtype"] == "bfloat16"
+    assert bank.manifest.build["config"]["device"] == "cpu"
+    float32 = small_config(tiny_model_dir, experts=2).resolved()
+    assert bank.manifest.build["config_hash"] != float32.content_hash()
+    for adapter in bank.adapters():
+        for layer in adapter.layers.values():
+            assert layer.A.dtype == torch.float32
