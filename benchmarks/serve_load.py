@@ -45,6 +45,7 @@ from merge_overhead import PROMPTS as MERGE_PROMPTS  # noqa: E402
 
 from ttmm.assets import load_base_model  # noqa: E402
 from ttmm.bank import Bank  # noqa: E402
+from ttmm.device import describe  # noqa: E402
 from ttmm.embed import Encoder  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
 from ttmm.routing import RoutingConfig  # noqa: E402
@@ -64,8 +65,8 @@ PROMPTS = [  # the merge benchmark's 8 prompts (prose and code), and 4 more
 ]
 
 
-def load_engine(bank: Path | None) -> tuple[TTMM, str]:
-    model, tokenizer = load_base_model()
+def load_engine(bank: Path | None, device: str, dtype: str) -> tuple[TTMM, str]:
+    model, tokenizer = load_base_model(dtype=dtype, device=device)
     if bank is None and (DEFAULT_BANK / "manifest.json").exists():
         bank = DEFAULT_BANK
     if bank is None:
@@ -80,7 +81,8 @@ def load_engine(bank: Path | None) -> tuple[TTMM, str]:
     # A random bank carries the test helper's routing (3 experts); serve it with the paper's
     # defaults instead (sparse softmax, beta 0.04, tau 0.01, up to 10 experts).
     routing = RoutingConfig() if "random" in description else None
-    engine = TTMM(model, tokenizer, Encoder(loaded.manifest.encoder["name"]), loaded, routing)
+    encoder = Encoder(loaded.manifest.encoder["name"], device=device)
+    engine = TTMM(model, tokenizer, encoder, loaded, routing)
     return engine, description
 
 
@@ -193,13 +195,15 @@ def main() -> None:
         help="torch intra-op threads (default: torch's). On a machine shared with other jobs, "
         "1 avoids OpenMP threads spinning against each other.",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    engine, bank_description = load_engine(args.bank)
+    engine, bank_description = load_engine(args.bank, args.device, args.dtype)
     settings = ServerSettings(
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
@@ -279,6 +283,8 @@ def main() -> None:
         "settings": {k: v for k, v in vars(settings).items() if k != "api_key"},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {
+            "device": describe(engine.device),
+            "dtype": str(engine.model.dtype),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
