@@ -15,9 +15,10 @@ Two presets. ``--small`` (the default) is sized for about an hour of a shared 2-
   all linear layers, one epoch, one torch thread);
 - K = 16 (with the fine-tuning baseline, same token budget), then 4, then 64: 64 experts see
   about 450 tokens each, too little to learn much, and the table shows it;
-- evaluation on 5 held-out documents per domain, routed on 50 tokens, scored on the rest (up
-  to 512 tokens), TTT with 20 neighbours and one step each; cost timed on one prompt per
-  domain, 100 new tokens, all banks and methods interleaved in one process.
+- evaluation on 20 held-out documents per domain (the code domain has 2), routed on 50
+  tokens, scored on the rest (up to 512 tokens), TTT with 20 neighbours and one step each;
+  cost timed on one prompt per domain, 100 new tokens, all banks and methods interleaved in
+  one process.
 
 ``--full`` is the run for a GPU: all 10,033 Wikipedia lead sections and the whole standard
 library (1.22M training tokens in 9,469 chunks, about 12k tokens per expert at K = 100),
@@ -52,7 +53,7 @@ class Preset:
 
 
 PRESETS = {
-    "small": Preset(("wiki@200", "stdlib@20"), (16, 4, 64), docs=5, timing_prompts=1),
+    "small": Preset(("wiki@200", "stdlib@20"), (16, 4, 64), docs=20, timing_prompts=1),
     "full": Preset(("wiki", "stdlib"), (16, 64, 100), docs=100, timing_prompts=5),
 }
 
