@@ -3,7 +3,7 @@ the evaluation harness, table and plots in ``benchmarks/results/``.
 
     .venv/bin/python benchmarks/reproduce.py                 # about an hour on 2 CPU cores
     .venv/bin/python benchmarks/reproduce.py --experts 4 16  # fewer banks
-    .venv/bin/python benchmarks/reproduce.py --full --device cuda --out benchmarks/results-gpu
+    .venv/bin/python benchmarks/reproduce.py --full --device cuda  # to benchmarks/results-full/
 
 Two presets. ``--small`` (the default) is sized for about an hour of a shared 2-core CPU
 (training runs at 40-100 tokens per second there, design notes §5), not to match the paper
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--banks", type=Path, default=None, help="where banks are built (default: TTMM_HOME)"
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: results, results-full)"
+    )
     parser.set_defaults(preset="small")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -137,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
-    default_dir = "reproduce" if args.preset == "small" else f"reproduce-{args.preset}"
-    banks_dir = args.banks or ttmm_home() / default_dir
+    # Banks of another preset, dtype or base model have another hash: keep them apart.
+    banks_name = "reproduce" if args.preset == "small" else f"reproduce-{args.preset}"
+    if args.dtype != "float32":
+        banks_name += f"-{args.dtype}"
+    if args.base_model != DEFAULT_BASE_MODEL:
+        banks_name += f"-{Path(args.base_model).name}"
+    banks_dir = args.banks or ttmm_home() / banks_name
+    if args.out is None:
+        args.out = HERE / ("results" if args.preset == "small" else f"results-{args.preset}")
     started = time.perf_counter()
     logging.info("preset %s on %s in %s", args.preset, describe(device), args.dtype)
     model, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=device)

@@ -195,7 +195,7 @@ def main() -> None:
         help="torch intra-op threads (default: torch's). On a machine shared with other jobs, "
         "1 avoids OpenMP threads spinning against each other.",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     args = parser.parse_args()
     if args.threads is not None:

@@ -47,6 +47,7 @@ from ttmm.corpus import (
     read_corpora,
     split_documents,
 )
+from ttmm.device import describe, model_device
 from ttmm.executors import FINETUNE_JOB, TrainJob, make_executor
 from ttmm.routing import RoutingConfig
 from ttmm.train import TrainResult, planned_tokens
@@ -438,6 +439,7 @@ def _manifest(
         build={
             "config": config.to_dict(),
             "executor": config.executor,
+            "device": describe(model_device(model)),
             "training": {
                 "expert_tokens": expert_tokens,
                 "expert_seconds": round(expert_seconds, 3),

@@ -17,7 +17,7 @@ import yaml
 
 from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 from ttmm.corpus import CorpusSpec
-from ttmm.device import DTYPES, dtype_name, resolve_device, resolve_dtype
+from ttmm.device import DeviceError, dtype_name, resolve_device, resolve_dtype
 from ttmm.train import LoraTrainConfig
 
 DEFAULT_CORPORA = ("wiki@240", "stdlib@24")  # sized so K=16 with the baseline fits ~45 min
@@ -25,6 +25,14 @@ DEFAULT_CORPORA = ("wiki@240", "stdlib@24")  # sized so K=16 with the baseline f
 
 class BuildError(ValueError):
     """A build that cannot start or continue: what is wrong and what to do."""
+
+
+def _known_dtype(name: str) -> bool:
+    try:
+        resolve_dtype(name, "cpu")  # the name only: availability is checked by resolved()
+    except DeviceError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class BuildConfig:
     """GPUs each Ray task asks for when ``device`` is CUDA (a fraction shares a GPU)."""
     device: str = "auto"
     """Where the base model and the encoder run: auto (CUDA, then MPS, then CPU), cpu, cuda,
-    cuda:N or mps. Resolved to the device found when the build starts."""
+    cuda:N or mps. Kept as given in the written config (the bank's manifest records the
+    device the build found), so the config can rebuild the bank on another machine."""
     dtype: str = "auto"
     """The base model's dtype while training: auto (float32 on a CPU, bfloat16 on a GPU),
     float32, bfloat16 or float16. Adapters are saved in float32 whatever it is."""
@@ -112,7 +121,7 @@ class BuildConfig:
             "label_terms": self.label_terms >= 1,
             "ray_max_retries": self.ray_max_retries >= 0,
             "ray_gpus_per_task": self.ray_gpus_per_task > 0,
-            "dtype": self.dtype == "auto" or self.dtype in DTYPES,
+            "dtype": _known_dtype(self.dtype),
         }
         for name, ok in checks.items():
             if not ok:
@@ -166,18 +175,19 @@ class BuildConfig:
         return replace(self, **top)
 
     def resolved(self) -> BuildConfig:
-        """Pin what the defaults leave open (device, dtype, training threads), so the written
-        config is exact. Raises :class:`~ttmm.device.DeviceError` for a device not usable here.
+        """Pin what the defaults leave open (dtype, training threads), so the written config
+        is exact. Raises :class:`~ttmm.device.DeviceError` for a device not usable here.
+
+        ``dtype="auto"`` becomes the dtype this machine's device gets, so a bank built with
+        ``auto`` on a GPU (bfloat16) differs in its hash from one built on a CPU (float32).
 
         Training threads default to half the CPUs: on a 2-core machine that other work shares,
         two torch threads per process thrash (SmolLM2-135M, r=8: two threads gave 106 tokens/s
         on a quiet machine but 7 under a load of 4, where one thread kept 36), and a local Ray
         then runs one single-threaded expert per core.
         """
-        device = resolve_device(self.device)
-        config = replace(
-            self, device=str(device), dtype=dtype_name(resolve_dtype(self.dtype, device))
-        )
+        dtype = resolve_dtype(self.dtype, resolve_device(self.device))
+        config = replace(self, dtype=dtype_name(dtype))
         if self.train.num_threads is not None:
             return config
         threads = max(1, (os.cpu_count() or 2) // 2)

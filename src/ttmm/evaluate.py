@@ -179,11 +179,18 @@ def available(bank: Bank, method: str) -> bool:
     return METHODS[method].kind != "finetune" or bank.manifest.finetune is not None
 
 
-def result_key(bank: Bank, method: str, dtype: torch.dtype = torch.float32) -> str:
+def result_key(
+    bank: Bank,
+    method: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+) -> str:
     """What a method's numbers depend on: the base model, the training chunks, or the bank;
-    and the weights' dtype (suffixed unless float32, so the keys of float32 runs stay put)."""
+    and where it ran: the weights' dtype unless float32 and the device type unless the CPU are
+    appended (so the keys of float32 CPU runs stay put, and a GPU run reuses no CPU timing)."""
     kind = METHODS[method].kind
     suffix = "" if dtype == torch.float32 else f"@{dtype_name(dtype)}"
+    suffix += "" if device.type == "cpu" else f"@{device.type}"
     if kind == "base":
         return f"base:{bank.manifest.base_model['fingerprint']}{suffix}"
     if kind == "ttt":
@@ -409,7 +416,7 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document]) -> dict:
         "dtype": dtype_name(runner.engine.model.dtype),
         "build": bank.manifest.build,
         "keys": {
-            method: result_key(bank, method, runner.engine.model.dtype)
+            method: result_key(bank, method, runner.engine.model.dtype, runner.engine.device)
             for method in runner.config.methods
             if available(bank, method)
         },
@@ -425,7 +432,10 @@ def _score_all(runners, documents, path: Path, config: EvalConfig, progress: boo
             if not available(bank, method):
                 logger.warning("bank %s has no fine-tuning adapter: skipping %s", name, method)
                 continue
-            spec, key = METHODS[method], result_key(bank, method, runner.engine.model.dtype)
+            spec, key = (
+                METHODS[method],
+                result_key(bank, method, runner.engine.model.dtype, runner.engine.device),
+            )
             todo = [d for d in documents[name] if (key, method, d.id) not in done]
             for doc in tqdm(todo, desc=f"{name} {method}", disable=not progress, unit="doc"):
                 record = {"key": key, "method": method, "doc_id": doc.id, "domain": doc.domain}
@@ -456,7 +466,9 @@ def _time_all(runners, documents, path: Path, config: EvalConfig, progress: bool
         for method in config.methods:
             if not available(runner.engine.bank, method):
                 continue
-            key = result_key(runner.engine.bank, method, runner.engine.model.dtype)
+            key = result_key(
+                runner.engine.bank, method, runner.engine.model.dtype, runner.engine.device
+            )
             if (key, method) not in seen:
                 seen.add((key, method))
                 jobs.append((name, method, key))

@@ -61,10 +61,15 @@ def merged_factors(
 
 
 def _gather_rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``stack[rows]``, without a copy when ``rows`` is every row in order."""
+    """``stack[rows]``, without a copy when ``rows`` is every row in order.
+
+    ``rows`` stays on the CPU (the check costs no device sync); it moves to the stack's device
+    only for the gather.
+    """
+    rows = rows.cpu()
     if len(rows) == stack.shape[0] and bool((rows == torch.arange(len(rows))).all()):
         return stack
-    return stack.index_select(0, rows)
+    return stack.index_select(0, rows.to(stack.device))
 
 
 def row_selection(
@@ -146,8 +151,10 @@ class _StackedLayer:
             selection = row_selection(self.layout.spans, self.layout.scales, plan)
         if selection is None:
             return None
-        rows, row_scale = selection
-        return merged_factors(self.A_all, self.B_t_all, rows, row_scale.to(self.A_all.dtype))
+        rows, row_scale = selection  # built on the CPU; the scale moves to the stacks' device
+        return merged_factors(
+            self.A_all, self.B_t_all, rows, row_scale.to(self.A_all.device, self.A_all.dtype)
+        )
 
 
 class ExpertMerger:
@@ -159,7 +166,6 @@ class ExpertMerger:
         self.model = model
         self.num_experts = len(adapters)
         modules = linear_modules(model)
-        param = next(model.parameters())
         per_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
         for expert_id, adapter in enumerate(adapters):
             where = f"expert {expert_id}"
@@ -185,13 +191,14 @@ class ExpertMerger:
             layout_key = (tuple(spans.items()), tuple(scales.items()))
             layout = layouts.setdefault(layout_key, _Layout(spans=spans, scales=scales))
             module = modules[name]
+            weight = module.weight  # the stacks live where the layer's weight does
             self.layers[name] = _StackedLayer(
                 module=module,
                 transposed=not isinstance(module, nn.Linear),
-                A_all=torch.cat([A for _, A, _, _ in entries]).to(param.device, param.dtype),
+                A_all=torch.cat([A for _, A, _, _ in entries]).to(weight.device, weight.dtype),
                 B_t_all=torch.cat([B for _, _, B, _ in entries], dim=1)
                 .T.contiguous()
-                .to(param.device, param.dtype),
+                .to(weight.device, weight.dtype),
                 layout=layout,
             )
         self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
@@ -353,7 +360,7 @@ def _per_row_hook(stacked: _StackedLayer, union: torch.Tensor, S: torch.Tensor):
     """
     A_t = _gather_rows(stacked.A_all, union).T  # (d_in, R_U) view
     B_t = _gather_rows(stacked.B_t_all, union)  # (R_U, d_out)
-    S = S.to(A_t.dtype)
+    S = S.to(A_t.device, A_t.dtype)  # built on the CPU
     batch = S.shape[0]
 
     def hook(module, inputs, output):

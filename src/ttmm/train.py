@@ -233,6 +233,9 @@ def train_lora(
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
         )
+        # float16 activations underflow small gradients: scale the loss (a no-op otherwise;
+        # the LoRA weights themselves stay float32 under PEFT's adapter autocast).
+        scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
         losses: list[float] = []
         n_tokens = 0
         bar = tqdm(
@@ -246,10 +249,12 @@ def train_lora(
             inputs = {k: v.to(device) for k, v in _collate(batch, pad_token_id).items()}
             loss = peft_model(**inputs).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if config.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
             n_tokens += int(inputs["attention_mask"].sum())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
