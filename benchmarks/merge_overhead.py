@@ -36,7 +36,6 @@ from ttmm.embed import Encoder  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
 from ttmm.routing import RoutingConfig, RoutingPlan  # noqa: E402
 
-DEVICE = torch.device("cpu")  # set from --device in main(); timed() waits for its queued work
 PROMPTS = [
     "The French Revolution was a period of political and societal change in France that began",
     "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser(description=",
@@ -58,14 +57,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
     """Median wall seconds of ``fn``; on a GPU, queued work is waited for on both sides."""
     samples = []
     for _ in range(repeats):
-        synchronize(DEVICE)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize(DEVICE)
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -85,7 +84,7 @@ def adaptation_seconds(engine: TTMM, n_active: int, repeats: int) -> tuple[float
             pass
 
     once()  # warm-up
-    seconds = timed(once, repeats)
+    seconds = timed(once, repeats, engine.device)
     [plan] = engine.route(PROMPTS[:1], routing)
     layers = engine.merger.layers
     merged_bytes = sum(
@@ -110,7 +109,7 @@ def generation_seconds(engine: TTMM, tokens: int, repeats: int, n_active: int | 
             mode="fold",
         )
 
-    return timed(once, repeats)
+    return timed(once, repeats, engine.device)
 
 
 def batch_throughput(engine: TTMM, tokens: int, repeats: int, active: int) -> float:
@@ -132,6 +131,7 @@ def batch_throughput(engine: TTMM, tokens: int, repeats: int, active: int) -> fl
             mode="lowrank" if active else "auto",
         ),
         repeats,
+        engine.device,
     )
     return 8 * tokens / seconds
 
@@ -151,15 +151,14 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json"
     )
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = resolve_device(args.device)
+    device = resolve_device(args.device)
     console = Console()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_base_model(dtype=args.dtype, device=DEVICE)
-    encoder = Encoder(device=DEVICE)
+    model, tokenizer = load_base_model(dtype=args.dtype, device=device)
+    encoder = Encoder(device=device)
     with tempfile.TemporaryDirectory() as tmp:
         with console.status(
             f"writing a {args.experts}-expert random bank (r=8, all linear layers)"
@@ -254,7 +253,7 @@ def main() -> None:
         "benchmark": "merge_overhead",
         "command": " ".join(sys.argv),
         "machine": {
-            "device": describe(DEVICE),
+            "device": describe(device),
             "dtype": str(model.dtype),
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
