@@ -59,8 +59,8 @@ PRESETS = {
 
 
 def build_config(preset: Preset, experts: int, with_finetune: bool, args):
-    from ttmm.build import BuildConfig
-    from ttmm.train import LoraTrainConfig
+    from ttmm.build.pipeline import BuildConfig
+    from ttmm.build.train import LoraTrainConfig
 
     return BuildConfig(
         corpora=preset.corpora,
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ttmm.assets import load_base_model, ttmm_home
     from ttmm.bank import Bank
-    from ttmm.build import run_build
+    from ttmm.build.pipeline import run_build
     from ttmm.device import DeviceError, describe, dtype_name, resolve_device, resolve_dtype
     from ttmm.embed import Encoder
-    from ttmm.evaluate import EvalConfig, evaluate
+    from ttmm.eval.harness import EvalConfig, evaluate
     from ttmm.model import TTMM
 
     try:

@@ -49,7 +49,7 @@ from ttmm.device import describe  # noqa: E402
 from ttmm.embed import Encoder  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
 from ttmm.routing import RoutingConfig  # noqa: E402
-from ttmm.server import ServerSettings, create_app  # noqa: E402
+from ttmm.serve.app import ServerSettings, create_app  # noqa: E402
 
 logger = logging.getLogger("serve_load")
 

@@ -11,8 +11,8 @@ from conftest import build_tiny_llama
 
 def build_eval_bank(root: Path, tokenizer, experts: int = 3) -> Path:
     """Save a tiny Llama with the real tokenizer under ``root`` and build a bank from it."""
-    from ttmm.build import BuildConfig, run_build
-    from ttmm.train import LoraTrainConfig
+    from ttmm.build.pipeline import BuildConfig, run_build
+    from ttmm.build.train import LoraTrainConfig
 
     model_dir = root / "tiny-llama"
     build_tiny_llama(len(tokenizer)).save_pretrained(model_dir)

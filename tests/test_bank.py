@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
 from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, expert_dir
-from ttmm.bank_import import import_reference_bank
+from ttmm.build.reference import import_reference_bank
 from ttmm.merge import MergeError
 from ttmm.model import TTMM, InputError
 from ttmm.routing import RoutingConfig

@@ -13,14 +13,14 @@ import yaml
 from conftest import ATOL, build_tiny_llama
 from typer.testing import CliRunner
 
-import ttmm.executors
+import ttmm.build.executors
 from ttmm.bank import MANIFEST_NAME, Bank, expert_dir
-from ttmm.build import CONFIG_NAME, STATE_NAME, run_build
-from ttmm.build_config import BuildConfig, BuildError
-from ttmm.chunk_index import ChunkIndex, read_split, read_test_documents
-from ttmm.cluster import ClusterError
-from ttmm.corpus import CorpusError, read_corpora
-from ttmm.train import LoraTrainConfig
+from ttmm.build.chunks import ChunkIndex, read_split, read_test_documents
+from ttmm.build.cluster import ClusterError
+from ttmm.build.config import BuildConfig, BuildError
+from ttmm.build.corpus import CorpusError, read_corpora
+from ttmm.build.pipeline import CONFIG_NAME, STATE_NAME, run_build
+from ttmm.build.train import LoraTrainConfig
 
 STAGES = ("read", "split", "load_model", "chunk", "embed", "cluster", "write_index", "train")
 
@@ -146,7 +146,7 @@ def test_every_training_chunk_is_in_one_cluster_and_no_test_document_in_any(bank
 
 def test_rebuild_with_same_config_does_nothing(bank, monkeypatch):
     out, config, _ = bank
-    monkeypatch.setattr(ttmm.executors, "train_lora", _forbidden)
+    monkeypatch.setattr(ttmm.build.executors, "train_lora", _forbidden)
     before = (out / MANIFEST_NAME).read_bytes()
     assert run_build(config, out, progress=False).nothing_to_do
     assert (out / MANIFEST_NAME).read_bytes() == before
@@ -189,14 +189,14 @@ def test_killed_build_resumes_without_retraining_finished_experts(
     assert not (out / expert_dir(1)).exists()
 
     calls = []
-    real = ttmm.executors.train_lora
+    real = ttmm.build.executors.train_lora
 
     def counting(model, chunks, *args, **kwargs):
         calls.append(len(chunks))
         return real(model, chunks, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ttmm.executors, "train_lora", counting)
+        patch.setattr(ttmm.build.executors, "train_lora", counting)
         result = run_build(config, out, progress=False)
     assert result.reused == [0] and result.trained == [1, 2]
     manifest = Bank.load(out).manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ttmm.cluster import (
+from ttmm.build.cluster import (
     ClusterError,
     centroids,
     cluster_embeddings,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ttmm.corpus import (
+from ttmm.build.corpus import (
     CorpusError,
     CorpusSpec,
     Document,

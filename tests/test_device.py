@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 
 from ttmm.adapter import load_adapter
 from ttmm.bank import Bank, expert_dir
-from ttmm.build import run_build
-from ttmm.build_config import BuildConfig
+from ttmm.build.config import BuildConfig
+from ttmm.build.executors import RayExecutor, TrainJob
+from ttmm.build.pipeline import run_build
+from ttmm.build.train import LoraTrainConfig, train_lora
 from ttmm.device import DeviceError, dtype_name, model_device, resolve_device, resolve_dtype
-from ttmm.executors import RayExecutor, TrainJob
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
-from ttmm.train import LoraTrainConfig, train_lora
 
 BF16_ATOL = 0.05  # bfloat16 keeps 8 bits of mantissa: compare its logits loosely
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ATOL
 
-from ttmm.ensemble import ensemble_generate, ensemble_score, members, mixture_log_probs
+from ttmm.eval.ensemble import ensemble_generate, ensemble_score, members, mixture_log_probs
 from ttmm.routing import RoutingConfig, RoutingPlan
 
 TEXT = (

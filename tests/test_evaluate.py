@@ -10,12 +10,12 @@ import torch
 from conftest import ATOL
 from evalbank import eval_bank_path, eval_engine  # noqa: F401  (fixtures)
 
-from ttmm.chunk_index import read_test_documents
-from ttmm.evaluate import METHODS, EvalConfig, EvalError, MethodRunner, evaluate
+from ttmm.build.chunks import read_test_documents
+from ttmm.build.train import LoraTrainConfig
+from ttmm.eval.harness import METHODS, EvalConfig, EvalError, MethodRunner, evaluate
+from ttmm.eval.report import RESULT_FIELDS, SCHEMA, TIMING_FIELDS, validate, write_report
+from ttmm.eval.ttt import TTTConfig
 from ttmm.model import continuation_nll
-from ttmm.report import RESULT_FIELDS, SCHEMA, TIMING_FIELDS, validate, write_report
-from ttmm.train import LoraTrainConfig
-from ttmm.ttt import TTTConfig
 
 P = 20
 

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from test_merge import assert_bitwise_unchanged, snapshot
 
 from ttmm.routing import RoutingPlan
-from ttmm.server import ServerSettings, create_app
-from ttmm.server_batching import MergeCache
+from ttmm.serve.app import ServerSettings, create_app
+from ttmm.serve.batching import MergeCache
 
 PROMPT = "The history of the Roman empire spans many centuries"
 NEW = 8

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttmm.adapter import load_adapter, save_adapter
-from ttmm.train import LoraTrainConfig, TrainConfigError, planned_tokens, train_lora
+from ttmm.build.train import LoraTrainConfig, TrainConfigError, planned_tokens, train_lora
 
 FAST = LoraTrainConfig(num_threads=1)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from evalbank import eval_bank_path, eval_engine  # noqa: F401  (fixtures)
 
-from ttmm.chunk_index import ChunkIndex, read_split, read_test_documents
+from ttmm.build.chunks import ChunkIndex, read_split, read_test_documents
+from ttmm.build.train import LoraTrainConfig
+from ttmm.eval.ttt import TestTimeTrainer, TTTConfig, TTTConfigError
 from ttmm.routing import RoutingPlan
-from ttmm.train import LoraTrainConfig
-from ttmm.ttt import TestTimeTrainer, TTTConfig, TTTConfigError
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ttmm.device import resolve_device, resolve_dtype
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
@@ -157,8 +159,6 @@ def load_base_model(
     float32 on a CPU, bfloat16 on a GPU). Bad names fail before anything is loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ttmm.device import resolve_device, resolve_dtype
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

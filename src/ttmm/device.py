@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+DEFAULT_DEVICE = "auto"
+"""The device every loader and verb uses unless told otherwise."""
+DEFAULT_DTYPE = "auto"
+"""The weights' dtype unless told otherwise (float32 on a CPU, bfloat16 on a GPU)."""
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 DTYPES = {
     "float32": torch.float32,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ttmm.assets import DEFAULT_ENCODER, AssetError, resolve_encoder
+from ttmm.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ class Encoder:
         cache_dir: str | os.PathLike | None = None,
     ):
         from sentence_transformers import SentenceTransformer
-
-        from ttmm.device import resolve_device
 
         self.name = DEFAULT_ENCODER if name_or_path is None else str(name_or_path)
         self.device = resolve_device(device)

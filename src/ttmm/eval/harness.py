@@ -31,51 +31,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ttmm.bank import Bank
-from ttmm.chunk_index import ChunkIndex, read_test_documents
-from ttmm.corpus import Document
+from ttmm.build.chunks import CHUNKS_NAME, EMBEDDINGS_NAME, ChunkIndex, read_test_documents
+from ttmm.build.corpus import Document
 from ttmm.device import describe, dtype_name, synchronize
-from ttmm.ensemble import ensemble_generate, ensemble_score
+from ttmm.eval.ensemble import ensemble_generate, ensemble_score
+from ttmm.eval.methods import METHODS, EvalError, MethodSpec
+from ttmm.eval.report import build_report, write_report
+from ttmm.eval.ttt import TestTimeTrainer, TTTConfig
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
-from ttmm.ttt import TestTimeTrainer, TTTConfig
 
 logger = logging.getLogger(__name__)
 
 DOCUMENTS_FILE = "documents.jsonl"
 TIMINGS_FILE = "timings.jsonl"
-
-
-class EvalError(ValueError):
-    """An evaluation setting or bank that cannot be evaluated, with the fix."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One evaluated method: how it adapts to a prompt, and its row label in the table."""
-
-    name: str
-    kind: str
-    """``base``, ``finetune``, ``merge``, ``ensemble`` or ``ttt``."""
-    label: str
-    top_n: int | None = None
-    """Route to the n most similar experts (``top_n`` rule); None = the bank's default rule."""
-
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("base", "base", "base"),
-        MethodSpec("finetune", "finetune", "fine-tuning"),
-        MethodSpec("top1", "merge", "TTMM, 1 expert", top_n=1),
-        MethodSpec("top3", "merge", "TTMM, 3 experts, merged", top_n=3),
-        MethodSpec("top10", "merge", "TTMM, 10 experts, merged", top_n=10),
-        MethodSpec("ttmm", "merge", "TTMM, default rule, merged"),
-        MethodSpec("ensemble3", "ensemble", "TTMM, 3 experts, ensembled", top_n=3),
-        MethodSpec("ensemble10", "ensemble", "TTMM, 10 experts, ensembled", top_n=10),
-        MethodSpec("ttt", "ttt", "TTT"),
-    )
-}
 
 
 @dataclass(frozen=True)
@@ -158,8 +128,6 @@ def chunk_fingerprint(bank: Bank) -> str:
     """Identity of the bank's training chunks (their documents, tokens and embeddings) and base
     model: TTT depends on nothing else of a bank, so banks of several K share its results."""
     from safetensors.numpy import load_file
-
-    from ttmm.chunk_index import CHUNKS_NAME, EMBEDDINGS_NAME
 
     digest = hashlib.sha256(bank.manifest.base_model["fingerprint"].encode())
     root = Path(bank.path)
@@ -381,7 +349,6 @@ def evaluate(
 
     ``engines`` maps a bank name to an engine (they may share one base model and encoder).
     """
-    from ttmm.report import build_report, write_report
 
     config = config or EvalConfig()
     out = Path(out_dir)

@@ -3,9 +3,9 @@
 ``create_app(engine, settings)`` builds a FastAPI app with ``/v1/completions`` and
 ``/v1/chat/completions`` (both stream by server-sent events), ``/v1/models``, ``/v1/route``
 (the routing of a text, without generating), ``/health`` and ``/metrics`` (Prometheus).
-Each request may steer its merge in an extra ``ttmm`` field (see :mod:`ttmm.server_schemas`)
+Each request may steer its merge in an extra ``ttmm`` field (see :mod:`ttmm.serve.schemas`)
 and every response reports the routing used in a top-level ``ttmm`` field. Non-streamed
-requests are batched (:mod:`ttmm.server_batching`); every error is an OpenAI-style body
+requests are batched (:mod:`ttmm.serve.batching`); every error is an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -25,18 +25,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ttmm.merge import MergeError
 from ttmm.model import TTMM
 from ttmm.routing import RoutingError, RoutingPlan
-from ttmm.server_batching import Batcher, GenerationOptions, MergeCache, MergeRequest
-from ttmm.server_errors import APIError, install_error_handlers, timeout_error
-from ttmm.server_metrics import ServerMetrics
-from ttmm.server_responses import Reply, plan_json, stream_events
-from ttmm.server_schemas import (
+from ttmm.serve.batching import Batcher, GenerationOptions, MergeCache, MergeRequest
+from ttmm.serve.errors import APIError, install_error_handlers, timeout_error
+from ttmm.serve.metrics import ServerMetrics
+from ttmm.serve.responses import Reply, plan_json, stream_events
+from ttmm.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     GenerationRequest,
     RouteRequest,
     TTMMControl,
 )
-from ttmm.server_streaming import cut_at_stop
+from ttmm.serve.streaming import cut_at_stop
 
 logger = logging.getLogger(__name__)
 

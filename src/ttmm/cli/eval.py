@@ -12,8 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli import DeviceOption, DtypeOption, console, user_errors
-from ttmm.evaluate import METHODS, EvalConfig, EvalError
+from ttmm.cli.options import DeviceOption, DtypeOption, console, user_errors
+from ttmm.eval.harness import METHODS, EvalConfig, EvalError
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def eval_command(
     dtype: DtypeOption = "auto",
 ) -> None:
     """Evaluate base, fine-tuning, TTMM merging and ensembling, and TTT on held-out documents."""
-    from ttmm.evaluate import evaluate
-    from ttmm.ttt import TTTConfig
+    from ttmm.eval.harness import evaluate
+    from ttmm.eval.ttt import TTTConfig
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     config = EvalConfig(
@@ -127,11 +127,11 @@ def demo(
     import shutil
 
     from ttmm.assets import ttmm_home
-    from ttmm.build import BuildConfig, run_build
-    from ttmm.chunk_index import read_test_documents
-    from ttmm.evaluate import evaluate, select_documents
+    from ttmm.build.chunks import read_test_documents
+    from ttmm.build.pipeline import BuildConfig, run_build
+    from ttmm.eval.harness import evaluate, select_documents
+    from ttmm.eval.ttt import TTTConfig
     from ttmm.routing import RoutingPlan
-    from ttmm.ttt import TTTConfig
 
     build = BuildConfig(
         corpora=tuple(corpus or DEMO_CORPORA),

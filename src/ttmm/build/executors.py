@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ttmm.train import LoraTrainConfig, TrainResult, train_lora
+from ttmm.assets import load_base_model
+
+from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ def run_job(
     if model is None:
         key = (job.base_model, job.device, job.dtype)
         if key not in _MODELS:
-            from ttmm.assets import load_base_model
 
             _MODELS[key], _ = load_base_model(job.base_model, dtype=job.dtype, device=job.device)
         model = _MODELS[key]

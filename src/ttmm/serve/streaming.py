@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
-from ttmm.server_batching import GenerationOptions
+from ttmm.serve.batching import GenerationOptions
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

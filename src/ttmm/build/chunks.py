@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttmm.corpus import Chunk, Document, Split, read_documents_jsonl, write_documents_jsonl
+from ttmm.build.corpus import Chunk, Document, Split, read_documents_jsonl, write_documents_jsonl
 
 INDEX_DIR = "index"
 CHUNKS_NAME = f"{INDEX_DIR}/chunks.jsonl"

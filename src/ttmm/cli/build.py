@@ -1,4 +1,4 @@
-"""``ttmm build`` and ``ttmm info``: thin typed verbs over :mod:`ttmm.build` and :mod:`ttmm.bank`.
+"""``ttmm build`` and ``ttmm info``: thin typed verbs over the build pipeline and the bank.
 
 Settings come from the defaults, then ``--config FILE`` (TOML or YAML, the same keys as the
 ``build_config.yaml`` a build writes), then the flags given on the command line.
@@ -6,35 +6,20 @@ Settings come from the defaults, then ``--config FILE`` (TOML or YAML, the same 
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ttmm.cli.options import console, user_errors
 from ttmm.device import DEVICE_HELP, DTYPE_HELP
 
-console = Console()
 
-
-def _user_errors(command):
-    """The CLI's error policy (one line, exit status 2), looked up when the verb runs."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from ttmm.cli import user_errors
-
-        return user_errors(command)(*args, **kwargs)
-
-    return wrapper
-
-
-@_user_errors
+@user_errors
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bank folder to write (new or empty).")],
     corpus: Annotated[
@@ -98,7 +83,7 @@ def build(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Cluster a corpus and train one LoRA expert per cluster into a bank (resumable)."""
-    from ttmm.build import BuildConfig, run_build
+    from ttmm.build.pipeline import BuildConfig, run_build
 
     base = BuildConfig.from_file(config) if config is not None else BuildConfig()
     if target_modules is not None and target_modules != "all-linear":
@@ -191,7 +176,7 @@ def _build_table(build_info: dict) -> Table:
     return table
 
 
-@_user_errors
+@user_errors
 def info(
     bank: Annotated[Path, typer.Argument(help="Bank folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ttmm.cli import (
+from ttmm.cli.options import (
     BankOption,
     BaseModelOption,
     DeviceOption,
@@ -64,7 +64,7 @@ def serve(
     import uvicorn
 
     from ttmm.model import TTMM
-    from ttmm.server import ServerSettings, create_app
+    from ttmm.serve.app import ServerSettings, create_app
 
     settings = ServerSettings(
         model_id=model_id,

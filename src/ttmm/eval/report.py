@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ttmm.eval.methods import METHODS
+
 SCHEMA_VERSION = 1
 PACKAGES = (
     "ttmm",
@@ -116,7 +118,6 @@ def build_report(
     banks: dict[str, dict], config, documents: list[dict], timings: list[dict]
 ) -> dict:
     """Aggregate per-document and per-prompt records into the ``results.json`` object."""
-    from ttmm.evaluate import METHODS
 
     methods = list(config.methods)
     results, timing, used_docs, used_timings = [], [], [], []

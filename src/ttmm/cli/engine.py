@@ -1,79 +1,30 @@
-"""The ``ttmm`` command line: thin typed verbs over the library.
-
-Errors that come from user input (a bad bank, an empty prompt, a wrong option) print one
-clear line and exit with status 2; nothing else is caught.
-"""
+"""``ttmm route``, ``generate``, ``score`` and ``import-bank``: verbs over a loaded engine."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.adapter import AdapterError
-from ttmm.assets import AssetError
-from ttmm.bank import BankError
-from ttmm.device import DEVICE_HELP, DTYPE_HELP
-from ttmm.merge import MergeError
-from ttmm.routing import RoutingConfig, RoutingError
-
-app = typer.Typer(
-    help="Test-Time Model Merging: route each prompt to LoRA experts and merge them.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
+from ttmm.cli.options import (
+    BankOption,
+    BaseModelOption,
+    BetaOption,
+    DeviceOption,
+    DtypeOption,
+    EncoderOption,
+    MaxActiveOption,
+    RuleOption,
+    TauOption,
+    console,
+    user_errors,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-USER_ERRORS = (AdapterError, AssetError, BankError, MergeError, RoutingError, ValueError, OSError)
-
-BankOption = Annotated[Path, typer.Option("--bank", "-b", help="Expert bank folder.")]
-BaseModelOption = Annotated[
-    str | None, typer.Option(help="Base model folder or hub id (default: the bank's).")
-]
-EncoderOption = Annotated[
-    str | None, typer.Option(help="Sentence encoder folder or hub id (default: the bank's).")
-]
-RuleOption = Annotated[
-    str | None, typer.Option(help="Routing rule: sparse_softmax, threshold or top_n.")
-]
-BetaOption = Annotated[float | None, typer.Option(help="Softmax temperature β (paper scale).")]
-TauOption = Annotated[float | None, typer.Option(help="Threshold τ on routing probabilities.")]
-MaxActiveOption = Annotated[int | None, typer.Option(help="Most experts merged at once.")]
-DeviceOption = Annotated[str, typer.Option(help=f"Where the models run: {DEVICE_HELP}.")]
-DtypeOption = Annotated[str, typer.Option(help=f"Base model weights: {DTYPE_HELP}.")]
-
-
-def user_errors(command):
-    """Turn input errors into one line on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-@app.callback()
-def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+from ttmm.routing import RoutingConfig
 
 
 def _engine(bank: Path, base_model: str | None, encoder: str | None, device: str, dtype: str):
@@ -108,7 +59,6 @@ def _plan_json(engine, plan) -> dict:
     return data
 
 
-@app.command()
 @user_errors
 def route(
     text: Annotated[str, typer.Argument(help="Prompt to route.")],
@@ -132,7 +82,6 @@ def route(
         console.print(_plan_table(engine, plan, f"routing ({plan.rule})"))
 
 
-@app.command()
 @user_errors
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt to continue.")],
@@ -200,7 +149,6 @@ def _read_texts(file: Path) -> list[str]:
     return [raw]
 
 
-@app.command()
 @user_errors
 def score(
     file: Annotated[
@@ -220,7 +168,6 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
     """Perplexity of each text's continuation after its routed prefix."""
-    import math
 
     texts = _read_texts(file)
     engine = _engine(bank, base_model, encoder, device, dtype)
@@ -257,7 +204,6 @@ def score(
     )
 
 
-@app.command("import-bank")
 @user_errors
 def import_bank(
     src: Annotated[Path, typer.Argument(help="Reference-code layout: numbered folders 0/ … K-1/.")],
@@ -279,7 +225,7 @@ def import_bank(
     max_active: Annotated[int, typer.Option(help="Most experts merged at once.")] = 50,
 ) -> None:
     """Convert a bank in the paper's reference-code layout into a validated ttmm bank."""
-    from ttmm.bank_import import import_reference_bank
+    from ttmm.build.reference import import_reference_bank
 
     routing = RoutingConfig.from_reference(beta=reference_beta, tau=tau, max_merge_count=max_active)
     with console.status("importing and validating"):
@@ -289,20 +235,3 @@ def import_bank(
     console.print(
         f"wrote {dst}: {bank.num_experts} experts, {bank.centroids.shape[1]}-dim centroids"
     )
-
-
-# Commands of other modules are registered below.
-
-from ttmm.cli_build import build, info  # noqa: E402
-
-app.command()(build)
-app.command()(info)
-
-from ttmm.cli_serve import serve  # noqa: E402
-
-app.command()(serve)
-
-from ttmm.cli_eval import demo, eval_command  # noqa: E402
-
-app.command("eval")(eval_command)
-app.command()(demo)

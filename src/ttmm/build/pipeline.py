@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
 from ttmm.assets import base_model_name, load_base_model
+from ttmm.assets import ttmm_home
+from ttmm.embed import Encoder
 from ttmm.bank import (
+    Bank,
     FINETUNE_DIR,
     MANIFEST_NAME,
     BankManifest,
@@ -35,10 +38,10 @@ from ttmm.bank import (
     write_centroids,
     write_manifest,
 )
-from ttmm.build_config import BuildConfig, BuildError
-from ttmm.chunk_index import write_chunk_index, write_split
-from ttmm.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
-from ttmm.corpus import (
+from ttmm.build.config import BuildConfig, BuildError
+from ttmm.build.chunks import write_chunk_index, write_split
+from ttmm.build.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
+from ttmm.build.corpus import (
     Chunk,
     CorpusError,
     Split,
@@ -48,9 +51,9 @@ from ttmm.corpus import (
     split_documents,
 )
 from ttmm.device import describe, model_device
-from ttmm.executors import FINETUNE_JOB, TrainJob, make_executor
+from ttmm.build.executors import FINETUNE_JOB, TrainJob, make_executor
 from ttmm.routing import RoutingConfig
-from ttmm.train import TrainResult, planned_tokens
+from ttmm.build.train import TrainResult, planned_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +276,11 @@ def run_build(
 
     ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook).
     """
-    from ttmm.embed import Encoder
 
     config = config.resolved()
     out = Path(out).expanduser()
     config_hash = config.content_hash()
     if check_output(out, config_hash) == "done":
-        from ttmm.bank import Bank
 
         logger.info("%s is a finished bank of this configuration: nothing to do", out)
         return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
@@ -369,7 +370,6 @@ def run_build(
 
 
 def _embedding_cache() -> Path:
-    from ttmm.assets import ttmm_home
 
     return ttmm_home() / "embeddings"
 

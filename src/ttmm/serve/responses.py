@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
-from ttmm.server_batching import GenerationOptions
-from ttmm.server_errors import timeout_error
-from ttmm.server_metrics import ServerMetrics
-from ttmm.server_streaming import StopScanner, StreamResult, stream_generation
+from ttmm.serve.batching import GenerationOptions
+from ttmm.serve.errors import timeout_error
+from ttmm.serve.metrics import ServerMetrics
+from ttmm.serve.streaming import StopScanner, StreamResult, stream_generation
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 For each prompt: embed its first P tokens (the same query the router sees), retrieve the N
 nearest *training* chunks from the bank's chunk index (inner product of unit vectors, i.e.
 cosine), train a fresh LoRA on them with the project's one trainer
-(:func:`ttmm.train.train_lora`: by default batch size 1 and one epoch, so one gradient step per
-neighbour), then run the base model with that adapter folded in. The base weights are bitwise
-unchanged afterwards: ``train_lora`` unloads its PEFT wrapper and the fold restores by copy.
+(:func:`ttmm.build.train.train_lora`: by default batch size 1 and one epoch, so one gradient
+step per neighbour), then run the base model with that adapter folded in. The base weights are
+bitwise unchanged afterwards: ``train_lora`` unloads its PEFT wrapper and the fold restores by copy.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ttmm.adapter import LoraAdapter
-from ttmm.chunk_index import ChunkIndex
+from ttmm.build.chunks import ChunkIndex
+from ttmm.build.train import LoraTrainConfig, train_lora
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM, Generation, Score
 from ttmm.routing import RoutingPlan
-from ttmm.train import LoraTrainConfig, train_lora
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,45 @@
+"""The ``ttmm`` command line: one table of thin typed verbs over the library."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from ttmm.cli.build import build, info
+from ttmm.cli.engine import generate, import_bank, route, score
+from ttmm.cli.eval import demo, eval_command
+from ttmm.cli.serve import serve
+
+app = typer.Typer(
+    help="Test-Time Model Merging: route each prompt to LoRA experts and merge them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+# The verb table: name -> function. Each function is a thin typed wrapper over the library.
+VERBS = {
+    "build": build,
+    "info": info,
+    "route": route,
+    "generate": generate,
+    "score": score,
+    "import-bank": import_bank,
+    "eval": eval_command,
+    "demo": demo,
+    "serve": serve,
+}
+for _name, _verb in VERBS.items():
+    app.command(_name)(_verb)
