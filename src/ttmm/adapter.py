@@ -63,7 +63,7 @@ class LoraAdapter:
         return max(layer.rank for layer in self.layers.values())
 
     @property
-    def num_parameters(self) -> int:
+    def n_parameters(self) -> int:
         return sum(layer.A.numel() + layer.B.numel() for layer in self.layers.values())
 
     @classmethod
