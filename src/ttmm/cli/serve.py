@@ -61,6 +61,16 @@ def serve(
     batch_window_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests, in ms.")
     ] = 50.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body in bytes; larger gets a 413.")
+    ] = 1 << 20,
+    max_streams: Annotated[
+        int, typer.Option(help="Streamed completions served at once; more get a 429.")
+    ] = 16,
+    rate_limit: Annotated[
+        int | None,
+        typer.Option(help="Requests a minute per API key (or client address); default none."),
+    ] = None,
     merge_cache_mb: Annotated[
         float, typer.Option(help="Memory for cached per-plan merge factors, in MiB (0: off).")
     ] = 1024.0,
@@ -82,6 +92,9 @@ def serve(
         batch_window_ms=batch_window_ms,
         merge_cache_mb=merge_cache_mb,
         api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_streams=max_streams,
+        rate_limit_per_minute=rate_limit,
     )
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(

@@ -19,14 +19,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ttmm.merge import MergeError
 from ttmm.model import TTMM
 from ttmm.routing import RoutingError, RoutingPlan
 from ttmm.serve.batching import Batcher, GenerationOptions, MergeCache, MergeRequest
-from ttmm.serve.errors import APIError, install_error_handlers, timeout_error
+from ttmm.serve.errors import (
+    APIError,
+    document_errors,
+    error_responses,
+    install_error_handlers,
+    timeout_error,
+)
+from ttmm.serve.limits import BodySizeLimit, RateLimiter, Slots, request_slots
 from ttmm.serve.metrics import ServerMetrics
 from ttmm.serve.responses import Reply, stream_events
 from ttmm.serve.schemas import (
@@ -76,10 +83,19 @@ class ServerSettings:
     """Memory budget of the LRU cache of merged factors (per plan), in MiB; 0 disables it."""
     api_key: str | None = field(default=None, repr=False)
     """If set, every endpoint but /health needs ``Authorization: Bearer <api_key>``."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body, in bytes; a larger one gets a 413 before it is parsed."""
+    max_concurrent_streams: int = 16
+    """Streamed completions served at once (each holds the model while it decodes); more
+    get a 429."""
+    rate_limit_per_minute: int | None = None
+    """Requests a minute per API key (or per client address without a key), bursts up to as
+    many; None = no limit. More get a 429 with Retry-After."""
 
     def __post_init__(self) -> None:
         positive_ints = ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens")
-        for name in (*positive_ints, "max_concurrent_requests", "max_batch_size"):
+        counts = ("max_concurrent_requests", "max_batch_size", "max_body_bytes")
+        for name in (*positive_ints, *counts, "max_concurrent_streams"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"ServerSettings.{name} must be an integer >= 1, got {value!r}")
@@ -98,35 +114,12 @@ class ServerSettings:
             raise ValueError("ServerSettings.model_id must not be empty")
         if self.api_key is not None and not self.api_key:
             raise ValueError("ServerSettings.api_key must be None or a non-empty string")
-
-
-class _Slots:
-    """Counts requests being served; one beyond ``limit`` is refused with a 429."""
-
-    def __init__(self, limit: int, metrics: ServerMetrics):
-        self.limit, self.used, self.metrics = limit, 0, metrics
-
-    def take(self) -> Callable[[], None]:
-        """Take a slot; returns an idempotent release."""
-        if self.used >= self.limit:
-            raise APIError(
-                429,
-                f"the server is serving its maximum of {self.limit} requests; retry shortly",
-                type="rate_limit_error",
-                code="too_many_requests",
+        limit = self.rate_limit_per_minute
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            raise ValueError(
+                f"ServerSettings.rate_limit_per_minute must be None or an integer >= 1, "
+                f"got {limit!r}"
             )
-        self.used += 1
-        self.metrics.in_flight.inc()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.used -= 1
-                self.metrics.in_flight.dec()
-
-        return release
 
 
 def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
@@ -150,46 +143,72 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         title="ttmm", summary="Test-time model merging, OpenAI-compatible", lifespan=lifespan
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
     install_error_handlers(app)
-    _add_routes(app, service, Depends(_authorizer(settings.api_key)))
+    _add_routes(app, service, Depends(_authorizer(settings)))
+    document_errors(app)
     return app
 
 
-def _authorizer(api_key: str | None) -> Callable[[Request], None]:
-    """A dependency that checks ``Authorization: Bearer <api_key>`` (in constant time)."""
+def _authorizer(settings: ServerSettings) -> Callable[[Request], None]:
+    """A dependency that checks ``Authorization: Bearer <api_key>`` (in constant time), then
+    the client's rate limit."""
+    api_key = settings.api_key
+    limiter = (
+        RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+    )
 
     def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(
-                401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+        if api_key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise APIError(
+                    401,
+                    "missing API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+            if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                raise APIError(401, "incorrect API key", code="invalid_api_key")
+        if limiter is not None:
+            client = request.client.host if request.client else "unknown"
+            limiter.check("key" if api_key is not None else f"client:{client}")
 
     return authorize
+
+
+ROUTE_ERRORS = (400, 401, 404, 413, 429)
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 504)
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def _add_routes(app: FastAPI, service: Completions, guard) -> None:
     engine, settings, metrics = service.engine, service.settings, service.metrics
     guarded = [guard]
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(413))
     async def health() -> dict:
         return {"status": "ok", "model": settings.model_id, "experts": engine.bank.num_experts}
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get(
+        "/metrics",
+        dependencies=guarded,
+        response_class=PlainTextResponse,
+        responses=error_responses(401, 413, 429),
+    )
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", dependencies=guarded, responses=error_responses(401, 413, 429))
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(engine, settings)]}
 
-    @app.post("/v1/route", dependencies=guarded)
+    @app.post("/v1/route", dependencies=guarded, responses=error_responses(*ROUTE_ERRORS))
     async def route_endpoint(body: RouteRequest) -> dict:
         _check_model(body.model, settings)
         release = service.slots.take()
@@ -203,13 +222,21 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
             "ttmm": engine.bank.describe_plan(plan),
         }
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post(
+        "/v1/completions",
+        dependencies=guarded,
+        responses=STREAMED | error_responses(*GENERATION_ERRORS),
+    )
     async def completions(body: CompletionRequest):
         return await service.complete(
             body, body.prompt, body.prompt, body.max_tokens, chat=False, param="prompt"
         )
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=guarded,
+        responses=STREAMED | error_responses(*GENERATION_ERRORS),
+    )
     async def chat_completions(body: ChatRequest):
         prompt = _chat_prompt(engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
@@ -241,7 +268,8 @@ class Completions:
         self.batcher = Batcher(
             engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
         )
-        self.slots = _Slots(settings.max_concurrent_requests, metrics)
+        self.slots = request_slots(settings.max_concurrent_requests, metrics)
+        self.streams = Slots(settings.max_concurrent_streams, "streams")
 
     async def complete(
         self,
@@ -263,9 +291,11 @@ class Completions:
         release = self.slots.take()
         try:
             if body.stream:
+                release_stream = self.streams.take()
+                release = _both(release, release_stream)
                 plan = await _resolve(engine, merge)
                 response = self._stream(body, prompt, plan, options, chat, release)
-                release = None  # the stream releases its slot when it ends
+                release = None  # the stream releases its slots when it ends
                 return response
             try:
                 result = await asyncio.wait_for(
@@ -309,6 +339,14 @@ class Completions:
             release,
         )
         return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def release() -> None:
+        first()
+        second()
+
+    return release
 
 
 class _RawMiddleware:

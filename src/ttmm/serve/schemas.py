@@ -123,3 +123,18 @@ class RouteRequest(_Strict):
     model: str | None = None
     input: str = Field(min_length=1)
     ttmm: TTMMControl | None = None
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
