@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ttmm.assets import load_base_model
-from ttmm.device import DEFAULT_DEVICE, resolve_device
-
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
+from ttmm.device import DEFAULT_DEVICE, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ def run_job(
     if model is None:
         key = (job.base_model, job.device, job.dtype)
         if key not in _MODELS:
-
             _MODELS[key], _ = load_base_model(job.base_model, dtype=job.dtype, device=job.device)
         model = _MODELS[key]
     return train_lora(
