@@ -60,6 +60,9 @@ class LoraTrainConfig:
     num_threads: int | None = None
     """Torch intra-op threads while training; pin it so that results do not depend on the
     machine or executor. None keeps the process setting."""
+    shuffle: bool = True
+    """Shuffle the chunks (seeded) before each epoch; False trains on them in the order given
+    (test-time training goes from the nearest neighbour to the farthest)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -87,6 +90,8 @@ class LoraTrainConfig:
         data = asdict(self)
         if isinstance(self.target_modules, tuple):
             data["target_modules"] = list(self.target_modules)
+        if self.shuffle:  # added later: left out at its default, so banks keep their hash
+            del data["shuffle"]
         return data
 
     @classmethod
@@ -114,12 +119,14 @@ class TrainResult:
 def _batches(
     chunks: Sequence[Sequence[int]], config: LoraTrainConfig, seed: int
 ) -> list[list[list[int]]]:
-    """The fixed sequence of batches: a seeded shuffle per epoch, cut at the token budget."""
+    """The fixed sequence of batches: a seeded shuffle per epoch (unless ``config.shuffle`` is
+    False), cut at the token budget."""
     rng = random.Random(seed)
     batches, used = [], 0
     for _ in range(config.epochs):
         order = list(range(len(chunks)))
-        rng.shuffle(order)
+        if config.shuffle:
+            rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
             batch = [
                 list(chunks[i][: config.max_seq_len])
