@@ -121,7 +121,6 @@ def test_trainer_keeps_the_given_order_without_shuffle():
     assert [batch[0] for batch in kept] == chunks
     shuffled = _batches(chunks, LoraTrainConfig(), seed=3)
     assert [batch[0] for batch in shuffled] != chunks  # the default still shuffles
-    assert "shuffle" not in LoraTrainConfig().to_dict()  # banks built before keep their hash
 
 
 def test_all_weights_ttt_changes_the_score_and_restores_bitwise(built, index):

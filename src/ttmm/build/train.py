@@ -61,8 +61,8 @@ class LoraTrainConfig:
     """Torch intra-op threads while training; pin it so that results do not depend on the
     machine or executor. None keeps the process setting."""
     shuffle: bool = True
-    """Shuffle the chunks (seeded) before each epoch; False trains on them in the order given
-    (test-time training goes from the nearest neighbour to the farthest)."""
+    """Seeded shuffle of the chunks in every epoch; False keeps the given order (TTT-NN trains
+    nearest neighbour first)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -90,8 +90,6 @@ class LoraTrainConfig:
         data = asdict(self)
         if isinstance(self.target_modules, tuple):
             data["target_modules"] = list(self.target_modules)
-        if self.shuffle:  # added later: left out at its default, so banks keep their hash
-            del data["shuffle"]
         return data
 
     @classmethod
@@ -119,8 +117,7 @@ class TrainResult:
 def _batches(
     chunks: Sequence[Sequence[int]], config: LoraTrainConfig, seed: int
 ) -> list[list[list[int]]]:
-    """The fixed sequence of batches: a seeded shuffle per epoch (unless ``config.shuffle`` is
-    False), cut at the token budget."""
+    """The fixed sequence of batches: a seeded shuffle per epoch, cut at the token budget."""
     rng = random.Random(seed)
     batches, used = [], 0
     for _ in range(config.epochs):
