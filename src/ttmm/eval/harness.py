@@ -156,8 +156,13 @@ def subset(documents: Sequence[Document], size: int | None) -> list[Document]:
 
 
 def available(bank: Bank, method: str) -> bool:
-    """Whether the bank can run the method (fine-tuning needs the bank's baseline adapter)."""
-    return METHODS[method].kind != "finetune" or bank.manifest.finetune is not None
+    """Whether the bank can run the method (fine-tuning needs the bank's baseline adapter, its
+    continuation the continued adapter)."""
+    spec = METHODS[method]
+    if spec.kind != "finetune":
+        return True
+    name = "finetune_continued" if spec.continued else "finetune"
+    return getattr(bank.manifest, name, None) is not None
 
 
 class MethodRunner:
@@ -167,7 +172,7 @@ class MethodRunner:
         self.engine = copy.copy(engine)  # shares model, lock and merger; its own routing
         self.engine.routing = with_prefix(engine.routing, config.prefix_tokens)
         self.config = config
-        self._finetune: ExpertMerger | None = None
+        self._finetune: dict[bool, ExpertMerger] = {}
         self._trainers: dict[str, TestTimeTrainer] = {}
         self._index: ChunkIndex | None = None
 
@@ -189,17 +194,20 @@ class MethodRunner:
             settings["ttt"] = self.ttt_config(spec).to_dict()
         return result_key(self.engine.bank, self.engine.model, spec, settings, self.engine.device)
 
-    @property
-    def finetune(self) -> ExpertMerger:
-        if self._finetune is None:
-            adapter = self.engine.bank.finetune_adapter()
+    def finetune(self, spec: MethodSpec) -> ExpertMerger:
+        """The merger of the fine-tuning adapter (or of its continuation) of a method."""
+        if spec.continued not in self._finetune:
+            bank = self.engine.bank
+            adapter = (
+                bank.finetune_adapter(continued=True) if spec.continued else bank.finetune_adapter()
+            )
             if adapter is None:
                 raise EvalError(
-                    f"bank {self.engine.bank.path} has no fine-tuning adapter; rebuild it with "
-                    "--with-finetune or leave 'finetune' out of --methods"
+                    f"bank {bank.path} has no {spec.name} adapter; rebuild it with "
+                    "--with-finetune (--continue-finetune) or leave it out of --methods"
                 )
-            self._finetune = ExpertMerger(self.engine.model, [adapter])
-        return self._finetune
+            self._finetune[spec.continued] = ExpertMerger(self.engine.model, [adapter])
+        return self._finetune[spec.continued]
 
     def trainer(self, spec: MethodSpec) -> TestTimeTrainer:
         """The test-time trainer of a TTT or hybrid method (one per weights setting)."""
@@ -236,7 +244,7 @@ class MethodRunner:
                 "ttt_final_loss": adaptation.losses[-1],
             }
         elif spec.kind == "finetune":
-            with self.engine.lock, self.finetune.fold(RoutingPlan.explicit({0: 1.0})):
+            with self.engine.lock, self.finetune(spec).fold(RoutingPlan.explicit({0: 1.0})):
                 (score,) = self.engine.score([text], P, limit, plans=[RoutingPlan.base()])
         elif spec.kind == "ensemble":
             (score,) = ensemble_score(self.engine, [text], [self.plan(spec, text)], P, limit)
@@ -265,7 +273,7 @@ class MethodRunner:
                 clock.decode(lambda: ensemble_generate(self.engine, prompt, plan, n, stop=False))
             else:
                 if spec.kind == "finetune":
-                    context = self.finetune.fold(RoutingPlan.explicit({0: 1.0}))
+                    context = self.finetune(spec).fold(RoutingPlan.explicit({0: 1.0}))
                 elif spec.kind in ("ttt", "hybrid"):
                     start = None
                     if spec.kind == "hybrid":
@@ -404,7 +412,8 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document], keys: dict) 
         "device": describe(runner.engine.device),
         "dtype": dtype_name(runner.engine.model.dtype),
         "build": bank.manifest.build,
-        "branch_from": (bank.manifest.build or {}).get("branch_from"),
+        "branch_from": getattr(bank.manifest, "branch_from", None)
+        or (bank.manifest.build or {}).get("branch_from"),
         "content": bank_fingerprint(bank),
         "keys": keys,
         "documents": [doc.id for doc in documents],
@@ -420,7 +429,7 @@ def _score_all(runners, documents, keys, path: Path, config: EvalConfig, progres
     for name, runner in runners.items():
         for method in config.methods:
             if method not in keys[name]:
-                logger.warning("bank %s has no fine-tuning adapter: skipping %s", name, method)
+                logger.warning("bank %s has no adapter for %s: skipping it", name, method)
                 continue
             spec, key = METHODS[method], keys[name][method]
             docs = subset(documents[name], config.subset_size(spec.subset))

@@ -39,6 +39,9 @@ class MethodSpec:
     """TTT: ``lora`` or ``all`` (all parameters); None = ``TTTConfig.weights``."""
     subset: str = "all"
     """The documents it scores, one of :data:`SUBSETS`."""
+    continued: bool = False
+    """Fine-tuning: the bank's equal-compute continuation of the adapter
+    (``finetune_continued/``, made by ``ttmm build --continue-finetune``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +52,7 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("base", "base", "base"),
         MethodSpec("finetune", "finetune", "fine-tuning"),
+        MethodSpec("finetune_continued", "finetune", "fine-tuning, equal compute", continued=True),
         MethodSpec("top1", "merge", "TTMM, 1 expert", top_n=1),
         MethodSpec("top3", "merge", "TTMM, 3 experts, merged", top_n=3),
         MethodSpec("top10", "merge", "TTMM, 10 experts, merged", top_n=10),

@@ -60,9 +60,11 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
         ax.set_xlabel("test-time seconds per prompt (median, log scale)")
         ax.set_ylabel("normalised perplexity (1 = base, 0 = TTT)")
         ax.set_title(domain)
+    shown = {r["method"] for r in report["results"]}
     handles = [
         plt.Line2D([], [], color=colours(i % 20), marker="o", ls="", label=info["label"])
-        for i, info in enumerate(report["methods"].values())
+        for i, (method, info) in enumerate(report["methods"].items())
+        if method in shown
     ]
     if len(banks) > 1:
         handles += [

@@ -189,7 +189,7 @@ def _domain_rows(name: str, domain: str, by_method: dict, config) -> list[dict]:
                 "diff": diff.value,
                 "ci_low": diff.ci_low,
                 "ci_high": diff.ci_high,
-                "significant": diff.excludes_zero,
+                "significant": diff.excludes_zero and len(common) >= 2,  # 1 doc: no spread
                 "win_rate": win_rate(*a, *b),
                 "n_docs": len(common),
             }
@@ -367,7 +367,9 @@ def markdown_table(report: dict) -> str:
         "| method | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    for method, info in report["methods"].items():
+    shown = {r["method"] for r in results}  # methods no bank could run are left out
+    methods = {m: info for m, info in report["methods"].items() if m in shown}
+    for method, info in methods.items():
         cells = []
         for bank, domain in columns:
             row = cell.get((bank, domain, method))
@@ -381,7 +383,7 @@ def markdown_table(report: dict) -> str:
             )
         lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
     for ref in REFERENCES:
-        if ref not in report["methods"]:
+        if ref not in methods:
             continue
         lines += [
             "",
@@ -392,7 +394,7 @@ def markdown_table(report: dict) -> str:
             "| method | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(columns),
         ]
-        for method, info in report["methods"].items():
+        for method, info in methods.items():
             if method == ref:
                 continue
             cells = [
