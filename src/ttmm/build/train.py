@@ -90,6 +90,8 @@ class LoraTrainConfig:
         data = asdict(self)
         if isinstance(self.target_modules, tuple):
             data["target_modules"] = list(self.target_modules)
+        if self.shuffle:  # added later: left out at its default, so bank hashes hold
+            del data["shuffle"]
         return data
 
     @classmethod

@@ -211,7 +211,7 @@ class MethodRunner:
 
     def trainer(self, spec: MethodSpec) -> TestTimeTrainer:
         """The test-time trainer of a TTT or hybrid method (one per weights setting)."""
-        config = self.ttt_config(spec).replace(neighbours=self.config.ttt.neighbours)
+        config = self.config.ttt.replace(weights=self.ttt_config(spec).weights)
         if config.weights not in self._trainers:
             if self._index is None:
                 try:
@@ -235,7 +235,7 @@ class MethodRunner:
         plan = None
         if spec.kind in ("ttt", "hybrid"):
             plan = self.plan(spec, text) if spec.kind == "hybrid" else None
-            neighbours = spec.neighbours or self.config.ttt.neighbours
+            neighbours = self.ttt_config(spec).neighbours
             ((score, adaptation),) = self.trainer(spec).score([text], P, limit, plan, neighbours)
             extra = {
                 "neighbour_docs": adaptation.doc_ids,
@@ -278,7 +278,7 @@ class MethodRunner:
                     start = None
                     if spec.kind == "hybrid":
                         start = clock.adapt(lambda: self.plan(spec, prompt))
-                    neighbours = spec.neighbours or self.config.ttt.neighbours
+                    neighbours = self.ttt_config(spec).neighbours
                     context = self.trainer(spec).adapted(prompt, start, neighbours)
                 else:
                     plan = clock.adapt(lambda: self.plan(spec, prompt))
