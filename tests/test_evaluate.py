@@ -178,7 +178,7 @@ def test_rerun_after_a_rebuild_at_the_same_path_recomputes(engine, tmp_path, mon
 
     from safetensors.torch import load_file, save_file
 
-    from ttmm.bank import Bank
+    from ttmm.bank import Bank, write_manifest
     from ttmm.model import TTMM
 
     bank_dir = tmp_path / "bank"
@@ -194,6 +194,7 @@ def test_rerun_after_a_rebuild_at_the_same_path_recomputes(engine, tmp_path, mon
     for weights in sorted((bank_dir / "experts").rglob("*.safetensors")):
         tensors = load_file(weights)
         save_file({k: v * 1.5 for k, v in tensors.items()}, weights)
+    write_manifest(bank_dir, Bank.load(bank_dir, verify=False).manifest)  # as a build would
     second = evaluate({"b": engine_over(bank_dir)}, tmp_path / "out", config, progress=False)
     assert sorted(scored) == ["finetune", "finetune", "top1", "top1"]  # base: not the bank's
     assert first["banks"]["b"]["content"] != second["banks"]["b"]["content"]
