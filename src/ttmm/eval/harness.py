@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ttmm.atomic import atomic_write_json
 from ttmm.bank import Bank
 from ttmm.build.chunks import ChunkIndex, read_test_documents
 from ttmm.build.corpus import Document
@@ -42,7 +43,7 @@ from ttmm.device import describe, dtype_name, synchronize
 from ttmm.eval.ensemble import ensemble_generate, ensemble_score
 from ttmm.eval.keys import bank_fingerprint, result_key
 from ttmm.eval.methods import METHODS, SUBSETS, EvalError, MethodSpec
-from ttmm.eval.report import build_report, write_report, write_text_atomic
+from ttmm.eval.report import build_report, write_report
 from ttmm.eval.ttt import TestTimeTrainer, TTTConfig
 from ttmm.generation import GREEDY, decode
 from ttmm.merge import ExpertMerger
@@ -371,7 +372,7 @@ def evaluate(
     config = config or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2))
+    atomic_write_json(out / "config.json", config.to_dict())
     runners = {name: MethodRunner(engine, config) for name, engine in engines.items()}
     documents = {
         name: select_documents(held_out_documents(e.bank), e.tokenizer, config)

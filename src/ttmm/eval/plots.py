@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from ttmm.atomic import atomic_file
+
 
 def _pyplot():
     import matplotlib
@@ -74,7 +76,8 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
     rows = (len(handles) + 3) // 4
     fig.tight_layout(rect=(0, 0.04 * rows + 0.02, 1, 1))
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -98,7 +101,8 @@ def plot_experts(report: dict, path: str | os.PathLike) -> None:
         ax.set_title(domain)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     plt.close(fig)
 
 

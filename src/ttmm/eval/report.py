@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ttmm.atomic import atomic_write_text
 from ttmm.eval.intervals import (
     corpus_perplexity,
     draw,
@@ -439,8 +440,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     out = Path(out_dir)
     validate(report)
     paths = {"json": out / "results.json", "table": out / "table.md"}
-    write_text_atomic(paths["json"], json.dumps(report, indent=2, default=str))
-    write_text_atomic(paths["table"], markdown_table(report))
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, default=str))
+    atomic_write_text(paths["table"], markdown_table(report))
     if report["timing"] and any(r["normalised_perplexity"] is not None for r in report["results"]):
         paths["tradeoff"] = out / "tradeoff.png"
         plot_tradeoff(report, paths["tradeoff"])
@@ -448,9 +449,3 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         paths["experts"] = out / "experts.png"
         plot_experts(report, paths["experts"])
     return paths
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
