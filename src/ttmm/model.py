@@ -102,6 +102,25 @@ class TTMM:
             encoder = Encoder(encoder or bank.manifest.encoder["name"], device=device)
         return cls(model, tokenizer, encoder, bank, routing)
 
+    @classmethod
+    def from_banks(
+        cls,
+        banks: Sequence[str | os.PathLike | Bank],
+        base_model: str | os.PathLike | None = None,
+        encoder: str | os.PathLike | Encoder | None = None,
+        routing: RoutingConfig | None = None,
+        device: str | torch.device | None = DEFAULT_DEVICE,
+        dtype: str | torch.dtype | None = None,
+    ) -> list[TTMM]:
+        """Engines over several banks built on one base model, sharing that model and the
+        encoder (loaded once, the first bank's unless given); e.g. banks of several K."""
+        if not banks:
+            raise InputError("no banks given")
+        loaded = [bank if isinstance(bank, Bank) else Bank.load(bank) for bank in banks]
+        first = cls.from_bank(loaded[0], base_model, encoder, routing, device, dtype)
+        rest = [cls(first.model, first.tokenizer, first.encoder, b, routing) for b in loaded[1:]]
+        return [first, *rest]
+
     @property
     def device(self) -> torch.device:
         """Where the base model runs, and so where its inputs go."""

@@ -32,24 +32,16 @@ DEMO_METHODS = ("base", "finetune", "top1", "ttmm", "ttt")
 DEMO_NEIGHBOURS = 10
 
 
-def _engines(banks: list[Path], device: str = "auto", dtype: str = "auto") -> dict:
+def _engines(banks: list[Path], device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE) -> dict:
     """One engine per bank, all on one base model and encoder (loaded once)."""
-    from ttmm.assets import load_base_model
-    from ttmm.bank import Bank
-    from ttmm.embed import Encoder
     from ttmm.model import TTMM
 
-    loaded = [Bank.load(path) for path in banks]
-    with console.status("loading base model and encoder"):
-        model, tokenizer = load_base_model(
-            loaded[0].manifest.base_model["name"], dtype=dtype, device=device
-        )
-        encoder = Encoder(loaded[0].manifest.encoder["name"], device=device)
-    engines = {}
-    for path, bank in zip(banks, loaded):
-        name = path.name if path.name not in engines else str(path)
-        engines[name] = TTMM(model, tokenizer, encoder, bank)
-    return engines
+    with console.status("loading base model, encoder and banks"):
+        engines = TTMM.from_banks(banks, device=device, dtype=dtype)
+    named = {}
+    for path, engine in zip(banks, engines):
+        named[path.name if path.name not in named else str(path)] = engine
+    return named
 
 
 def _results_table(report: dict, title: str) -> Table:
