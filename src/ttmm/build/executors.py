@@ -14,13 +14,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
-
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
 
 logger = logging.getLogger(__name__)
 
 FINETUNE_JOB = -1  # job id of the fine-tuning baseline; experts are 0..K-1
+CONTINUED_JOB = -2  # the fine-tuning baseline continued for the experts' tokens (equal compute)
 
 
 class ExecutorError(ValueError):
@@ -42,10 +43,18 @@ class TrainJob:
     """Where a worker that loads the base model itself puts it (see :mod:`ttmm.device`)."""
     dtype: str = "float32"
     """The dtype it loads the base model in; adapters are float32 whatever it is."""
+    init: LoraAdapter | None = None
+    """Factors the LoRA starts from (branched experts, continued fine-tuning); None = fresh."""
+    validation: tuple[tuple[int, ...], ...] = ()
+    """Validation chunks scored before and after training (they train nothing)."""
 
     @property
     def name(self) -> str:
-        return "fine-tuning baseline" if self.id == FINETUNE_JOB else f"expert {self.id}"
+        if self.id == FINETUNE_JOB:
+            return "fine-tuning baseline"
+        if self.id == CONTINUED_JOB:
+            return "fine-tuning continued"
+        return f"expert {self.id}"
 
 
 _MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}  # a worker's base model, loaded once
@@ -58,7 +67,6 @@ def run_job(
     if model is None:
         key = (job.base_model, job.device, job.dtype)
         if key not in _MODELS:
-
             _MODELS[key], _ = load_base_model(job.base_model, dtype=job.dtype, device=job.device)
         model = _MODELS[key]
     return train_lora(
@@ -68,6 +76,8 @@ def run_job(
         seed=job.seed,
         progress=job.name if progress else False,
         pad_token_id=job.pad_token_id,
+        init=job.init,
+        validation=job.validation,
     )
 
 
