@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -24,16 +23,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
-from ttmm.assets import base_model_name, load_base_model, ttmm_home
+from ttmm.assets import load_base_model, ttmm_home
 from ttmm.bank import (
-    FINETUNE_CONTINUED_DIR,
     FINETUNE_DIR,
     MANIFEST_NAME,
     Bank,
     BankManifest,
-    ExpertInfo,
-    base_model_record,
-    expert_dir,
     write_centroids,
     write_manifest,
 )
@@ -59,24 +54,21 @@ from ttmm.build.corpus import (
     Document,
     Split,
     chunk_documents,
-    domain_counts,
     read_corpora,
     split_documents,
     split_validation,
 )
 from ttmm.build.dedup import drop_near_duplicates
-from ttmm.build.executors import CONTINUED_JOB, FINETUNE_JOB, TrainJob, make_executor
+from ttmm.build.executors import CONTINUED_JOB, TrainJob, make_executor
+from ttmm.build.manifest import adapter_dir, build_manifest
 from ttmm.build.train import TrainResult
-from ttmm.device import describe, model_device
 from ttmm.embed import Encoder
-from ttmm.routing import RoutingConfig
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".ttmm-build.json"
 CONFIG_NAME = "build_config.yaml"
 TRAINING_RECORD = "training.json"
-MAX_LOSS_POINTS = 200
 
 
 @dataclass
@@ -151,31 +143,15 @@ def check_output(out: Path, config_hash: str) -> str:
     return "resume"
 
 
-def _adapter_dir(job_id: int) -> str:
-    if job_id == FINETUNE_JOB:
-        return FINETUNE_DIR
-    if job_id == CONTINUED_JOB:
-        return FINETUNE_CONTINUED_DIR
-    return expert_dir(job_id)
-
-
 def _finished_record(out: Path, job: TrainJob) -> dict | None:
     """The training record of a complete adapter folder for exactly this job, else None."""
-    folder = out / _adapter_dir(job.id)
+    folder = out / adapter_dir(job.id)
     try:
         record = json.loads((folder / TRAINING_RECORD).read_text())
         load_adapter(folder)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AdapterError):
         return None
     return record if record.get("digest") == job_digest(job) else None
-
-
-def _downsample(losses: list[float], points: int = MAX_LOSS_POINTS) -> list[float]:
-    """Mean loss over equal bins, so long runs keep a readable curve in the manifest."""
-    if len(losses) <= points:
-        return [round(x, 5) for x in losses]
-    bins = np.array_split(np.asarray(losses), points)
-    return [round(float(b.mean()), 5) for b in bins]
 
 
 @dataclass
@@ -335,7 +311,7 @@ def run_build(
     bar = tqdm(total=total_jobs, desc="adapters", disable=not progress)
 
     def save(job: TrainJob, result: TrainResult) -> None:
-        folder = out / _adapter_dir(job.id)
+        folder = out / adapter_dir(job.id)
         save_adapter(result.adapter, folder)
         record = {
             "digest": job_digest(job),
@@ -413,7 +389,7 @@ def run_build(
         logger.info("resumed: kept %d finished adapter(s) %s", len(reused), sorted(reused))
 
     with timer.stage("manifest"):
-        manifest = _manifest(out, config, prepared, model, encoder, jobs, records, data)
+        manifest = build_manifest(out, config, prepared, model, encoder, jobs, records, data)
         manifest.build.update(
             config_hash=config_hash,
             stage_seconds=dict(timer.seconds),
@@ -457,110 +433,3 @@ def _budget(
 def _embedding_cache() -> Path:
 
     return ttmm_home() / "embeddings"
-
-
-def _manifest(
-    out: Path,
-    config: BuildConfig,
-    prepared: _Prepared,
-    model,
-    encoder,
-    jobs: list[TrainJob],
-    records: dict[int, dict],
-    data: dict,
-) -> BankManifest:
-    chunks, assignments = prepared.chunks, prepared.assignments
-
-    def info(job: TrainJob, label: str) -> ExpertInfo:
-        record = records[job.id]
-        path = _adapter_dir(job.id)
-        if job.id < 0:
-            members = chunks
-        else:
-            members = [chunks[i] for i in np.flatnonzero(assignments == job.id)]
-        return ExpertInfo.describe(
-            max(job.id, 0),
-            path,
-            load_adapter(out / path),
-            out,
-            label=label,
-            n_chunks=record["n_chunks"],
-            n_tokens=record["n_tokens"],
-            loss_curve=_downsample(record["losses"]),
-            extra={
-                "seed": record["seed"],
-                "seconds": record["seconds"],
-                "tokens_per_second": round(
-                    record["n_tokens"]
-                    / max(record.get("train_seconds") or record["seconds"], 1e-9),
-                    2,
-                ),
-                "planned_tokens": record.get("planned_tokens", record["n_tokens"]),
-                "val_before": record.get("val_before"),
-                "val_after": record.get("val_after"),
-                "n_validation_chunks": record.get("n_validation_chunks", 0),
-                "initialised_from": "finetune" if job.init is not None else None,
-                "domains": domain_counts(members),
-                "n_documents": len({c.doc_id for c in members}),
-            },
-        )
-
-    experts = [info(job, prepared.labels[job.id]) for job in jobs if job.id >= 0]
-    by_id = {job.id: job for job in jobs}
-    finetune = info(by_id[FINETUNE_JOB], "all training chunks") if FINETUNE_JOB in by_id else None
-    continued = (
-        info(by_id[CONTINUED_JOB], "fine-tuning continued, equal compute")
-        if CONTINUED_JOB in by_id
-        else None
-    )
-    validation_docs = domain_counts(prepared.validation_documents)
-    dropped = Counter(doc_id.split("/", 1)[0] for doc_id in prepared.near_duplicates)
-    expert_tokens = sum(e.n_tokens for e in experts)
-    expert_seconds = sum(e.extra["seconds"] for e in experts)
-    data.update(
-        {
-            "corpora": list(config.corpora),
-            "documents": {
-                d: {
-                    "train": len(v["train"]) - validation_docs.get(d, 0),
-                    "validation": validation_docs.get(d, 0),
-                    "test": len(v["test"]),
-                    "near_duplicates_dropped": dropped.get(d, 0),
-                }
-                for d, v in prepared.split.ids_by_domain().items()
-            },
-            "near_duplicate_threshold": config.near_duplicate_threshold,
-            "near_duplicates": prepared.near_duplicates,
-            "chunks_per_domain": domain_counts(chunks),
-            "validation_chunks_per_domain": domain_counts(prepared.validation),
-            "window": config.window,
-            "tokenizer": "base_model",
-        }
-    )
-    return BankManifest(
-        base_model=base_model_record(base_model_name(config.base_model), model),
-        encoder={"name": encoder.name, "dim": encoder.dim},
-        routing=RoutingConfig().to_dict(),
-        experts=experts,
-        finetune=finetune,
-        finetune_continued=continued,
-        branch_from=config.branch_from,
-        data=data,
-        build={
-            "config": config.to_dict(),
-            "executor": config.executor,
-            "device": describe(model_device(model)),
-            "training": {
-                "expert_tokens": expert_tokens,
-                "expert_seconds": round(expert_seconds, 3),
-                "tokens_per_second": round(expert_tokens / max(expert_seconds, 1e-9), 2),
-                "finetune_tokens": finetune.n_tokens if finetune else 0,
-                "finetune_seconds": finetune.extra["seconds"] if finetune else 0.0,
-                "expert_planned_tokens": sum(e.extra["planned_tokens"] for e in experts),
-                "finetune_continued_tokens": continued.n_tokens if continued else 0,
-            },
-            "cluster_quality": prepared.quality,
-            "corpus_reports": prepared.reports,
-            "cpu_count": os.cpu_count(),
-        },
-    )
