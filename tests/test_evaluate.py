@@ -28,7 +28,7 @@ def engine(eval_engine):  # noqa: F811
 def small_config(**changes) -> EvalConfig:
     ttt = TTTConfig(
         neighbours=3,
-        query_tokens=P,
+        prefix_tokens=P,
         train=LoraTrainConfig(rank=2, alpha=4.0, max_seq_len=48, num_threads=1),
     )
     settings = dict(docs=2, prefix_tokens=P, max_tokens=96, timing_prompts=1, new_tokens=3, ttt=ttt)

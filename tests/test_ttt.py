@@ -26,7 +26,7 @@ def test_ttt_retrieves_training_chunks_and_restores_base_weights(built):
     index = ChunkIndex.load(engine.bank.path)
     config = TTTConfig(
         neighbours=5,
-        query_tokens=30,
+        prefix_tokens=30,
         train=LoraTrainConfig(rank=2, alpha=4.0, max_seq_len=64, num_threads=1),
     )
     trainer = TestTimeTrainer(engine, index, config)
@@ -56,7 +56,7 @@ def test_ttt_neighbours_are_the_nearest_by_cosine(built):
     trainer = TestTimeTrainer(engine, index, TTTConfig(neighbours=4))
     text = read_test_documents(engine.bank.path)[0].text
     rows, sims = trainer.retrieve(text)
-    (query,) = engine.query_texts([text], engine.routing.replace(query_tokens=50))
+    (query,) = engine.query_texts([text], engine.routing.replace(prefix_tokens=50))
     q = engine.encoder.encode([query])[0]
     cosine = index.embeddings @ q  # (n,)
     assert rows == [int(i) for i in cosine.argsort()[::-1][:4]]

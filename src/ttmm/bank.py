@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ttmm.adapter import WEIGHTS_NAME, AdapterError, LoraAdapter, load_adapter
-from ttmm.routing import RoutingConfig, RoutingError
+from ttmm.atomic import atomic_file, atomic_write_json
+from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -175,30 +176,19 @@ def base_model_record(name: str, model: torch.nn.Module) -> dict:
     }
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(staging, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-
-
 def write_centroids(bank_dir: str | os.PathLike, centroids) -> None:
     """Write the (K, dim) centroid matrix atomically."""
     tensor = torch.as_tensor(centroids, dtype=torch.float32).contiguous()
     if tensor.ndim != 2:
         raise BankError(f"centroids must be a (K, dim) matrix, got shape {tuple(tensor.shape)}")
     path = Path(bank_dir) / CENTROIDS_NAME
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"centroids": tensor}, staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        save_file({"centroids": tensor}, staging)
 
 
 def write_manifest(bank_dir: str | os.PathLike, manifest: BankManifest) -> None:
     """Write ``manifest.json`` atomically; call it last, it is what makes the folder a bank."""
-    payload = json.dumps(manifest.to_dict(), indent=2, default=str).encode()
-    _atomic_write_bytes(Path(bank_dir) / MANIFEST_NAME, payload)
+    atomic_write_json(Path(bank_dir) / MANIFEST_NAME, manifest.to_dict())
 
 
 class Bank:
@@ -220,6 +210,13 @@ class Bank:
 
     def label(self, expert_id: int) -> str:
         return self.manifest.experts[expert_id].label
+
+    def describe_plan(self, plan: RoutingPlan) -> dict:
+        """The plan as JSON with each expert's label: what the CLI and the server show."""
+        data = plan.to_dict()
+        for entry in data["experts"]:
+            entry["label"] = self.label(entry["id"])
+        return data
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Bank:

@@ -12,7 +12,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli.options import DeviceOption, DtypeOption, console, user_errors
+from ttmm.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DeviceOption,
+    DtypeOption,
+    console,
+    user_errors,
+)
 from ttmm.eval.harness import METHODS, EvalConfig, EvalError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +95,8 @@ def eval_command(
     prefix_tokens: Annotated[int, typer.Option(help="Tokens routed on (never scored).")] = 50,
     max_tokens: Annotated[int, typer.Option(help="Tokens read per document.")] = 512,
     neighbours: Annotated[int, typer.Option(help="TTT: training chunks retrieved.")] = 20,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
     """Evaluate base, fine-tuning, TTMM merging and ensembling, and TTT on held-out documents."""
     from ttmm.eval.harness import evaluate
@@ -103,7 +110,7 @@ def eval_command(
         max_tokens=max_tokens,
         timing_prompts=timing_prompts,
         new_tokens=tokens,
-        ttt=TTTConfig(neighbours=neighbours, query_tokens=prefix_tokens),
+        ttt=TTTConfig(neighbours=neighbours, prefix_tokens=prefix_tokens),
     )
     report = evaluate(_engines(bank, device, dtype), out, config)
     console.print(_results_table(report, "Perplexity on held-out documents"))
@@ -120,8 +127,8 @@ def demo(
     prompts: Annotated[int, typer.Option(help="Held-out prompts whose routing is shown.")] = 3,
     docs: Annotated[int, typer.Option(help="Held-out documents per domain scored.")] = 2,
     tokens: Annotated[int, typer.Option(help="Tokens of the side-by-side continuation.")] = 40,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
     """Build a small bank on the default corpora (cached), then show TTMM at work."""
     import shutil

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from ttmm.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     BankOption,
     BaseModelOption,
     DeviceOption,
@@ -30,8 +32,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -42,8 +44,11 @@ def serve(
     ] = None,
     model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
-    max_new_tokens: Annotated[
-        int, typer.Option(help="Largest max_tokens a request may ask.")
+    max_tokens_limit: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens-limit", "--max-new-tokens", help="Largest max_tokens a request may ask."
+        ),
     ] = 512,
     default_max_tokens: Annotated[
         int, typer.Option(help="Tokens generated when a request does not say.")
@@ -69,7 +74,7 @@ def serve(
     settings = ServerSettings(
         model_id=model_id,
         max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
+        max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens,
         max_concurrent_requests=max_concurrent,
         request_timeout_s=timeout,

@@ -38,6 +38,7 @@ from ttmm.eval.ensemble import ensemble_generate, ensemble_score
 from ttmm.eval.methods import METHODS, EvalError, MethodSpec
 from ttmm.eval.report import build_report, write_report
 from ttmm.eval.ttt import TestTimeTrainer, TTTConfig
+from ttmm.generation import GREEDY, decode
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
@@ -198,7 +199,7 @@ class MethodRunner:
         return self._ttt
 
     def plan(self, spec: MethodSpec, text: str) -> RoutingPlan:
-        routing = self.engine.routing.replace(query_tokens=self.config.prefix_tokens)
+        routing = self.engine.routing.replace(prefix_tokens=self.config.prefix_tokens)
         if spec.top_n is not None:
             routing = routing.replace(rule="top_n", max_active=spec.top_n)
         return self.engine.route([text], routing)[0]
@@ -266,16 +267,7 @@ class MethodRunner:
         tokenizer = self.engine.tokenizer
         batch = tokenizer([prompt], return_tensors="pt").to(self.engine.device)
         with self.engine.lock:
-            self.engine.model.generate(
-                **batch,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            decode(self.engine.model, tokenizer, batch, n, GREEDY, min_new_tokens=n)
 
 
 class _Stopwatch:
@@ -423,7 +415,7 @@ def _time_all(runners, documents, path: Path, config: EvalConfig, progress: bool
                 (
                     doc,
                     first.query_texts(
-                        [doc.text], first.routing.replace(query_tokens=config.prefix_tokens)
+                        [doc.text], first.routing.replace(prefix_tokens=config.prefix_tokens)
                     )[0],
                 )
             )

@@ -36,7 +36,7 @@ class TTTConfig:
 
     neighbours: int = 20
     """N: training chunks retrieved per prompt (Hardt & Sun use 20)."""
-    query_tokens: int = 50
+    prefix_tokens: int = 50
     """Retrieve on the first P tokens of the prompt, decoded back to text (as routing does)."""
     train: LoraTrainConfig = field(
         default_factory=lambda: LoraTrainConfig(batch_size=1, epochs=1, learning_rate=1e-3)
@@ -48,13 +48,15 @@ class TTTConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
             raise TTTConfigError(f"TTTConfig.neighbours must be >= 1, got {self.neighbours!r}")
-        if not (isinstance(self.query_tokens, int) and self.query_tokens >= 1):
-            raise TTTConfigError(f"TTTConfig.query_tokens must be >= 1, got {self.query_tokens!r}")
+        if not (isinstance(self.prefix_tokens, int) and self.prefix_tokens >= 1):
+            raise TTTConfigError(
+                f"TTTConfig.prefix_tokens must be >= 1, got {self.prefix_tokens!r}"
+            )
 
     def to_dict(self) -> dict:
         return {
             "neighbours": self.neighbours,
-            "query_tokens": self.query_tokens,
+            "prefix_tokens": self.prefix_tokens,
             "train": self.train.to_dict(),
             "seed": self.seed,
         }
@@ -91,7 +93,7 @@ class TestTimeTrainer:
 
     def retrieve(self, text: str) -> tuple[list[int], list[float]]:
         """Rows of the N training chunks nearest to the text's first P tokens, nearest first."""
-        routing = self.engine.routing.replace(query_tokens=self.config.query_tokens)
+        routing = self.engine.routing.replace(prefix_tokens=self.config.prefix_tokens)
         (query,) = self.engine.query_texts([text], routing)
         q = self.engine.encoder.encode([query])  # (1, dim), unit rows
         return self.index.search(q, self.config.neighbours)
@@ -132,10 +134,10 @@ class TestTimeTrainer:
         self, texts: Sequence[str], prefix_tokens: int = 50, max_tokens: int = 1024
     ) -> list[tuple[Score, Adaptation]]:
         """Adapt to each text's first ``prefix_tokens`` tokens, then score the rest of it."""
-        if prefix_tokens != self.config.query_tokens:
+        if prefix_tokens != self.config.prefix_tokens:
             logger.warning(
                 "TTT retrieves on %d tokens but scoring skips %d",
-                self.config.query_tokens,
+                self.config.prefix_tokens,
                 prefix_tokens,
             )
         out = []

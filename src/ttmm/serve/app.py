@@ -28,7 +28,7 @@ from ttmm.routing import RoutingError, RoutingPlan
 from ttmm.serve.batching import Batcher, GenerationOptions, MergeCache, MergeRequest
 from ttmm.serve.errors import APIError, install_error_handlers, timeout_error
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.responses import Reply, plan_json, stream_events
+from ttmm.serve.responses import Reply, stream_events
 from ttmm.serve.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -58,8 +58,8 @@ class ServerSettings:
     """Model name listed by /v1/models; requests naming another model get a 404."""
     max_prompt_tokens: int = 2048
     """Longest prompt accepted, in tokens (after the chat template, for chat requests)."""
-    max_new_tokens: int = 512
-    """Largest ``max_tokens`` a request may ask for."""
+    max_tokens_limit: int = 512
+    """Largest ``max_tokens`` (new tokens) a request may ask for."""
     default_max_tokens: int = 128
     """Tokens generated when a request does not say."""
     max_concurrent_requests: int = 64
@@ -78,7 +78,7 @@ class ServerSettings:
     """If set, every endpoint but /health needs ``Authorization: Bearer <api_key>``."""
 
     def __post_init__(self) -> None:
-        positive_ints = ("max_prompt_tokens", "max_new_tokens", "default_max_tokens")
+        positive_ints = ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens")
         for name in (*positive_ints, "max_concurrent_requests", "max_batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -89,10 +89,10 @@ class ServerSettings:
         for name in ("batch_window_ms", "merge_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ServerSettings.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.default_max_tokens > self.max_new_tokens:
+        if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"ServerSettings.default_max_tokens ({self.default_max_tokens}) exceeds "
-                f"max_new_tokens ({self.max_new_tokens})"
+                f"max_tokens_limit ({self.max_tokens_limit})"
             )
         if not self.model_id:
             raise ValueError("ServerSettings.model_id must not be empty")
@@ -139,15 +139,12 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
             on_hit=metrics.cache_hits.inc,
             on_miss=metrics.cache_misses.inc,
         )
-    batcher = Batcher(
-        engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
-    )
-    slots = _Slots(settings.max_concurrent_requests, metrics)
+    service = Completions(engine, settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await batcher.stop()
+        await service.batcher.stop()
 
     app = FastAPI(
         title="ttmm", summary="Test-time model merging, OpenAI-compatible", lifespan=lifespan
@@ -155,20 +152,30 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
     install_error_handlers(app)
+    _add_routes(app, service, Depends(_authorizer(settings.api_key)))
+    return app
+
+
+def _authorizer(api_key: str | None) -> Callable[[Request], None]:
+    """A dependency that checks ``Authorization: Bearer <api_key>`` (in constant time)."""
 
     def authorize(request: Request) -> None:
-        if settings.api_key is None:
+        if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise APIError(
                 401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
-        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
-    guarded = [Depends(authorize)]
+    return authorize
+
+
+def _add_routes(app: FastAPI, service: Completions, guard) -> None:
+    engine, settings, metrics = service.engine, service.settings, service.metrics
+    guarded = [guard]
 
     @app.get("/health")
     async def health() -> dict:
@@ -185,7 +192,7 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/route", dependencies=guarded)
     async def route_endpoint(body: RouteRequest) -> dict:
         _check_model(body.model, settings)
-        release = slots.take()
+        release = service.slots.take()
         try:
             plan = await _resolve(engine, _merge_for(engine, body.ttmm, body.input, "input"))
         finally:
@@ -193,34 +200,51 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         return {
             "object": "ttmm.route",
             "model": settings.model_id,
-            "ttmm": plan_json(engine, plan),
+            "ttmm": engine.bank.describe_plan(plan),
         }
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
-        return await _serve(
+        return await service.complete(
             body, body.prompt, body.prompt, body.max_tokens, chat=False, param="prompt"
         )
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-            for m in body.messages
-        ]
-        try:
-            prompt = engine.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # a template may reject an order of roles
-            message = f"the chat template rejected the messages: {err}"
-            raise APIError(400, message, param="messages") from None
+        prompt = _chat_prompt(engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
-        return await _serve(
+        return await service.complete(
             body, prompt, users[-1], body.requested_tokens, chat=True, param="messages"
         )
 
-    async def _serve(
+
+def _chat_prompt(engine: TTMM, body: ChatRequest) -> str:
+    """The chat messages through the tokenizer's chat template (developer = system)."""
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+        for m in body.messages
+    ]
+    try:
+        return engine.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as err:  # a template may reject an order of roles
+        message = f"the chat template rejected the messages: {err}"
+        raise APIError(400, message, param="messages") from None
+
+
+class Completions:
+    """Serves completion requests: limits, routing, then a batched or streamed generation."""
+
+    def __init__(self, engine: TTMM, settings: ServerSettings, metrics: ServerMetrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.batcher = Batcher(
+            engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
+        )
+        self.slots = _Slots(settings.max_concurrent_requests, metrics)
+
+    async def complete(
+        self,
         body: GenerationRequest,
         prompt: str,
         query: str,
@@ -229,58 +253,62 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         param: str,
     ):
         """Check limits, route ``query``, then generate from ``prompt`` (batched or streamed)."""
+        engine, settings = self.engine, self.settings
         _check_model(body.model, settings)
         options = GenerationOptions.from_request(
             _max_new_tokens(max_tokens, settings), body.temperature, body.top_p, body.seed
         )
-        prompt_tokens = len(engine.tokenizer(prompt)["input_ids"])
-        if prompt_tokens > settings.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
-                f"{settings.max_prompt_tokens}; shorten it",
-                param=param,
-                code="context_length_exceeded",
-            )
+        self._check_prompt_length(prompt, param)
         merge = _merge_for(engine, body.ttmm, query, param)
-        release = slots.take()
+        release = self.slots.take()
         try:
             if body.stream:
                 plan = await _resolve(engine, merge)
-                reply = Reply(settings.model_id, plan_json(engine, plan), chat)
-                include_usage = (
-                    body.stream_options is not None and body.stream_options.include_usage
-                )
-                events = stream_events(
-                    engine,
-                    metrics,
-                    settings.request_timeout_s,
-                    prompt,
-                    plan,
-                    options,
-                    body.stop_strings,
-                    reply,
-                    include_usage,
-                    release,
-                )
+                response = self._stream(body, prompt, plan, options, chat, release)
                 release = None  # the stream releases its slot when it ends
-                return StreamingResponse(events, media_type="text/event-stream")
+                return response
             try:
                 result = await asyncio.wait_for(
-                    batcher.submit(prompt, merge, options), settings.request_timeout_s
+                    self.batcher.submit(prompt, merge, options), settings.request_timeout_s
                 )
             except TimeoutError:
                 raise timeout_error(settings.request_timeout_s) from None
         finally:
             if release is not None:
                 release()
-        reply = Reply(settings.model_id, plan_json(engine, result.plan), chat)
+        reply = Reply(settings.model_id, engine.bank.describe_plan(result.plan), chat)
         text, stopped = cut_at_stop(result.text, body.stop_strings)
-        metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
+        self.metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
         finish = "stop" if stopped else result.finish_reason
         return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
 
-    return app
+    def _check_prompt_length(self, prompt: str, param: str) -> None:
+        prompt_tokens = len(self.engine.tokenizer(prompt)["input_ids"])
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
+                f"{self.settings.max_prompt_tokens}; shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _stream(self, body, prompt, plan, options, chat, release) -> StreamingResponse:
+        reply = Reply(self.settings.model_id, self.engine.bank.describe_plan(plan), chat)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = stream_events(
+            self.engine,
+            self.metrics,
+            self.settings.request_timeout_s,
+            prompt,
+            plan,
+            options,
+            body.stop_strings,
+            reply,
+            include_usage,
+            release,
+        )
+        return StreamingResponse(events, media_type="text/event-stream")
 
 
 class _RawMiddleware:
@@ -296,10 +324,10 @@ class _RawMiddleware:
 def _max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
     if requested is None:
         return settings.default_max_tokens
-    if requested > settings.max_new_tokens:
+    if requested > settings.max_tokens_limit:
         raise APIError(
             400,
-            f"max_tokens={requested} exceeds this server's limit of {settings.max_new_tokens}",
+            f"max_tokens={requested} exceeds this server's limit of {settings.max_tokens_limit}",
             param="max_tokens",
             code="max_tokens_exceeded",
         )
@@ -346,7 +374,7 @@ def _merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str
     routing = engine.routing
     if control is not None and control.routing is not None:
         try:
-            routing = routing.replace(**control.routing.model_dump())
+            routing = engine.routing_for(**control.routing.model_dump())
         except RoutingError as err:
             raise APIError(400, str(err), param="ttmm.routing") from None
     if not query.strip():

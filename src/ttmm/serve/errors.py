@@ -54,6 +54,10 @@ def timeout_error(seconds: float) -> APIError:
     )
 
 
+def server_error(message: str) -> APIError:
+    return APIError(500, message, type="server_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
