@@ -40,7 +40,8 @@ class BuildConfig:
     """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
 
     corpora: tuple[str, ...] = DEFAULT_CORPORA
-    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``, ``dir:./docs:**/*.md``."""
+    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``,
+    ``dir:./docs:**/*.md``."""
     experts: int = 16
     """K, the number of clusters and so of LoRA experts."""
     base_model: str = DEFAULT_BASE_MODEL

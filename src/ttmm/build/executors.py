@@ -16,8 +16,8 @@ import torch
 
 from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
-from ttmm.device import DEFAULT_DEVICE, resolve_device
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
+from ttmm.device import DEFAULT_DEVICE, resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ttmm.adapter import load_adapter
-from ttmm.atomic import atomic_directory
 from ttmm.assets import base_model_name, load_base_model
+from ttmm.atomic import atomic_directory
 from ttmm.bank import (
     Bank,
     BankError,
