@@ -8,6 +8,8 @@ Layout::
       centroids.safetensors    {"centroids": (K, dim) float32, unit rows}
       experts/000/ …           adapter_config.json + adapter_model.safetensors (PEFT layout)
       finetune/                optional fine-tuning baseline adapter (same layout)
+      finetune_continued/      optional equal-compute control: the baseline continued for as
+                               many tokens as the experts took together
 
 A folder without ``manifest.json`` is not a bank. :meth:`Bank.load` validates all of it and
 :meth:`Bank.check_compatible` checks it against a base model and an encoder before any merge.
@@ -37,6 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CENTROIDS_NAME = "centroids.safetensors"
 FINETUNE_DIR = "finetune"
+FINETUNE_CONTINUED_DIR = "finetune_continued"
 CENTROID_NORM_TOLERANCE = 1e-3
 
 
@@ -114,6 +117,11 @@ class BankManifest:
     """Default :class:`RoutingConfig` fields for this bank."""
     experts: list[ExpertInfo]
     finetune: ExpertInfo | None = None
+    finetune_continued: ExpertInfo | None = None
+    """The equal-compute control (``finetune_continued/``), when the build made one."""
+    branch_from: str | None = None
+    """``"finetune"`` when every expert started from the fine-tuning adapter (branched
+    experts): routing that keeps no expert should then fall back to that adapter."""
     data: dict = field(default_factory=dict)
     """Where the bank's data lives (split, chunk index); written by the build."""
     build: dict = field(default_factory=dict)
@@ -147,12 +155,15 @@ class BankManifest:
         experts = [ExpertInfo.from_dict(e, where) for e in data["experts"]]
         if [e.id for e in experts] != list(range(len(experts))):
             raise BankError(f"{where}: expert ids must be 0..K-1 in order")
-        finetune = data.get("finetune")
+        adapters = ("experts", "finetune", "finetune_continued")
         known = {f.name for f in fields(cls)}
         return cls(
-            **{k: v for k, v in data.items() if k in known and k not in ("experts", "finetune")},
+            **{k: v for k, v in data.items() if k in known and k not in adapters},
             experts=experts,
-            finetune=ExpertInfo.from_dict(finetune, where) if finetune else None,
+            **{
+                key: ExpertInfo.from_dict(data[key], where) if data.get(key) else None
+                for key in adapters[1:]
+            },
         )
 
 
@@ -311,8 +322,9 @@ class Bank:
             self._adapters = adapters
         return self._adapters
 
-    def finetune_adapter(self) -> LoraAdapter | None:
-        info = self.manifest.finetune
+    def finetune_adapter(self, continued: bool = False) -> LoraAdapter | None:
+        """The fine-tuning baseline, or (``continued``) its equal-compute continuation."""
+        info = self.manifest.finetune_continued if continued else self.manifest.finetune
         if info is None:
             return None
         try:

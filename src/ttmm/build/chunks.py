@@ -7,7 +7,8 @@ Layout inside a bank (recorded in ``manifest.data``)::
     index/embeddings.safetensors  {"embeddings": (n, dim) float32 unit rows, "experts": (n,) int64}
     index/chunks.faiss            faiss IndexFlatIP over the same rows (inner product = cosine)
     index/test_documents.jsonl    full text of the held-out documents, for evaluation
-    split.json                    train/test document ids per domain, seed and test fraction
+    split.json                    train/test document ids per domain, seed and test fraction,
+                                  validation document ids, dropped near-duplicates
 
 Test-time training retrieves its neighbours from here, in the embedding space of the router.
 """
@@ -88,15 +89,31 @@ def write_chunk_index(
     }
 
 
-def write_split(bank_dir: str | os.PathLike, split: Split, seed: int, test_fraction: float) -> dict:
-    """Write split.json and the held-out documents' full text; return manifest.data entries."""
+def write_split(
+    bank_dir: str | os.PathLike,
+    split: Split,
+    seed: int,
+    test_fraction: float,
+    validation: Sequence[str] = (),
+    near_duplicates: dict[str, str] | None = None,
+) -> dict:
+    """Write split.json and the held-out documents' full text; return manifest.data entries.
+
+    ``validation``: ids of the training documents kept for validation losses;
+    ``near_duplicates``: dropped held-out id -> the training id it duplicates."""
     root = Path(bank_dir)
     (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
     path = root / TEST_DOCUMENTS_NAME
     write_documents_jsonl(split.test, _staging(path))
     os.replace(_staging(path), path)
     path = root / SPLIT_NAME
-    payload = {"seed": seed, "test_fraction": test_fraction, "domains": split.ids_by_domain()}
+    payload = {
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "domains": split.ids_by_domain(),
+        "validation": sorted(validation),
+        "near_duplicates": dict(sorted((near_duplicates or {}).items())),
+    }
     _staging(path).write_text(json.dumps(payload, indent=1, ensure_ascii=False))
     os.replace(_staging(path), path)
     return {"split": SPLIT_NAME, "test_documents": TEST_DOCUMENTS_NAME}

@@ -119,3 +119,10 @@ def cluster_quality(assignments: np.ndarray, gold: Sequence[str | None]) -> dict
         "n_classes": len(set(labels)),
         "n_clusters": len(by_cluster),
     }
+
+
+def nearest_centroid(embeddings: np.ndarray, centroid_rows: np.ndarray) -> np.ndarray:
+    """argmax_k c_k · e for each unit row e (ties to the lower k), shape (n,) int64."""
+    if embeddings.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.argmax(embeddings @ centroid_rows.T, axis=1).astype(np.int64)  # (n, K) -> (n,)

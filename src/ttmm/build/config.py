@@ -40,7 +40,8 @@ class BuildConfig:
     """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
 
     corpora: tuple[str, ...] = DEFAULT_CORPORA
-    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``, ``dir:./docs``."""
+    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``,
+    ``dir:./docs:**/*.md``."""
     experts: int = 16
     """K, the number of clusters and so of LoRA experts."""
     base_model: str = DEFAULT_BASE_MODEL
@@ -64,6 +65,32 @@ class BuildConfig:
     """Seed of clustering; expert k trains with seed + k, the baseline with seed + K."""
     with_finetune: bool = False
     """Also train the fine-tuning baseline: one LoRA on all training chunks, same total tokens."""
+    near_duplicate_threshold: float | None = 0.8
+    """Drop a held-out document whose word-shingle Jaccard similarity to some training document
+    is at least this (MinHash LSH, then an exact check; :mod:`ttmm.build.dedup`); None keeps
+    all held-out documents."""
+    validation_fraction: float = 0.05
+    """Share of the training documents (a seeded hash of split_seed and id) whose chunks train
+    no adapter but measure every adapter's validation loss before and after training. Never
+    the held-out evaluation documents."""
+    budget_tokens: int | None = None
+    """Training tokens of all experts together; each expert gets a share proportional to its
+    cluster's tokens (more epochs when the share exceeds its data, a seeded subset when it is
+    smaller). The fine-tuning baseline gets the same total. None: ``train`` decides (epochs,
+    max_tokens) per adapter."""
+    budget_minutes: float | None = None
+    """Alternative to ``budget_tokens``: minutes of expert training, converted once to tokens
+    at the start of the build from a measured throughput (a short calibration run on this
+    build's model and device, with the training settings); the converted budget is kept in the
+    build's state file so a resumed build uses the same one. With Ray, the minutes are those of
+    one worker (divide the wall time by the number of workers)."""
+    branch_from: str | None = None
+    """``finetune``: train the fine-tuning baseline first, then start every expert from its
+    factors (Branch-Train-Merge's seed phase; implies ``with_finetune``). None: experts start
+    fresh from the base model."""
+    continue_finetune: bool = False
+    """Equal-compute control: also continue the fine-tuning adapter on all training chunks for
+    as many tokens as the experts took together, saved as ``finetune_continued/``."""
     train: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     """How each adapter is trained."""
     embed_batch_size: int = 64
@@ -100,7 +127,15 @@ class BuildConfig:
     )
     # Fields added after the first banks, with the value those banks were built with: left out
     # of the hash at that value, so older banks keep their hash and still resume.
-    _ADDED_DEFAULTS = {"dtype": "float32"}
+    _ADDED_DEFAULTS = {
+        "dtype": "float32",
+        "near_duplicate_threshold": None,
+        "validation_fraction": 0.0,
+        "budget_tokens": None,
+        "budget_minutes": None,
+        "branch_from": None,
+        "continue_finetune": False,
+    }
 
     def __post_init__(self) -> None:
         if isinstance(self.corpora, str):
@@ -122,12 +157,25 @@ class BuildConfig:
             "ray_max_retries": self.ray_max_retries >= 0,
             "ray_gpus_per_task": self.ray_gpus_per_task > 0,
             "dtype": _known_dtype(self.dtype),
+            "near_duplicate_threshold": self.near_duplicate_threshold is None
+            or 0.0 < self.near_duplicate_threshold <= 1.0,
+            "validation_fraction": 0.0 <= self.validation_fraction < 1.0,
+            "budget_tokens": self.budget_tokens is None or self.budget_tokens >= 1,
+            "budget_minutes": self.budget_minutes is None or self.budget_minutes > 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise BuildError(f"BuildConfig.{name} = {getattr(self, name)!r} is out of range")
         if self.executor not in ("sequential", "ray"):
             raise BuildError(f"BuildConfig.executor = {self.executor!r}; use sequential or ray")
+        if self.budget_tokens is not None and self.budget_minutes is not None:
+            raise BuildError("give BuildConfig.budget_tokens or budget_minutes, not both")
+        if self.branch_from not in (None, "finetune"):
+            raise BuildError(
+                f"BuildConfig.branch_from = {self.branch_from!r}; use finetune or leave it unset"
+            )
+        if (self.branch_from or self.continue_finetune) and not self.with_finetune:
+            object.__setattr__(self, "with_finetune", True)  # both need the baseline
         for spec in self.corpora:
             CorpusSpec.parse(spec)  # fail on a bad spec before any work
 
@@ -200,4 +248,5 @@ class BuildConfig:
             for k, v in self.to_dict().items()
             if k not in self._PLACEMENT and self._ADDED_DEFAULTS.get(k, object()) != v
         }
+        data["train"] = self.train.hash_dict()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -313,6 +313,24 @@ def split_documents(documents: Sequence[Document], test_fraction: float, seed: i
     return Split(train=train, test=test)
 
 
+def split_validation(
+    train: Sequence[Document], fraction: float, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """(training, validation) documents: a training document validates when
+    hash(seed, id) < ``fraction`` (a hash independent of the train/test split's)."""
+    if fraction <= 0:
+        return list(train), []
+    kept, validation = [], []
+    for doc in train:
+        (validation if _hash_unit(f"validation:{seed}:{doc.id}") < fraction else kept).append(doc)
+    if not kept:
+        raise CorpusError(
+            f"the validation split took all {len(train)} training documents; lower "
+            "validation_fraction or add documents"
+        )
+    return kept, validation
+
+
 def chunk_documents(
     documents: Sequence[Document],
     tokenizer,

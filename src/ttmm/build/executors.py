@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
 from ttmm.device import DEFAULT_DEVICE, resolve_device
@@ -21,6 +22,7 @@ from ttmm.device import DEFAULT_DEVICE, resolve_device
 logger = logging.getLogger(__name__)
 
 FINETUNE_JOB = -1  # job id of the fine-tuning baseline; experts are 0..K-1
+CONTINUED_JOB = -2  # the fine-tuning baseline continued for the experts' tokens (equal compute)
 
 
 class ExecutorError(ValueError):
@@ -42,10 +44,18 @@ class TrainJob:
     """Where a worker that loads the base model itself puts it (see :mod:`ttmm.device`)."""
     dtype: str = "float32"
     """The dtype it loads the base model in; adapters are float32 whatever it is."""
+    init: LoraAdapter | None = None
+    """Factors the LoRA starts from (branched experts, continued fine-tuning); None = fresh."""
+    validation: tuple[tuple[int, ...], ...] = ()
+    """Validation chunks scored before and after training (they train nothing)."""
 
     @property
     def name(self) -> str:
-        return "fine-tuning baseline" if self.id == FINETUNE_JOB else f"expert {self.id}"
+        if self.id == FINETUNE_JOB:
+            return "fine-tuning baseline"
+        if self.id == CONTINUED_JOB:
+            return "fine-tuning continued"
+        return f"expert {self.id}"
 
 
 _MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}  # a worker's base model, loaded once
@@ -67,6 +77,8 @@ def run_job(
         seed=job.seed,
         progress=job.name if progress else False,
         pad_token_id=job.pad_token_id,
+        init=job.init,
+        validation=job.validation,
     )
 
 

@@ -9,7 +9,6 @@ is written last, so a half-built folder is never mistaken for a bank.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,42 +23,52 @@ import yaml
 from tqdm.auto import tqdm
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
-from ttmm.assets import base_model_name, load_base_model, ttmm_home
+from ttmm.assets import load_base_model, ttmm_home
 from ttmm.bank import (
     FINETUNE_DIR,
     MANIFEST_NAME,
     Bank,
     BankManifest,
-    ExpertInfo,
-    base_model_record,
-    expert_dir,
     write_centroids,
     write_manifest,
 )
+from ttmm.build.budget import (
+    expert_jobs,
+    finetune_job,
+    job_digest,
+    measure_throughput,
+    planned,
+)
 from ttmm.build.chunks import write_chunk_index, write_split
-from ttmm.build.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
+from ttmm.build.cluster import (
+    centroids,
+    cluster_embeddings,
+    cluster_quality,
+    label_clusters,
+    nearest_centroid,
+)
 from ttmm.build.config import BuildConfig, BuildError
 from ttmm.build.corpus import (
     Chunk,
     CorpusError,
+    Document,
     Split,
     chunk_documents,
-    domain_counts,
     read_corpora,
     split_documents,
+    split_validation,
 )
-from ttmm.build.executors import FINETUNE_JOB, TrainJob, make_executor
-from ttmm.build.train import TrainResult, planned_tokens
-from ttmm.device import describe, model_device
+from ttmm.build.dedup import drop_near_duplicates
+from ttmm.build.executors import CONTINUED_JOB, TrainJob, make_executor
+from ttmm.build.manifest import adapter_dir, build_manifest
+from ttmm.build.train import TrainResult
 from ttmm.embed import Encoder
-from ttmm.routing import RoutingConfig
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".ttmm-build.json"
 CONFIG_NAME = "build_config.yaml"
 TRAINING_RECORD = "training.json"
-MAX_LOSS_POINTS = 200
 
 
 @dataclass
@@ -134,83 +143,22 @@ def check_output(out: Path, config_hash: str) -> str:
     return "resume"
 
 
-def _job_digest(job: TrainJob) -> str:
-    identity = [job.id, job.seed, job.config.to_dict()]
-    if job.dtype != "float32":  # float32 adapters keep the digest they had before dtypes
-        identity.append(job.dtype)
-    digest = hashlib.sha256(json.dumps(identity).encode())
-    for ids in job.token_ids:
-        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()[:16]
-
-
-def _adapter_dir(job_id: int) -> str:
-    return FINETUNE_DIR if job_id == FINETUNE_JOB else expert_dir(job_id)
-
-
 def _finished_record(out: Path, job: TrainJob) -> dict | None:
     """The training record of a complete adapter folder for exactly this job, else None."""
-    folder = out / _adapter_dir(job.id)
+    folder = out / adapter_dir(job.id)
     try:
         record = json.loads((folder / TRAINING_RECORD).read_text())
         load_adapter(folder)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AdapterError):
         return None
-    return record if record.get("digest") == _job_digest(job) else None
-
-
-def _downsample(losses: list[float], points: int = MAX_LOSS_POINTS) -> list[float]:
-    """Mean loss over equal bins, so long runs keep a readable curve in the manifest."""
-    if len(losses) <= points:
-        return [round(x, 5) for x in losses]
-    bins = np.array_split(np.asarray(losses), points)
-    return [round(float(b.mean()), 5) for b in bins]
-
-
-def _make_jobs(
-    config: BuildConfig, chunks: list[Chunk], assignments: np.ndarray, pad_token_id: int
-) -> list[TrainJob]:
-    jobs = []
-    for k in range(config.experts):
-        ids = tuple(chunks[i].token_ids for i in np.flatnonzero(assignments == k))
-        jobs.append(
-            TrainJob(
-                k,
-                ids,
-                config.seed + k,
-                config.train,
-                config.base_model,
-                pad_token_id,
-                config.device,
-                config.dtype,
-            )
-        )
-    if config.with_finetune:
-        # Same total budget as all experts together: cap at the tokens they will train on.
-        budget = sum(planned_tokens(job.token_ids, job.config, job.seed) for job in jobs)
-        finetune = replace(config.train, max_tokens=budget)
-        all_ids = tuple(chunk.token_ids for chunk in chunks)
-        jobs.append(
-            TrainJob(
-                FINETUNE_JOB,
-                all_ids,
-                config.seed + config.experts,
-                finetune,
-                config.base_model,
-                pad_token_id,
-                config.device,
-                config.dtype,
-            )
-        )
-    return jobs
+    return record if record.get("digest") == job_digest(job) else None
 
 
 @dataclass
 class _Prepared:
     """What the data stages produce: the split, the training chunks and their clusters."""
 
-    split: Split
+    split: Split  # held-out documents after near-duplicate removal
     reports: dict[str, dict]
     chunks: list[Chunk]
     embeddings: np.ndarray  # (n, dim) unit rows
@@ -218,32 +166,50 @@ class _Prepared:
     centroids: np.ndarray  # (K, dim) unit rows
     labels: list[str]
     quality: dict
+    validation: list[Chunk]  # chunks of the validation documents (train nothing)
+    val_assignments: np.ndarray  # (n_val,) expert of the nearest centroid
+    validation_documents: list[Document]
+    near_duplicates: dict  # held-out id -> training id it duplicates
 
 
 def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: bool) -> _Prepared:
-    """Read → split → chunk → embed → cluster: everything before the first file is written."""
+    """Read → split → dedup → chunk → embed → cluster: everything before the first write."""
     with timer.stage("read"):
         documents, reports = read_corpora(config.corpora)
     with timer.stage("split"):
         split = split_documents(documents, config.test_fraction, config.split_seed)
+    near_duplicates: dict = {}
+    if config.near_duplicate_threshold is not None:
+        with timer.stage("dedup"):
+            found = drop_near_duplicates(
+                split.train, split.test, config.near_duplicate_threshold, config.split_seed
+            )
+            split = Split(train=split.train, test=found.kept)
+            near_duplicates = found.dropped
+    train_docs, validation_docs = split_validation(
+        split.train, config.validation_fraction, config.split_seed
+    )
     with timer.stage("chunk"):
-        chunks = chunk_documents(
-            split.train,
-            tokenizer,
-            window=config.window,
-            stride=config.stride,
-            min_tokens=config.min_tokens,
-            max_chunks_per_document=config.max_chunks_per_document,
-        )
+        options = {
+            "window": config.window,
+            "stride": config.stride,
+            "min_tokens": config.min_tokens,
+            "max_chunks_per_document": config.max_chunks_per_document,
+        }
+        chunks = chunk_documents(train_docs, tokenizer, **options)
+        validation = chunk_documents(validation_docs, tokenizer, **options)
         if not chunks:
             raise CorpusError(
-                f"the {len(split.train)} training documents give no chunk of at least "
+                f"the {len(train_docs)} training documents give no chunk of at least "
                 f"{config.min_tokens} tokens; add longer documents or lower min_tokens"
             )
     with timer.stage("embed"):
-        embeddings = encoder.encode(
-            [c.text for c in chunks], batch_size=config.embed_batch_size, show_progress=progress
+        embedded = encoder.encode(
+            [c.text for c in chunks + validation],
+            batch_size=config.embed_batch_size,
+            show_progress=progress,
         )
+        embeddings, val_embeddings = embedded[: len(chunks)], embedded[len(chunks) :]
     with timer.stage("cluster"):
         assignments = cluster_embeddings(embeddings, config.experts, seed=config.seed)
         labels = label_clusters(
@@ -253,15 +219,20 @@ def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: b
             "topic": cluster_quality(assignments, [c.label for c in chunks]),
             "domain": cluster_quality(assignments, [c.domain for c in chunks]),
         }
+        centroid_rows = centroids(embeddings, assignments, config.experts)
     return _Prepared(
         split=split,
         reports=reports,
         chunks=chunks,
         embeddings=embeddings,
         assignments=assignments,
-        centroids=centroids(embeddings, assignments, config.experts),
+        centroids=centroid_rows,
         labels=labels,
         quality=quality,
+        validation=validation,
+        val_assignments=nearest_centroid(val_embeddings, centroid_rows),
+        validation_documents=validation_docs,
+        near_duplicates=near_duplicates,
     )
 
 
@@ -292,38 +263,68 @@ def run_build(
         encoder = Encoder(config.encoder, device=config.device, cache_dir=_embedding_cache())
     prepared = _prepare(config, tokenizer, encoder, timer, progress)
 
+    budget, budget_info = _budget(config, _read_state(out) or {}, model, prepared, tokenizer)
+
     # Only now, with the input known to be usable, does the build write anything.
     out.mkdir(parents=True, exist_ok=True)
-    _write_state(out, {"config_hash": config_hash, "status": "in_progress"})
+    _write_state(out, {"config_hash": config_hash, "status": "in_progress", "budget": budget_info})
     (out / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     with timer.stage("write_index"):
-        data = write_split(out, prepared.split, config.split_seed, config.test_fraction)
+        data = write_split(
+            out,
+            prepared.split,
+            config.split_seed,
+            config.test_fraction,
+            validation=[d.id for d in prepared.validation_documents],
+            near_duplicates=prepared.near_duplicates,
+        )
         data.update(
             write_chunk_index(out, prepared.chunks, prepared.embeddings, prepared.assignments)
         )
         write_centroids(out, prepared.centroids)
 
-    jobs = _make_jobs(config, prepared.chunks, prepared.assignments, tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id
+    experts = expert_jobs(
+        config,
+        prepared.chunks,
+        prepared.assignments,
+        prepared.validation,
+        prepared.val_assignments,
+        pad_id,
+        budget,
+    )
+    expert_total = sum(planned(job) for job in experts)
+    total_jobs = len(experts) + int(config.with_finetune) + int(config.continue_finetune)
     records: dict[int, dict] = {}
-    for job in jobs:
-        record = _finished_record(out, job)
-        if record is not None:
-            records[job.id] = record
-    reused = sorted(records)
-    if reused:
-        logger.info("resuming: keeping %d finished adapter(s) %s", len(reused), reused)
-    todo = [job for job in jobs if job.id not in records]
+    reused: list[int] = []
+    trained: list[int] = []
+    executor = make_executor(
+        config.executor,
+        model=model,
+        progress=progress,
+        address=config.ray_address,
+        num_cpus=config.ray_num_cpus,
+        cpus_per_task=config.train.num_threads,
+        max_retries=config.ray_max_retries,
+        gpus_per_task=config.ray_gpus_per_task,
+    )
+    bar = tqdm(total=total_jobs, desc="adapters", disable=not progress)
 
     def save(job: TrainJob, result: TrainResult) -> None:
-        folder = out / _adapter_dir(job.id)
+        folder = out / adapter_dir(job.id)
         save_adapter(result.adapter, folder)
         record = {
-            "digest": _job_digest(job),
+            "digest": job_digest(job),
             "seed": job.seed,
             "n_chunks": len(job.token_ids),
+            "planned_tokens": planned(job),
             "n_tokens": result.n_tokens,
             "seconds": round(result.seconds, 3),
+            "train_seconds": round(result.train_seconds, 3),
             "losses": result.losses,
+            "n_validation_chunks": len(job.validation),
+            "val_before": result.val_before,
+            "val_after": result.val_after,
         }
         (folder / TRAINING_RECORD).write_text(json.dumps(record))
         records[job.id] = record
@@ -340,113 +341,95 @@ def run_build(
         if on_saved is not None:
             on_saved(job.id)
 
-    executor = make_executor(
-        config.executor,
-        model=model,
-        progress=progress,
-        address=config.ray_address,
-        num_cpus=config.ray_num_cpus,
-        cpus_per_task=config.train.num_threads,
-        max_retries=config.ray_max_retries,
-        gpus_per_task=config.ray_gpus_per_task,
-    )
-    bar = tqdm(total=len(jobs), initial=len(reused), desc="adapters", disable=not progress)
-    with timer.stage("train"), bar:
+    def run(phase: list[TrainJob]) -> None:
+        """Train the jobs of a phase that no finished adapter folder already holds."""
+        todo = []
+        for job in phase:
+            record = _finished_record(out, job)
+            if record is None:
+                todo.append(job)
+            else:
+                records[job.id] = record
+                reused.append(job.id)
+                bar.update(1)
         executor.run(todo, save)
+        trained.extend(job.id for job in todo)
+
+    jobs = list(experts)
+    with timer.stage("train"), bar:
+        if config.with_finetune:
+            finetune = finetune_job(
+                config, prepared.chunks, prepared.validation, pad_id, budget or expert_total
+            )
+            jobs.append(finetune)
+            if config.branch_from is None:
+                run(jobs)  # experts and baseline are independent: one batch (parallel on Ray)
+            else:
+                run([finetune])
+            start = load_adapter(out / FINETUNE_DIR)
+            if config.branch_from is not None:
+                jobs = [replace(job, init=start) for job in experts] + [finetune]
+            later = jobs[: len(experts)] if config.branch_from is not None else []
+            if config.continue_finetune:
+                continued = finetune_job(
+                    config,
+                    prepared.chunks,
+                    prepared.validation,
+                    pad_id,
+                    expert_total,
+                    init=start,
+                    job_id=CONTINUED_JOB,
+                )
+                jobs.append(continued)
+                later.append(continued)
+            run(later)
+        else:
+            run(jobs)
+    if reused:
+        logger.info("resumed: kept %d finished adapter(s) %s", len(reused), sorted(reused))
 
     with timer.stage("manifest"):
-        manifest = _manifest(out, config, prepared, model, encoder, jobs, records, data)
+        manifest = build_manifest(out, config, prepared, model, encoder, jobs, records, data)
         manifest.build.update(
             config_hash=config_hash,
             stage_seconds=dict(timer.seconds),
             total_seconds=round(time.perf_counter() - started, 3),
-            resumed_adapters=reused,
+            resumed_adapters=sorted(reused),
+            budget=budget_info,
         )
         write_manifest(out, manifest)
-    _write_state(out, {"config_hash": config_hash, "status": "done"})
-    return BuildResult(out, manifest, [j.id for j in todo], reused)
+    _write_state(out, {"config_hash": config_hash, "status": "done", "budget": budget_info})
+    return BuildResult(out, manifest, trained, sorted(reused))
+
+
+def _budget(
+    config: BuildConfig, state: dict, model, prepared: _Prepared, tokenizer
+) -> tuple[int | None, dict | None]:
+    """The experts' token budget and how it was set. ``budget_minutes`` is converted once, from
+    a measured throughput, and the result kept in the state file for a resumed build."""
+    if config.budget_tokens is not None:
+        return config.budget_tokens, {"tokens": config.budget_tokens, "source": "budget_tokens"}
+    if config.budget_minutes is None:
+        return None, None
+    if state.get("budget"):
+        return int(state["budget"]["tokens"]), state["budget"]
+    rate = measure_throughput(model, config, prepared.chunks, tokenizer.pad_token_id)
+    tokens = max(2 * config.experts, int(config.budget_minutes * 60 * rate))
+    logger.info(
+        "budget: %.1f min at a measured %.1f tokens/s = %d tokens",
+        config.budget_minutes,
+        rate,
+        tokens,
+    )
+    info = {
+        "tokens": tokens,
+        "source": "budget_minutes",
+        "minutes": config.budget_minutes,
+        "measured_tokens_per_second": round(rate, 2),
+    }
+    return tokens, info
 
 
 def _embedding_cache() -> Path:
 
     return ttmm_home() / "embeddings"
-
-
-def _manifest(
-    out: Path,
-    config: BuildConfig,
-    prepared: _Prepared,
-    model,
-    encoder,
-    jobs: list[TrainJob],
-    records: dict[int, dict],
-    data: dict,
-) -> BankManifest:
-    chunks, assignments = prepared.chunks, prepared.assignments
-
-    def info(job: TrainJob, label: str) -> ExpertInfo:
-        record = records[job.id]
-        path = _adapter_dir(job.id)
-        if job.id == FINETUNE_JOB:
-            members = chunks
-        else:
-            members = [chunks[i] for i in np.flatnonzero(assignments == job.id)]
-        return ExpertInfo.describe(
-            max(job.id, 0),
-            path,
-            load_adapter(out / path),
-            out,
-            label=label,
-            n_chunks=record["n_chunks"],
-            n_tokens=record["n_tokens"],
-            loss_curve=_downsample(record["losses"]),
-            extra={
-                "seed": record["seed"],
-                "seconds": record["seconds"],
-                "tokens_per_second": round(record["n_tokens"] / max(record["seconds"], 1e-9), 2),
-                "domains": domain_counts(members),
-                "n_documents": len({c.doc_id for c in members}),
-            },
-        )
-
-    experts = [info(job, prepared.labels[job.id]) for job in jobs if job.id != FINETUNE_JOB]
-    finetune = next(
-        (info(job, "all training chunks") for job in jobs if job.id == FINETUNE_JOB), None
-    )
-    expert_tokens = sum(e.n_tokens for e in experts)
-    expert_seconds = sum(e.extra["seconds"] for e in experts)
-    data.update(
-        {
-            "corpora": list(config.corpora),
-            "documents": {
-                d: {"train": len(v["train"]), "test": len(v["test"])}
-                for d, v in prepared.split.ids_by_domain().items()
-            },
-            "chunks_per_domain": domain_counts(chunks),
-            "window": config.window,
-            "tokenizer": "base_model",
-        }
-    )
-    return BankManifest(
-        base_model=base_model_record(base_model_name(config.base_model), model),
-        encoder={"name": encoder.name, "dim": encoder.dim},
-        routing=RoutingConfig().to_dict(),
-        experts=experts,
-        finetune=finetune,
-        data=data,
-        build={
-            "config": config.to_dict(),
-            "executor": config.executor,
-            "device": describe(model_device(model)),
-            "training": {
-                "expert_tokens": expert_tokens,
-                "expert_seconds": round(expert_seconds, 3),
-                "tokens_per_second": round(expert_tokens / max(expert_seconds, 1e-9), 2),
-                "finetune_tokens": finetune.n_tokens if finetune else 0,
-                "finetune_seconds": finetune.extra["seconds"] if finetune else 0.0,
-            },
-            "cluster_quality": prepared.quality,
-            "corpus_reports": prepared.reports,
-            "cpu_count": os.cpu_count(),
-        },
-    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 import warnings
@@ -25,13 +26,28 @@ from ttmm.device import model_device
 logger = logging.getLogger(__name__)
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
 class TrainConfigError(ValueError):
     """A training setting out of range; the message names the field."""
 
 
 @dataclass(frozen=True)
 class LoraTrainConfig:
-    """How one LoRA adapter is trained. Defaults fit a 2-core CPU (about 100 tokens/s at r=8)."""
+    """How one LoRA adapter is trained. Defaults fit a 2-core CPU (about 100 tokens/s at r=8).
+
+    The default recipe (lr 1e-3, constant, batch 1, rank 8, 1 epoch) is the one the recorded
+    sweep ``benchmarks/recipe_sweep.py`` (results/recipe_sweep.json: SmolLM2-135M, default
+    corpora, about 4k training tokens per run, one factor at a time) found best or tied for
+    both the fine-tuning adapter and an expert, on validation loss (mean NLL per token):
+    lr 3e-4 and 3e-3 both did worse (+0.03 to +0.07 nats), warm-up + cosine did worse
+    (+0.015, +0.024), batch 4 did worse (+0.019, +0.026) and trained slower per token, a
+    second epoch over the same 4k tokens did worse (+0.056, +0.021), and rank 16 tied on the
+    fine-tuning adapter (+0.001) and gained 0.015 on the expert: too little for twice the
+    adapter size and merge cost. One seed and 9-12 validation chunks per adapter: differences
+    under about 0.02 nats are within noise.
+    """
 
     rank: int = 8
     """LoRA rank r of every adapted layer."""
@@ -43,7 +59,14 @@ class LoraTrainConfig:
     use_rslora: bool = False
     """Rank-stabilised LoRA scale alpha / sqrt(r)."""
     learning_rate: float = 1e-3
-    """AdamW learning rate (constant)."""
+    """AdamW peak learning rate (after warm-up; see ``schedule``)."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: ``constant``, ``cosine`` or ``linear`` decay to
+    ``min_lr_ratio`` × ``learning_rate`` at the last step."""
+    warmup_fraction: float = 0.0
+    """Share of the steps over which the rate ramps linearly from 0 to ``learning_rate``."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decaying schedules, as a share of ``learning_rate``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     epochs: int = 1
@@ -64,6 +87,15 @@ class LoraTrainConfig:
     """Seeded shuffle of the chunks in every epoch; False keeps the given order (TTT-NN trains
     nearest neighbour first)."""
 
+    # Fields added after the first banks, with the value those banks were trained with: left
+    # out of ``hash_dict`` at that value, so older banks keep their hashes and still resume.
+    _ADDED_DEFAULTS = {
+        "schedule": "constant",
+        "warmup_fraction": 0.0,
+        "min_lr_ratio": 0.1,
+        "shuffle": True,
+    }
+
     def __post_init__(self) -> None:
         checks = {
             "rank": self.rank >= 1,
@@ -77,6 +109,9 @@ class LoraTrainConfig:
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
             "num_threads": self.num_threads is None or self.num_threads >= 1,
             "target_modules": bool(self.target_modules),
+            "schedule": self.schedule in SCHEDULES,
+            "warmup_fraction": 0.0 <= self.warmup_fraction < 1.0,
+            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -94,6 +129,11 @@ class LoraTrainConfig:
             del data["shuffle"]
         return data
 
+    def hash_dict(self) -> dict:
+        """``to_dict`` without added fields at the value older banks were trained with."""
+        added = self._ADDED_DEFAULTS
+        return {k: v for k, v in self.to_dict().items() if k not in added or added[k] != v}
+
     @classmethod
     def from_dict(cls, data: dict) -> LoraTrainConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -109,11 +149,15 @@ class TrainResult:
     adapter: LoraAdapter
     losses: list[float]  # mean next-token loss of each optimiser step
     n_tokens: int  # tokens trained on, all epochs together
-    seconds: float
+    seconds: float  # everything: wrapping, validation and training
+    train_seconds: float = 0.0  # the optimiser steps alone (throughput = n_tokens / this)
+    val_before: float | None = None  # mean NLL per token on the validation chunks, at start
+    val_after: float | None = None  # the same after the last step
 
     @property
     def tokens_per_second(self) -> float:
-        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+        seconds = self.train_seconds or self.seconds
+        return self.n_tokens / seconds if seconds > 0 else 0.0
 
 
 def _batches(
@@ -194,6 +238,113 @@ def _json_config(peft_config) -> dict:
     return json.loads(json.dumps(peft_config.to_dict(), default=plain))
 
 
+def lr_factor(step: int, total: int, config: LoraTrainConfig) -> float:
+    """Multiplier of ``learning_rate`` at optimiser step ``step`` (0-based) of ``total``.
+
+    Linear warm-up over the first ``warmup_fraction`` of the steps (from 1/(warm-up steps), so
+    the first step moves), then constant, or a cosine or linear decay to ``min_lr_ratio``.
+    """
+    warmup = int(round(config.warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup - 1)  # 0 at the first, 1 at the last
+    floor = config.min_lr_ratio
+    if config.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * (1.0 - progress)
+
+
+def wrap_model(model: torch.nn.Module, config: LoraTrainConfig, seed: int, init=None):
+    """PEFT-wrap ``model`` with a fresh LoRA (A drawn from ``seed``) or one that starts at the
+    factors of ``init`` (a :class:`LoraAdapter` of the same shape: branched experts). The
+    caller must :func:`unwrap_model` in ``finally``."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    torch.manual_seed(seed)  # LoRA's A initialisation draws from torch's global generator
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        peft_model = get_peft_model(model, _peft_config(config))
+    peft_model.eval()  # no dropout anywhere: training is a deterministic function of seed
+    if init is not None:
+        expected = set(_state_keys(peft_model))
+        state = init.state_dict()
+        if set(state) != expected or init.rank != config.rank:
+            unwrap_model(model, peft_model)
+            raise TrainConfigError(
+                f"cannot start from an adapter of rank {init.rank} on {len(state) // 2} layers: "
+                f"the training config asks for rank {config.rank} on {len(expected) // 2} "
+                "(branch with the same rank, alpha and target modules)"
+            )
+        device = model_device(model)
+        set_peft_model_state_dict(
+            peft_model, {k: v.to(device, torch.float32) for k, v in state.items()}
+        )
+    return peft_model
+
+
+def _state_keys(peft_model) -> list[str]:
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(peft_model))
+
+
+def adapter_of(peft_model) -> LoraAdapter:
+    """The wrapped model's current LoRA factors, as float32 CPU copies."""
+    from peft import get_peft_model_state_dict
+
+    state = {
+        key: tensor.detach().to("cpu", torch.float32).clone()
+        for key, tensor in get_peft_model_state_dict(peft_model).items()
+    }
+    return LoraAdapter.from_state_dict(
+        state, _json_config(peft_model.peft_config["default"]), source="train_lora"
+    )
+
+
+def unwrap_model(model: torch.nn.Module, peft_model) -> None:
+    """Undo :func:`wrap_model`: original linear modules back, weights untouched."""
+    if peft_model is not None:
+        peft_model.unload()
+    _strip_peft_markers(model)
+
+
+@torch.no_grad()
+def mean_nll(
+    model: torch.nn.Module,
+    chunks_token_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    max_seq_len: int = 256,
+    batch_size: int = 4,
+) -> float | None:
+    """Mean next-token negative log-likelihood per predicted token (nats) of ``model`` on the
+    chunks (each cut to ``max_seq_len``); None when no chunk has two tokens."""
+    chunks = [list(ids[:max_seq_len]) for ids in chunks_token_ids if len(ids) >= 2]
+    if not chunks:
+        return None
+    device = model_device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(chunks), batch_size):
+        inputs = _collate(chunks[start : start + batch_size], pad_token_id)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = logits.logits[:, :-1].float()  # (b, T-1, vocab)
+        targets = inputs["labels"][:, 1:]  # (b, T-1)
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
+        count += int((targets != -100).sum())
+    return total / count
+
+
 def train_lora(
     model: torch.nn.Module,
     chunks_token_ids: Sequence[Sequence[int]],
@@ -201,14 +352,17 @@ def train_lora(
     seed: int = 0,
     progress: bool | str = False,
     pad_token_id: int | None = None,
+    init: LoraAdapter | None = None,
+    validation: Sequence[Sequence[int]] = (),
 ) -> TrainResult:
-    """Train a fresh LoRA on ``chunks_token_ids`` (lists of token ids) from the frozen ``model``.
+    """Train a LoRA on ``chunks_token_ids`` (lists of token ids) from the frozen ``model``.
 
+    The LoRA starts fresh, or at the factors of ``init`` (branched experts). ``validation``
+    chunks are scored (mean NLL per token) before the first step and after the last.
     ``progress`` shows a tqdm bar (a string becomes its description). ``pad_token_id`` fills
     padding positions (they are masked out of attention and loss; default: the model's pad or
     eos id, else 0).
     """
-    from peft import get_peft_model, get_peft_model_state_dict
     from tqdm.auto import tqdm
 
     config = config or LoraTrainConfig()
@@ -228,16 +382,15 @@ def train_lora(
     try:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        torch.manual_seed(seed)  # LoRA's A initialisation draws from torch's global generator
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
-            )
-            peft_model = get_peft_model(model, _peft_config(config))
-        peft_model.eval()  # no dropout anywhere: training is a deterministic function of seed
+        peft_model = wrap_model(model, config, seed, init)
+        val_before = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
+        train_started = time.perf_counter()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, len(batches), config)
         )
         # float16 activations underflow small gradients: scale the loss (a no-op otherwise;
         # the LoRA weights themselves stay float32 under PEFT's adapter autocast).
@@ -261,20 +414,15 @@ def train_lora(
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             losses.append(float(loss.detach()))
             n_tokens += int(inputs["attention_mask"].sum())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        state = {
-            key: tensor.detach().to("cpu", torch.float32).clone()
-            for key, tensor in get_peft_model_state_dict(peft_model).items()
-        }
-        adapter = LoraAdapter.from_state_dict(
-            state, _json_config(peft_model.peft_config["default"]), source="train_lora"
-        )
+        train_seconds = time.perf_counter() - train_started
+        val_after = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
+        adapter = adapter_of(peft_model)
     finally:
-        if peft_model is not None:
-            peft_model.unload()  # puts the original linear modules back, weights untouched
-        _strip_peft_markers(model)
+        unwrap_model(model, peft_model)
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad.get(name, False))
         model.train(was_training)
@@ -284,12 +432,20 @@ def train_lora(
         "trained LoRA r=%d on %d tokens in %.1f s (%.0f tok/s), loss %.3f -> %.3f",
         config.rank,
         n_tokens,
-        seconds,
-        n_tokens / max(seconds, 1e-9),
+        train_seconds,
+        n_tokens / max(train_seconds, 1e-9),
         losses[0],
         losses[-1],
     )
-    return TrainResult(adapter=adapter, losses=losses, n_tokens=n_tokens, seconds=seconds)
+    return TrainResult(
+        adapter=adapter,
+        losses=losses,
+        n_tokens=n_tokens,
+        seconds=seconds,
+        train_seconds=train_seconds,
+        val_before=val_before,
+        val_after=val_after,
+    )
 
 
 def _default_pad_id(model) -> int:

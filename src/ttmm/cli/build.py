@@ -7,6 +7,7 @@ Settings come from the defaults, then ``--config FILE`` (TOML or YAML, the same 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -54,8 +55,51 @@ def build(
             help="Also train the fine-tuning baseline on all chunks, same total tokens.",
         ),
     ] = None,
+    branch_from: Annotated[
+        str | None,
+        typer.Option(
+            help="finetune: train the fine-tuning adapter first and start every expert from it "
+            "(branched experts; implies --with-finetune)."
+        ),
+    ] = None,
+    continue_finetune: Annotated[
+        bool | None,
+        typer.Option(
+            "--continue-finetune/--no-continue-finetune",
+            help="Equal-compute control: continue the fine-tuning adapter on all chunks for as "
+            "many tokens as the experts took, saved as finetune_continued/.",
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="Training tokens of all experts together, shared in proportion to cluster "
+            "tokens; the fine-tuning baseline gets the same total."
+        ),
+    ] = None,
+    budget_minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --budget: minutes of expert training, converted to tokens once "
+            "from a throughput measured at the start of the build."
+        ),
+    ] = None,
     test_fraction: Annotated[
         float | None, typer.Option(help="Share of documents held out.")
+    ] = None,
+    near_duplicate_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop held-out documents whose word-shingle Jaccard to a training document "
+            "reaches this (default 0.8)."
+        ),
+    ] = None,
+    keep_near_duplicates: Annotated[
+        bool, typer.Option(help="Keep held-out near-duplicates of training documents.")
+    ] = False,
+    validation_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of training documents kept for validation losses (0.05)."),
     ] = None,
     window: Annotated[int | None, typer.Option(help="Chunk length in tokens.")] = None,
     max_chunks_per_document: Annotated[
@@ -73,6 +117,12 @@ def build(
         int | None, typer.Option(help="Token budget per adapter (default: epochs decide).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Chunks per step.")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="Learning-rate schedule: constant, cosine or linear.")
+    ] = None,
+    warmup_fraction: Annotated[
+        float | None, typer.Option(help="Share of steps of linear learning-rate warm-up.")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="Torch threads per training job (Ray: CPUs per task).")
     ] = None,
@@ -100,7 +150,13 @@ def build(
         device=device,
         dtype=dtype,
         with_finetune=with_finetune,
+        branch_from=branch_from,
+        continue_finetune=continue_finetune,
+        budget_tokens=budget,
+        budget_minutes=budget_minutes,
         test_fraction=test_fraction,
+        near_duplicate_threshold=near_duplicate_threshold,
+        validation_fraction=validation_fraction,
         window=window,
         max_chunks_per_document=max_chunks_per_document,
         seed=seed,
@@ -111,8 +167,12 @@ def build(
         train_epochs=epochs,
         train_max_tokens=max_tokens,
         train_batch_size=batch_size,
+        train_schedule=schedule,
+        train_warmup_fraction=warmup_fraction,
         train_num_threads=threads,
     )
+    if keep_near_duplicates:
+        resolved = replace(resolved, near_duplicate_threshold=None)
     result = run_build(resolved, out, progress=progress)
     if result.nothing_to_do:
         console.print(f"{out} is already built with this configuration: nothing to do")
@@ -129,25 +189,31 @@ def _print_summary(manifest, path: Path) -> None:
 
 def _experts_table(manifest, title: str) -> Table:
     table = Table(title=title)
-    for column in ("expert", "label", "chunks", "tokens", "rank", "MB", "loss start → end"):
+    columns = ("expert", "label", "chunks", "planned", "tokens", "rank", "MB")
+    for column in (*columns, "loss start → end", "val before → after"):
         table.add_column(column, justify="left" if column == "label" else "right")
     rows = [(str(e.id), e) for e in manifest.experts]
     if manifest.finetune is not None:
         rows.append(("finetune", manifest.finetune))
+    if manifest.finetune_continued is not None:
+        rows.append(("finetune continued", manifest.finetune_continued))
     for name, entry in rows:
         curve = entry.loss_curve
         tenth = max(1, len(curve) // 10)  # mean of the first and last tenth: steps are noisy
         loss = (
             f"{sum(curve[:tenth]) / tenth:.3f} → {sum(curve[-tenth:]) / tenth:.3f}" if curve else ""
         )
+        before, after = entry.extra.get("val_before"), entry.extra.get("val_after")
         table.add_row(
             name,
             Text(entry.label),  # labels are corpus words: never rich markup
             str(entry.n_chunks),
+            str(entry.extra.get("planned_tokens", "")),
             str(entry.n_tokens),
             str(entry.rank),
             f"{entry.size_bytes / 1e6:.2f}",
             loss,
+            f"{before:.3f} → {after:.3f}" if before is not None and after is not None else "",
         )
     return table
 
@@ -166,6 +232,22 @@ def _build_table(build_info: dict) -> Table:
         table.add_row("training tokens/s", f"{training['tokens_per_second']:.1f}")
         if training.get("finetune_tokens"):
             table.add_row("fine-tuning baseline tokens", str(training["finetune_tokens"]))
+        if training.get("finetune_continued_tokens"):
+            table.add_row(
+                "fine-tuning continued tokens", str(training["finetune_continued_tokens"])
+            )
+    budget = build_info.get("budget")
+    if budget:
+        how = budget["source"]
+        if budget.get("minutes") is not None:
+            how = (
+                f"{budget['minutes']} min at a measured "
+                f"{budget['measured_tokens_per_second']} tokens/s"
+            )
+        table.add_row("expert token budget", f"{budget['tokens']} ({how})")
+    branch = (build_info.get("config") or {}).get("branch_from")
+    if branch:
+        table.add_row("experts branched from", branch)
     for gold, quality in (build_info.get("cluster_quality") or {}).items():
         if quality:
             table.add_row(
@@ -230,11 +312,17 @@ def info(
             console.print(Text(yaml.safe_dump(config, sort_keys=False).rstrip()))
     if manifest.data.get("documents"):
         table = Table(title="data")
-        for column in ("domain", "train documents", "test documents", "chunks"):
+        columns = ("domain", "train documents", "validation documents", "test documents")
+        for column in (*columns, "near-duplicates dropped", "chunks"):
             table.add_column(column, justify="right")
         chunks = manifest.data.get("chunks_per_domain", {})
         for domain, counts in manifest.data["documents"].items():
             table.add_row(
-                domain, str(counts["train"]), str(counts["test"]), str(chunks.get(domain, 0))
+                domain,
+                str(counts["train"]),
+                str(counts.get("validation", 0)),
+                str(counts["test"]),
+                str(counts.get("near_duplicates_dropped", 0)),
+                str(chunks.get(domain, 0)),
             )
         console.print(table)
