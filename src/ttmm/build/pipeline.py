@@ -15,29 +15,25 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
-from ttmm.adapter import AdapterError, load_adapter, save_adapter
 from ttmm.assets import load_base_model, ttmm_home
+from ttmm.atomic import atomic_write_json, atomic_write_text
 from ttmm.bank import (
-    FINETUNE_DIR,
     MANIFEST_NAME,
     Bank,
     BankManifest,
     write_centroids,
     write_manifest,
 )
+from ttmm.build.adapters import AdapterTraining, train_adapters
 from ttmm.build.budget import (
     expert_jobs,
-    finetune_job,
-    job_digest,
     measure_throughput,
-    planned,
 )
 from ttmm.build.chunks import write_chunk_index, write_split
 from ttmm.build.cluster import (
@@ -59,16 +55,14 @@ from ttmm.build.corpus import (
     split_validation,
 )
 from ttmm.build.dedup import drop_near_duplicates
-from ttmm.build.executors import CONTINUED_JOB, TrainJob, make_executor
-from ttmm.build.manifest import adapter_dir, build_manifest
-from ttmm.build.train import TrainResult
+from ttmm.build.executors import make_executor
+from ttmm.build.manifest import build_manifest
 from ttmm.embed import Encoder
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".ttmm-build.json"
 CONFIG_NAME = "build_config.yaml"
-TRAINING_RECORD = "training.json"
 
 
 @dataclass
@@ -106,10 +100,7 @@ def _read_state(out: Path) -> dict | None:
 
 
 def _write_state(out: Path, payload: dict) -> None:
-    path = out / STATE_NAME
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(payload, indent=1))
-    os.replace(staging, path)
+    atomic_write_json(out / STATE_NAME, payload, indent=1)
 
 
 def check_output(out: Path, config_hash: str) -> str:
@@ -141,17 +132,6 @@ def check_output(out: Path, config_hash: str) -> str:
     if state.get("status") == "done" and (out / MANIFEST_NAME).is_file():
         return "done"
     return "resume"
-
-
-def _finished_record(out: Path, job: TrainJob) -> dict | None:
-    """The training record of a complete adapter folder for exactly this job, else None."""
-    folder = out / adapter_dir(job.id)
-    try:
-        record = json.loads((folder / TRAINING_RECORD).read_text())
-        load_adapter(folder)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AdapterError):
-        return None
-    return record if record.get("digest") == job_digest(job) else None
 
 
 @dataclass
@@ -268,7 +248,7 @@ def run_build(
     # Only now, with the input known to be usable, does the build write anything.
     out.mkdir(parents=True, exist_ok=True)
     _write_state(out, {"config_hash": config_hash, "status": "in_progress", "budget": budget_info})
-    (out / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     with timer.stage("write_index"):
         data = write_split(
             out,
@@ -293,11 +273,6 @@ def run_build(
         pad_id,
         budget,
     )
-    expert_total = sum(planned(job) for job in experts)
-    total_jobs = len(experts) + int(config.with_finetune) + int(config.continue_finetune)
-    records: dict[int, dict] = {}
-    reused: list[int] = []
-    trained: list[int] = []
     executor = make_executor(
         config.executor,
         model=model,
@@ -308,98 +283,30 @@ def run_build(
         max_retries=config.ray_max_retries,
         gpus_per_task=config.ray_gpus_per_task,
     )
-    bar = tqdm(total=total_jobs, desc="adapters", disable=not progress)
-
-    def save(job: TrainJob, result: TrainResult) -> None:
-        folder = out / adapter_dir(job.id)
-        save_adapter(result.adapter, folder)
-        record = {
-            "digest": job_digest(job),
-            "seed": job.seed,
-            "n_chunks": len(job.token_ids),
-            "planned_tokens": planned(job),
-            "n_tokens": result.n_tokens,
-            "seconds": round(result.seconds, 3),
-            "train_seconds": round(result.train_seconds, 3),
-            "losses": result.losses,
-            "n_validation_chunks": len(job.validation),
-            "val_before": result.val_before,
-            "val_after": result.val_after,
-        }
-        (folder / TRAINING_RECORD).write_text(json.dumps(record))
-        records[job.id] = record
-        logger.info(
-            "%s: %d chunks, %d tokens, %.0f s, loss %.3f -> %.3f",
-            job.name,
-            len(job.token_ids),
-            result.n_tokens,
-            result.seconds,
-            result.losses[0],
-            result.losses[-1],
+    total = len(experts) + int(config.with_finetune) + int(config.continue_finetune)
+    training = AdapterTraining(out, executor, total, progress, on_saved)
+    with timer.stage("train"), training.bar:
+        jobs = train_adapters(
+            config, training, experts, (prepared.chunks, prepared.validation, pad_id, budget)
         )
-        bar.update(1)
-        if on_saved is not None:
-            on_saved(job.id)
-
-    def run(phase: list[TrainJob]) -> None:
-        """Train the jobs of a phase that no finished adapter folder already holds."""
-        todo = []
-        for job in phase:
-            record = _finished_record(out, job)
-            if record is None:
-                todo.append(job)
-            else:
-                records[job.id] = record
-                reused.append(job.id)
-                bar.update(1)
-        executor.run(todo, save)
-        trained.extend(job.id for job in todo)
-
-    jobs = list(experts)
-    with timer.stage("train"), bar:
-        if config.with_finetune:
-            finetune = finetune_job(
-                config, prepared.chunks, prepared.validation, pad_id, budget or expert_total
-            )
-            jobs.append(finetune)
-            if config.branch_from is None:
-                run(jobs)  # experts and baseline are independent: one batch (parallel on Ray)
-            else:
-                run([finetune])
-            start = load_adapter(out / FINETUNE_DIR)
-            if config.branch_from is not None:
-                jobs = [replace(job, init=start) for job in experts] + [finetune]
-            later = jobs[: len(experts)] if config.branch_from is not None else []
-            if config.continue_finetune:
-                continued = finetune_job(
-                    config,
-                    prepared.chunks,
-                    prepared.validation,
-                    pad_id,
-                    expert_total,
-                    init=start,
-                    job_id=CONTINUED_JOB,
-                )
-                jobs.append(continued)
-                later.append(continued)
-            run(later)
-        else:
-            run(jobs)
+    reused = sorted(training.reused)
     if reused:
-        logger.info("resumed: kept %d finished adapter(s) %s", len(reused), sorted(reused))
+        logger.info("resumed: kept %d finished adapter(s) %s", len(reused), reused)
 
     with timer.stage("manifest"):
-        manifest = build_manifest(out, config, prepared, model, encoder, jobs, records, data)
+        manifest = build_manifest(
+            out, config, prepared, model, encoder, jobs, training.records, data
+        )
         manifest.build.update(
             config_hash=config_hash,
             stage_seconds=dict(timer.seconds),
             total_seconds=round(time.perf_counter() - started, 3),
-            resumed_adapters=sorted(reused),
+            resumed_adapters=reused,
             budget=budget_info,
         )
         write_manifest(out, manifest)
     _write_state(out, {"config_hash": config_hash, "status": "done", "budget": budget_info})
-    return BuildResult(out, manifest, trained, sorted(reused))
+    return BuildResult(out, manifest, training.trained, reused)
 
 
 def _budget(
