@@ -37,6 +37,7 @@ from ttmm.serve.schemas import (
     TTMMControl,
 )
 from ttmm.serve.streaming import cut_at_stop
+from ttmm.serve.ui import install_ui
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
     guarded = [Depends(authorize)]
+    install_ui(app, guarded)  # the web page at / and its /v1/ttmm endpoints
 
     @app.get("/health")
     async def health() -> dict:
