@@ -1,4 +1,6 @@
 // Drawing for the ttmm page: the 2-D map, sparklines and bars, in plain SVG and HTML.
+// Exported as window.plot; everything else stays inside this function.
+(() => {
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -127,3 +129,4 @@ function bar(share, color, cls = "") {
 }
 
 window.plot = { clusterColor, make, drawMap, sparkline, bar };
+})();
