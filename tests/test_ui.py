@@ -182,3 +182,48 @@ def test_finetune_completions_say_when_the_bank_has_no_adapter(tiny_engine):
         bank = c.get("/v1/ttmm/bank").json()  # no chunk index: the map holds centroids only
     assert bank["finetune"] is None and bank["map"]["source"] == "centroids"
     assert bank["map"]["points"] == [] and len(bank["map"]["centroids"]) == 4
+
+
+def test_ui_verb_serves_the_bank_and_opens_the_page_with_the_key(monkeypatch, tmp_path):
+    import threading
+
+    from typer.testing import CliRunner
+
+    import ttmm.cli.ui as ui_verb
+    from ttmm.cli.app import app
+
+    served, opened = {}, threading.Event()
+    monkeypatch.setattr(ui_verb, "serve", lambda **kwargs: served.update(kwargs))
+    calls = []
+    monkeypatch.setattr(ui_verb, "open_when_ready", lambda *a: calls.append(a) or opened.set())
+    args = ["ui", "--bank", str(tmp_path), "--port", "8123", "--api-key", "s e/same"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert served["bank"] == tmp_path and served["port"] == 8123
+    assert served["api_key"] == "s e/same" and served["host"] == "127.0.0.1"
+    assert opened.wait(10)
+    assert calls == [("http://127.0.0.1:8123/#key=s%20e%2Fsame", "http://127.0.0.1:8123/health")]
+    served.clear()
+    result = CliRunner().invoke(app, ["ui", "--bank", str(tmp_path), "--no-open"])
+    assert result.exit_code == 0 and served["port"] == 8000 and len(calls) == 1
+
+
+def test_open_when_ready_waits_for_the_server_then_opens_the_page(tiny_engine):
+    from test_server import free_port, running
+
+    from ttmm.cli.ui import open_when_ready, page_url
+
+    assert page_url("0.0.0.0", 80) == "http://127.0.0.1:80/"
+    assert page_url("::1", 80) == "http://[::1]:80/"
+    opened = []
+
+    def browser(url: str) -> bool:
+        opened.append(url)
+        return True
+
+    with running(create_app(tiny_engine)) as url:
+        assert open_when_ready(url + "/#key=x", url + "/health", opener=browser)
+    assert opened == [url + "/#key=x"]
+    dead = f"http://127.0.0.1:{free_port()}/health"
+    assert not open_when_ready("x", dead, opener=browser, timeout_s=0.3, poll_s=0.05)
+    assert len(opened) == 1

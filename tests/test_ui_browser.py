@@ -6,12 +6,9 @@ The real app runs under uvicorn in a thread, over the tiny built bank, with API 
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 from evalbank import eval_bank_path, eval_engine  # noqa: F401  (fixtures)
-from test_server import free_port
+from test_server import running
 
 from ttmm.serve.app import ServerSettings, create_app
 
@@ -33,20 +30,8 @@ WAIT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def server(eval_engine):  # noqa: F811
-    import uvicorn
-
-    port = free_port()
-    app = create_app(eval_engine, ServerSettings(api_key="sesame", batch_window_ms=0))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running(create_app(eval_engine, ServerSettings(api_key="sesame"))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
