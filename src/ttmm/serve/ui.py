@@ -51,8 +51,7 @@ class LocateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(min_length=1)
-    routing: RoutingOverride | None = None
-    """Only ``query_tokens`` of the routing matters here; the rest is accepted for symmetry."""
+    """The text; like routing, it is placed by its first P tokens (the bank's query_tokens)."""
 
 
 class ScoreRequest(BaseModel):
@@ -199,14 +198,14 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
 
     @router.post("/locate")
     async def locate(body: LocateRequest) -> dict:
-        engine, routing = state.engine, state.routing(body.routing)
+        engine = state.engine
 
         def work() -> dict:
-            [query] = engine.query_texts([body.input], routing)
+            [query] = engine.query_texts([body.input])
             if not query.strip():
                 raise APIError(400, "input is blank: routing needs some text", param="input")
             q = engine.encoder.encode([query])  # (1, dim), unit rows
-            [z] = engine.similarities([body.input], routing).tolist()  # (K,)
+            [z] = engine.similarities([body.input]).tolist()  # (K,)
             [[x, y]] = state.bank_map().project(q).tolist()
             return {"object": "ttmm.locate", "query": query, "x": x, "y": y, "similarities": z}
 
@@ -218,10 +217,11 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
         limit = body.max_tokens or settings.max_prompt_tokens
         within(limit, settings.max_prompt_tokens, f"max_tokens={limit}", "max_tokens")
         routing = state.routing(body.routing).replace(query_tokens=body.prefix_tokens)
-        finetune = state.finetune() if engine.bank.manifest.finetune is not None else None
+        has_finetune = engine.bank.manifest.finetune is not None
 
         def work() -> dict:
             text, P = body.text, body.prefix_tokens
+            finetune = state.finetune() if has_finetune else None
             [routed] = engine.score([text], P, limit, routing=routing)
             [base] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
             methods = [method("base", base), method("ttmm", routed, plan_json(engine, routed.plan))]
@@ -245,7 +245,7 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
     @router.post("/finetune/completions")
     async def finetune_completions(body: CompletionRequest):
         engine, settings = state.engine, state.settings
-        merger = state.finetune()
+        merger = await asyncio.to_thread(state.finetune)  # read from disk once
         requested = body.max_tokens or settings.default_max_tokens
         within(requested, settings.max_new_tokens, f"max_tokens={requested}", "max_tokens")
         prompt_tokens = len(engine.tokenizer(body.prompt)["input_ids"])

@@ -276,7 +276,7 @@ async function runPrompt() {
     const routing = routingOverride();
     const maxTokens = Number($("max-tokens").value);
     if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) throw new Error("new tokens must be a whole number ≥ 1");
-    const where = await getJSON("/v1/ttmm/locate", { input: prompt, routing });
+    const where = await getJSON("/v1/ttmm/locate", { input: prompt });
     state.prompt = prompt;
     state.point = where;
     state.similarities = where.similarities;
