@@ -211,7 +211,7 @@ def main() -> None:
         ]
         base_tps = median["batch0"]
         merged_tps = {active: median[f"batch{active}"] for active in (3, 10)}
-        adapter_bytes = 4 * engine.merger.num_parameters
+        adapter_bytes = 4 * engine.merger.n_parameters
 
     table = Table(title=f"TTMM overhead, {args.experts} experts r=8, {args.tokens} new tokens")
     for col in (

@@ -1,33 +1,34 @@
-"""Reproduce the paper's Table 1: banks with several K on the default corpora, every method of
-the evaluation harness, table and plots in ``benchmarks/results/``.
+"""Reproduce the paper's Table 1 and Fig. 1 with intervals: banks on the default corpora, every
+method of the evaluation harness, table and plots in ``benchmarks/results/``.
 
-    .venv/bin/python benchmarks/reproduce.py                 # about an hour on 2 CPU cores
-    .venv/bin/python benchmarks/reproduce.py --experts 4 16  # fewer banks
+    .venv/bin/python benchmarks/reproduce.py                     # several hours on 2 CPU cores
+    .venv/bin/python benchmarks/reproduce.py --only k16          # one bank of the table
+    .venv/bin/python benchmarks/reproduce.py --bank A --bank B   # evaluate banks built elsewhere
     .venv/bin/python benchmarks/reproduce.py --full --device cuda  # to benchmarks/results-full/
 
-Two presets. ``--small`` (the default) is sized for about an hour of a shared 2-core CPU
-(training runs at 40-100 tokens per second there, design notes §5), not to match the paper
-(K = 100, a 1B model, full corpora):
+The banks are the rows of :data:`BANKS` (K, total training-token budget, branched or not,
+equal-compute fine-tuning continuation): edit that table, not the code. ``--small`` (the
+default) builds, on ``wiki@400`` and ``stdlib@400`` with 15% of documents held out:
 
-- corpora ``wiki@200`` (Wikipedia lead sections, about 100 tokens each) and ``stdlib@20``
-  (CPython modules, at most 3 chunks of 256 tokens each), 20% of documents held out: about 16k
-  training tokens of prose and 12k of code, every chunk training exactly one expert (rank 8,
-  all linear layers, one epoch, one torch thread);
-- K = 16 (with the fine-tuning baseline, same token budget), then 4, then 64: 64 experts see
-  about 450 tokens each, too little to learn much, and the table shows it;
-- evaluation on 20 held-out documents per domain (the code domain has 2), routed on 50
-  tokens, scored on the rest (up to 512 tokens), TTT with 20 neighbours and one step each;
-  cost timed on one prompt per domain, 100 new tokens, all banks and methods interleaved in
-  one process.
+- ``k16``: K = 16 experts trained from the base model on a budget of 250k training tokens in
+  all (the fine-tuning baseline gets the same 250k);
+- ``k16-branched``: K = 16 experts branched from the fine-tuning adapter (Branch-Train-Merge's
+  seed phase), 250k tokens, and the fine-tuning adapter continued for as many tokens as the
+  experts took (the equal-compute control, method ``finetune_continued``).
 
-``--full`` is the run for a GPU: all 10,033 Wikipedia lead sections and the whole standard
-library (1.22M training tokens in 9,469 chunks, about 12k tokens per expert at K = 100),
-K = 16, 64 and 100, 100 held-out documents per domain and 5 timed prompts per domain; the
-same protocol otherwise. ``--device`` and ``--dtype`` place it
-(default: a GPU in bfloat16 where there is one, else the CPU in float32).
+The evaluation (design notes §3 and §7) takes 60 held-out documents per domain in a seeded
+order; TTT-NN and the hybrids TTMM->TTT run on the first 30 of them, all-weights TTT on the
+first 10; every method is scored on those too, so comparisons are paired. Perplexities come
+with 95% paired bootstrap intervals over documents (2000 resamples). Test-time cost is timed on
+3 prompts per domain, 100 new tokens, every bank and method interleaved in one process.
 
-Everything is resumable: finished banks are reused and scored documents are not scored again.
-The fine-tuning baseline does not depend on K and is trained once, in the first bank.
+``--full`` is the run for a GPU: all Wikipedia lead sections and the whole standard library,
+K = 16, 64 and 100 (plain) and 100 (branched), 100 documents per domain (TTT on 50, all-weights
+TTT on 20), 5 timed prompts per domain.
+
+Everything is resumable: finished banks are reused, scored documents are not scored again
+(records are keyed by every setting and by the content of the bank and the base weights, so a
+changed setting or a rebuilt bank is rescored), and fully timed prompts are kept.
 """
 
 from __future__ import annotations
@@ -45,59 +46,112 @@ HERE = Path(__file__).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
+class BankSpec:
+    """One bank to build: a row of :data:`BANKS`."""
+
+    name: str
+    """Folder name under the banks directory, and the bank's name in the results."""
+    experts: int
+    """K."""
+    budget_tokens: int | None = None
+    """Training tokens of all experts together (``ttmm build --budget``); None: one epoch."""
+    branch_from: str | None = None
+    """``finetune``: every expert starts from the fine-tuning adapter (``--branch-from``)."""
+    continue_finetune: bool = False
+    """Also continue the fine-tuning adapter for the experts' tokens (``--continue-finetune``)."""
+    with_finetune: bool = True
+    """Train the fine-tuning baseline (needed by the ``finetune`` method)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Preset:
     corpora: tuple[str, ...]
-    experts: tuple[int, ...]
+    test_fraction: float
+    banks: tuple[BankSpec, ...]
     docs: int
+    ttt_docs: int
+    ttt_full_docs: int
     timing_prompts: int
 
 
-PRESETS = {
-    "small": Preset(("wiki@200", "stdlib@20"), (16, 4, 64), docs=20, timing_prompts=1),
-    "full": Preset(("wiki", "stdlib"), (16, 64, 100), docs=100, timing_prompts=5),
+BANKS = {
+    "small": (
+        BankSpec("k16", 16, budget_tokens=250_000),
+        BankSpec(
+            "k16-branched",
+            16,
+            budget_tokens=250_000,
+            branch_from="finetune",
+            continue_finetune=True,
+        ),
+    ),
+    "full": (
+        BankSpec("k16", 16),
+        BankSpec("k64", 64),
+        BankSpec("k100", 100),
+        BankSpec("k100-branched", 100, branch_from="finetune", continue_finetune=True),
+    ),
 }
 
+PRESETS = {
+    "small": Preset(("wiki@400", "stdlib@400"), 0.15, BANKS["small"], 60, 30, 10, 3),
+    "full": Preset(("wiki", "stdlib"), 0.1, BANKS["full"], 100, 50, 20, 5),
+}
 
-def build_config(preset: Preset, experts: int, with_finetune: bool, args):
+# BankSpec fields that are BuildConfig fields of the same name, and their "not asked" value:
+# only the ones asked for are passed, so the table also runs on a ttmm without those options.
+BUILD_OPTIONS = {"budget_tokens": None, "branch_from": None, "continue_finetune": False}
+
+
+def build_config(preset: Preset, spec: BankSpec, args):
     from ttmm.build.pipeline import BuildConfig
     from ttmm.build.train import LoraTrainConfig
 
+    options = {
+        name: getattr(spec, name)
+        for name, unset in BUILD_OPTIONS.items()
+        if getattr(spec, name) != unset
+    }
+    missing = [name for name in options if name not in BuildConfig.__dataclass_fields__]
+    if missing:
+        raise SystemExit(
+            f"bank {spec.name}: this ttmm's BuildConfig has no {', '.join(missing)}; install "
+            "a ttmm with those build options or edit BANKS in benchmarks/reproduce.py"
+        )
     return BuildConfig(
         corpora=preset.corpora,
-        experts=experts,
-        test_fraction=0.2,
+        experts=spec.experts,
+        test_fraction=preset.test_fraction,
         window=256,
         max_chunks_per_document=3,
-        with_finetune=with_finetune,
+        with_finetune=spec.with_finetune,
         base_model=args.base_model,
         device=args.device,
         dtype=args.dtype,
         train=LoraTrainConfig(
             num_threads=args.threads, epochs=args.epochs, batch_size=args.batch_size
         ),
+        **options,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument(
-        "--small",
-        dest="preset",
-        action="store_const",
-        const="small",
-        help="about an hour on 2 CPU cores (the default)",
+    for name, text in (("small", "2 CPU cores, several hours (default)"), ("full", "a GPU")):
+        size.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=text)
+    parser.add_argument("--only", nargs="+", help="names of the preset's banks to build")
+    parser.add_argument(
+        "--bank",
+        type=Path,
+        action="append",
+        help="evaluate this built bank instead of building the preset's (repeatable)",
     )
-    size.add_argument(
-        "--full",
-        dest="preset",
-        action="store_const",
-        const="full",
-        help="full corpora, K up to 100: for a GPU",
-    )
-    parser.add_argument("--experts", type=int, nargs="+", help="K of each bank (preset's)")
-    parser.add_argument("--docs", type=int, help="held-out documents per domain (preset's)")
-    parser.add_argument("--timing-prompts", type=int, help="timed prompts per domain (preset's)")
+    parser.add_argument("--docs", type=int, help="held-out documents per domain")
+    parser.add_argument("--ttt-docs", type=int, help="of those, scored by TTT and hybrids")
+    parser.add_argument("--ttt-full-docs", type=int, help="of those, scored by ttt_full")
+    parser.add_argument("--timing-prompts", type=int, help="timed prompts per domain")
+    parser.add_argument("--methods", help="comma-separated methods (default: all)")
     parser.add_argument("--tokens", type=int, default=100, help="tokens generated when timing")
     parser.add_argument("--epochs", type=int, default=1, help="passes over each expert's chunks")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks per training step")
@@ -118,9 +172,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(preset="small")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    experts = args.experts or preset.experts
-    docs = preset.docs if args.docs is None else args.docs
-    timing_prompts = preset.timing_prompts if args.timing_prompts is None else args.timing_prompts
+    known = [spec.name for spec in preset.banks]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"--only {unknown}: the {args.preset} preset has banks {known}")
+    return args
+
+
+def eval_config(preset: Preset, args):
+    from ttmm.eval.harness import METHODS, EvalConfig
+
+    def pick(value, default):
+        return default if value is None else value
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    return EvalConfig(
+        methods=methods or tuple(METHODS),
+        docs=pick(args.docs, preset.docs),
+        ttt_docs=pick(args.ttt_docs, preset.ttt_docs),
+        ttt_full_docs=pick(args.ttt_full_docs, preset.ttt_full_docs),
+        timing_prompts=pick(args.timing_prompts, preset.timing_prompts),
+        new_tokens=args.tokens,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
@@ -130,17 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     from ttmm.build.pipeline import run_build
     from ttmm.device import DeviceError, describe, dtype_name, resolve_device, resolve_dtype
     from ttmm.embed import Encoder
-    from ttmm.eval.harness import EvalConfig, evaluate
+    from ttmm.eval.harness import evaluate
     from ttmm.model import TTMM
 
     try:
         device = resolve_device(args.device)
         args.device, args.dtype = str(device), dtype_name(resolve_dtype(args.dtype, device))
-    except DeviceError as err:
-        parser.error(str(err))
+        config = eval_config(preset, args)
+    except (DeviceError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     torch.set_num_threads(args.threads)
     # Banks of another preset, dtype or base model have another hash: keep them apart.
-    banks_name = "reproduce" if args.preset == "small" else f"reproduce-{args.preset}"
+    banks_name = "reproduce2" if args.preset == "small" else f"reproduce2-{args.preset}"
     if args.dtype != "float32":
         banks_name += f"-{args.dtype}"
     if args.base_model != DEFAULT_BASE_MODEL:
@@ -152,17 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.info("preset %s on %s in %s", args.preset, describe(device), args.dtype)
     model, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=device)
     encoder = Encoder(device=device)
-    config = EvalConfig(docs=docs, timing_prompts=timing_prompts, new_tokens=args.tokens)
-    # Build and score one bank after the other (both resumable), then time all in one run.
-    engines = {}
-    for i, k in enumerate(experts):
-        path = banks_dir / f"k{k:03d}"
-        logging.info("bank K=%d -> %s", k, path)
-        run_build(build_config(preset, k, i == 0, args), path, progress=True)
-        engines[f"K={k}"] = engine = TTMM(model, tokenizer, encoder, Bank.load(path))
-        evaluate({f"K={k}": engine}, args.out, dataclasses.replace(config, timing_prompts=0))
-        logging.info("K=%d built and scored after %.0f s", k, time.perf_counter() - started)
-    report = evaluate(engines, args.out, config)
+    if args.bank:  # evaluate banks built elsewhere
+        paths = {path.name if path.name else str(path): path for path in args.bank}
+    else:
+        paths = {}
+        specs = [s for s in preset.banks if not args.only or s.name in args.only]
+        for spec in specs:  # build each bank (resumable), then score it while the next builds
+            path = paths[spec.name] = banks_dir / spec.name
+            logging.info("bank %s (K=%d) -> %s", spec.name, spec.experts, path)
+            run_build(build_config(preset, spec, args), path, progress=True)
+            engine = TTMM(model, tokenizer, encoder, Bank.load(path))
+            scoring = dataclasses.replace(config, timing_prompts=0)
+            evaluate({spec.name: engine}, args.out, scoring)
+            logging.info(
+                "%s built and scored after %.0f s", spec.name, time.perf_counter() - started
+            )
+    engines = {name: TTMM(model, tokenizer, encoder, Bank.load(p)) for name, p in paths.items()}
+    report = evaluate(engines, args.out, config)  # everything scored: times all, interleaved
     logging.info(
         "done in %.0f s with torch on %d threads; see %s",
         time.perf_counter() - started,

@@ -207,7 +207,7 @@ def main() -> None:
     settings = ServerSettings(
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
-        max_new_tokens=max(512, args.tokens),
+        max_tokens_limit=max(512, args.tokens),
     )
     app = create_app(engine, settings)
     phases: dict[str, list[dict]] = {"routing on": [], "routing off": []}

@@ -10,7 +10,7 @@ from conftest import ATOL, build_tiny_gpt2, build_tiny_llama, random_adapter, wr
 from safetensors.torch import save_file
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
-from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, expert_dir
+from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, check_files, expert_dir
 from ttmm.build.reference import import_reference_bank
 from ttmm.merge import MergeError
 from ttmm.model import TTMM, InputError
@@ -44,7 +44,7 @@ def test_round_trip_keeps_every_tensor_and_manifest_field(bank_path, model):
     assert bank.routing == RoutingConfig(max_active=3)
     assert torch.allclose(bank.centroids.norm(dim=1), torch.ones(3), atol=ATOL)
     expert = bank.manifest.experts[2]
-    assert expert.rank == 6 and expert.size_bytes > 0 and expert.num_parameters > 0
+    assert expert.rank == 6 and expert.size_bytes > 0 and expert.n_parameters > 0
     reloaded = load_adapter(bank_path / expert_dir(2))
     original = random_adapter(model, rank=6, alpha=12.0, seed=2)
     for name, layer in original.layers.items():
@@ -73,7 +73,7 @@ def test_adapter_shapes_that_do_not_fit_are_rejected(tmp_path, encoder, smol_tok
     save_adapter(bad, path / expert_dir(1))
     before = snapshot(model)
     with pytest.raises(MergeError, match="expert 1: layer .* the adapter was trained on another"):
-        TTMM(model, smol_tokenizer, encoder, Bank.load(path))
+        TTMM(model, smol_tokenizer, encoder, Bank.load(path, verify=False))
     assert_unchanged(model, before)
 
 
@@ -83,14 +83,14 @@ def test_corrupt_or_truncated_safetensors_is_a_clear_error(bank_path, damage):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
     with pytest.raises(BankError, match="expert 1: .*corrupt or truncated"):
-        Bank.load(bank_path)
+        Bank.load(bank_path, verify=False)
 
 
 def test_truncated_centroids_are_a_clear_error(bank_path):
     path = bank_path / CENTROIDS_NAME
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(BankError, match="corrupt or truncated"):
-        Bank.load(bank_path)
+        Bank.load(bank_path, verify=False)
 
 
 @pytest.mark.parametrize("field", ["format_version", "base_model", "encoder", "routing", "experts"])
@@ -131,10 +131,10 @@ def test_centroid_dimension_differing_from_encoder_is_rejected(tmp_path, encoder
 def test_centroids_must_match_manifest_and_be_unit(bank_path):
     save_file({"centroids": torch.ones(3, 384)}, bank_path / CENTROIDS_NAME)
     with pytest.raises(BankError, match="unit vectors"):
-        Bank.load(bank_path)
+        Bank.load(bank_path, verify=False)
     save_file({"centroids": torch.eye(4, 384)}, bank_path / CENTROIDS_NAME)
     with pytest.raises(BankError, match="lists 3 experts"):
-        Bank.load(bank_path)
+        Bank.load(bank_path, verify=False)
 
 
 def test_empty_prompt_is_rejected_before_anything_runs(tiny_engine):
@@ -206,3 +206,59 @@ def test_import_refuses_mismatches_and_writes_nothing(tmp_path, model, encoder):
     save_adapter(random_adapter(model), src / "3")
     with pytest.raises(BankError, match="without gaps"):
         import_reference_bank(src, tmp_path / "out", model=model, encoder=encoder)
+
+
+# -- integrity: every file's sha256 in the manifest, checked on load ------------------------
+
+
+def test_manifest_records_every_file_and_load_verifies_them(bank_path):
+    manifest = json.loads((bank_path / MANIFEST_NAME).read_text())
+    files = manifest["files"]
+    assert CENTROIDS_NAME in files and f"{expert_dir(0)}/adapter_model.safetensors" in files
+    assert MANIFEST_NAME not in files
+    assert all(len(digest) == 64 for digest in files.values())
+    assert all(c.status == "ok" for c in check_files(bank_path, Bank.load(bank_path).manifest))
+
+
+@pytest.mark.parametrize("target", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_flipped_byte_anywhere_is_caught_and_named(bank_path, target):
+    path = bank_path / expert_dir(2) / target
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, same shape: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(BankError, match=f"{expert_dir(2)}/{target} has sha256 .* corrupt"):
+        Bank.load(bank_path)
+    checks = {
+        c.path: c.status for c in check_files(bank_path, Bank.load(bank_path, False).manifest)
+    }
+    assert checks[f"{expert_dir(2)}/{target}"] == "changed"
+    assert sum(status != "ok" for status in checks.values()) == 1
+
+
+def test_a_missing_file_is_named(bank_path):
+    (bank_path / CENTROIDS_NAME).unlink()
+    with pytest.raises(BankError, match=f"{CENTROIDS_NAME} is missing"):
+        Bank.load(bank_path)
+
+
+def test_a_bank_without_checksums_still_loads(bank_path, caplog):
+    path = bank_path / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    del manifest["files"]
+    path.write_text(json.dumps(manifest))
+    assert Bank.load(bank_path).num_experts == 3
+    assert "records no file checksums" in caplog.text
+
+
+def test_info_verify_reports_each_file(bank_path):
+    from typer.testing import CliRunner
+
+    from ttmm.cli import app
+
+    ok = CliRunner().invoke(app, ["info", str(bank_path), "--verify"])
+    assert ok.exit_code == 0, ok.output
+    assert "all files match" in ok.output and CENTROIDS_NAME in ok.output
+    path = bank_path / CENTROIDS_NAME
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    bad = CliRunner().invoke(app, ["info", str(bank_path), "--verify"])
+    assert bad.exit_code == 1 and "changed" in bad.output

@@ -34,7 +34,7 @@ def test_ensemble_of_one_expert_equals_merge_of_one_expert(tiny_engine, expert):
 def test_top1_routing_ensemble_equals_top1_merge(tiny_engine):
     routing = RoutingConfig(rule="top_n", max_active=1)
     (merged,) = tiny_engine.score([TEXT], prefix_tokens=20, routing=routing)
-    plans = tiny_engine.route([TEXT], routing.replace(query_tokens=20))
+    plans = tiny_engine.route([TEXT], routing.replace(prefix_tokens=20))
     (ensembled,) = ensemble_score(tiny_engine, [TEXT], plans, prefix_tokens=20)
     assert merged.plan == ensembled.plan
     assert ensembled.nll == pytest.approx(merged.nll, abs=ATOL * merged.n_tokens)

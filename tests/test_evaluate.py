@@ -28,10 +28,20 @@ def engine(eval_engine):  # noqa: F811
 def small_config(**changes) -> EvalConfig:
     ttt = TTTConfig(
         neighbours=3,
-        query_tokens=P,
-        train=LoraTrainConfig(rank=2, alpha=4.0, max_seq_len=48, num_threads=1),
+        train=LoraTrainConfig(rank=2, alpha=4.0, max_seq_len=48, num_threads=1, shuffle=False),
+        full_optimizer="sgd",
     )
-    settings = dict(docs=2, prefix_tokens=P, max_tokens=96, timing_prompts=1, new_tokens=3, ttt=ttt)
+    settings = dict(
+        docs=2,
+        ttt_docs=1,
+        ttt_full_docs=1,
+        bootstrap=200,
+        prefix_tokens=P,
+        max_tokens=96,
+        timing_prompts=1,
+        new_tokens=3,
+        ttt=ttt,
+    )
     return EvalConfig(**(settings | changes))
 
 
@@ -56,7 +66,9 @@ def test_prefix_targets_are_never_scored(engine):
     assert nll_changed != nll
 
 
-@pytest.mark.parametrize("method", ["base", "finetune", "top3", "ttmm", "ensemble3", "ttt"])
+@pytest.mark.parametrize(
+    "method", ["base", "finetune", "top3", "ttmm", "ensemble3", "ttt", "ttt_full", "hybrid5"]
+)
 def test_every_method_scores_exactly_the_continuation(engine, method):
     config = small_config()
     doc = next(
@@ -75,6 +87,8 @@ def test_every_method_scores_exactly_the_continuation(engine, method):
         assert record["nll"] == pytest.approx(expected, abs=ATOL * record["tokens"])
     if method in ("top3", "ensemble3"):
         assert record["active_experts"] == 3 and len(record["experts"]) == 3
+    if method == "hybrid5":  # the TTMM-10 plan (3 experts here) and 5 neighbours
+        assert record["active_experts"] == 3 and len(record["neighbour_docs"]) == 5
 
 
 def test_evaluate_writes_schema_table_plot_and_resumes(engine, tmp_path, monkeypatch):
@@ -82,31 +96,39 @@ def test_evaluate_writes_schema_table_plot_and_resumes(engine, tmp_path, monkeyp
     report = evaluate({"tiny": engine}, tmp_path, config, progress=False)
     data = json.loads((tmp_path / "results.json").read_text())
     validate(data)
-    assert set(SCHEMA) <= set(data) and data["schema_version"] == 1
-    for key, kind in SCHEMA.items():
-        assert isinstance(data[key], kind), key
+    assert set(SCHEMA) <= set(data) and data["schema_version"] == 2
     assert data["config"]["methods"] == list(METHODS)
     assert {"torch", "transformers", "peft"} <= set(data["environment"]["packages"])
     domains = {r["domain"] for r in data["results"]}
     assert domains == {"wiki", "stdlib"}
-    assert len(data["results"]) == len(METHODS) * len(domains)
-    documents = {}
+    ran = [m for m in METHODS if m != "finetune_continued"]  # the bank has no continuation
+    assert len(data["results"]) == len(ran) * len(domains)
+    subsets = data["banks"]["tiny"]["subsets"]
     for row in data["results"]:
         assert set(RESULT_FIELDS) <= set(row)
-        assert 1 <= row["documents"] <= 2 and row["tokens"] > 0
-        assert math.isfinite(row["perplexity"])
-        assert row["documents"] == documents.setdefault(row["domain"], row["documents"])
+        in_domain = [d for d in subsets["all"] if d.startswith(row["domain"])]
+        assert 1 <= len(in_domain) <= 2
+        expected = 1 if METHODS[row["method"]].subset != "all" else len(in_domain)
+        assert row["n_docs"] == expected and row["n_tokens"] > 0
+        assert row["ci_low"] <= row["ppl"] <= row["ci_high"] and math.isfinite(row["ppl"])
         if row["method"] == "base":
             assert row["normalised_perplexity"] == pytest.approx(1.0)
+            assert set(row["comparisons"]) == {"finetune", "ttt"}
         if row["method"] == "ttt":
             assert row["normalised_perplexity"] == pytest.approx(0.0, abs=1e-12)
-    assert {t["method"] for t in data["timing"]} == set(METHODS)
+        if row["method"] == "top1":  # compared with TTT on the one document TTT scored
+            assert row["comparisons"]["base"]["n_docs"] == len(in_domain)
+            assert row["comparisons"]["ttt"]["n_docs"] == 1
+            ttt_doc = [d for d in subsets["ttt"] if d.startswith(row["domain"])]
+            assert ttt_doc == in_domain[:1]
+    assert {t["method"] for t in data["timing"]} == set(ran)
     for row in data["timing"]:
         assert set(TIMING_FIELDS) <= set(row) and row["median_seconds"] > 0
     ratio = {t["method"]: t["ratio_to_base"] for t in data["timing"]}
     assert ratio["base"] == pytest.approx(1.0)
     table = (tmp_path / "table.md").read_text()
     assert "| TTT |" in table and "| fine-tuning |" in table and "× base" in table
+    assert "Difference to fine-tuning" in table and "Difference to TTT" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert report["results"] == data["results"]
 
@@ -119,6 +141,79 @@ def test_evaluate_writes_schema_table_plot_and_resumes(engine, tmp_path, monkeyp
     monkeypatch.setattr(MethodRunner, "time_generation", fail)
     evaluate({"tiny": engine}, tmp_path, config, progress=False)
     assert (tmp_path / "documents.jsonl").read_text().count("\n") == lines
+
+
+def count_scoring(monkeypatch) -> list[str]:
+    """Record the method of every document scored from now on."""
+    scored: list[str] = []
+    real = MethodRunner.score
+
+    def counting(self, spec, text):
+        scored.append(spec.name)
+        return real(self, spec, text)
+
+    monkeypatch.setattr(MethodRunner, "score", counting)
+    return scored
+
+
+def test_rerun_with_another_prefix_recomputes(engine, tmp_path, monkeypatch):
+    config = small_config(methods=("base", "top1"), docs=1, timing_prompts=0)
+    evaluate({"tiny": engine}, tmp_path, config, progress=False)
+    scored = count_scoring(monkeypatch)
+    evaluate({"tiny": engine}, tmp_path, config, progress=False)
+    assert scored == []  # same settings: reused
+    evaluate({"tiny": engine}, tmp_path, small_config(**_asdict(config, prefix_tokens=P + 4)))
+    assert sorted(scored) == ["base", "base", "top1", "top1"]  # one document per domain each
+    evaluate({"tiny": engine}, tmp_path, small_config(**_asdict(config, max_tokens=80)))
+    assert len(scored) == 8
+
+
+def _asdict(config: EvalConfig, **changes) -> dict:
+    keep = ("methods", "docs", "timing_prompts", "prefix_tokens", "max_tokens")
+    return {name: getattr(config, name) for name in keep} | changes
+
+
+def test_rerun_after_a_rebuild_at_the_same_path_recomputes(engine, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ttmm.bank import Bank
+    from ttmm.model import TTMM
+
+    bank_dir = tmp_path / "bank"
+    shutil.copytree(engine.bank.path, bank_dir)
+
+    def engine_over(path):
+        return TTMM(engine.model, engine.tokenizer, engine.encoder, Bank.load(path))
+
+    config = small_config(methods=("base", "top1", "finetune"), docs=1, timing_prompts=0)
+    first = evaluate({"b": engine_over(bank_dir)}, tmp_path / "out", config, progress=False)
+    scored = count_scoring(monkeypatch)
+    # "rebuild": the experts' weights change, the path, names and sizes stay the same
+    for weights in sorted((bank_dir / "experts").rglob("*.safetensors")):
+        tensors = load_file(weights)
+        save_file({k: v * 1.5 for k, v in tensors.items()}, weights)
+    second = evaluate({"b": engine_over(bank_dir)}, tmp_path / "out", config, progress=False)
+    assert sorted(scored) == ["finetune", "finetune", "top1", "top1"]  # base: not the bank's
+    assert first["banks"]["b"]["content"] != second["banks"]["b"]["content"]
+    assert first["banks"]["b"]["keys"]["base"] == second["banks"]["b"]["keys"]["base"]
+    top1 = {r["domain"]: r["ppl"] for r in second["results"] if r["method"] == "top1"}
+    assert top1 != {r["domain"]: r["ppl"] for r in first["results"] if r["method"] == "top1"}
+
+
+def test_documents_are_drawn_by_a_seeded_hash_of_their_id(engine):
+    from ttmm.build.corpus import Document
+    from ttmm.eval.harness import document_order, select_documents
+
+    text = "word " * 80
+    docs = [Document(id=f"wiki/{name}", text=text, domain="wiki") for name in "abcdefghijkl"]
+    chosen = [d.id for d in select_documents(docs, engine.tokenizer, small_config(docs=4))]
+    by_hash = sorted((d.id for d in docs), key=lambda i: document_order(i, 0))[:4]
+    assert chosen == by_hash
+    assert chosen != [d.id for d in docs[:4]]  # not the name order
+    other = select_documents(docs, engine.tokenizer, small_config(docs=4, seed=1))
+    assert [d.id for d in other] != chosen
 
 
 def test_several_banks_plot_perplexity_against_experts(tmp_path):
@@ -140,18 +235,23 @@ def test_several_banks_plot_perplexity_against_experts(tmp_path):
                     "domain": "wiki",
                     "method": method,
                     "label": METHODS[method].label,
-                    "perplexity": value,
+                    "ppl": value,
+                    "ci_low": value - 0.5,
+                    "ci_high": value + 0.5,
+                    "n_docs": 1,
+                    "n_tokens": 10,
                     "normalised_perplexity": (value - 8.0) / 2.0,
+                    "normalised_ci_low": (value - 8.5) / 2.0,
+                    "normalised_ci_high": (value - 7.5) / 2.0,
                     "nll": 1.0,
-                    "tokens": 10,
-                    "documents": 1,
                     "mean_active_experts": 1.0,
+                    "comparisons": {},
                 }
             )
     report = {
-        "schema_version": 1,
+        "schema_version": 2,
         "created": "now",
-        "config": {},
+        "config": {"bootstrap": 10},
         "environment": {},
         "methods": {
             m: {"kind": METHODS[m].kind, "label": METHODS[m].label} for m in ("base", "top1", "ttt")
@@ -164,7 +264,7 @@ def test_several_banks_plot_perplexity_against_experts(tmp_path):
     }
     paths = write_report(report, tmp_path)
     assert paths["experts"].stat().st_size > 1000
-    assert "K=4 wiki" in paths["table"].read_text()
+    assert "k4 wiki" in paths["table"].read_text()
 
 
 def test_config_and_schema_errors_name_the_field():
@@ -174,7 +274,7 @@ def test_config_and_schema_errors_name_the_field():
         EvalConfig(prefix_tokens=50, max_tokens=60)
     with pytest.raises(ValueError, match="results"):
         validate(
-            {key: kind() for key, kind in SCHEMA.items()} | {"schema_version": 1, "results": None}
+            {key: kind() for key, kind in SCHEMA.items()} | {"schema_version": 2, "results": None}
         )
 
 
@@ -196,6 +296,8 @@ def test_eval_command_writes_results(eval_bank_path, tmp_path):  # noqa: F811
             "base,top1",
             "--docs",
             "1",
+            "--bootstrap",
+            "50",
             "--timing-prompts",
             "0",
             "--prefix-tokens",

@@ -100,9 +100,7 @@ def test_imports_flow_from_core_to_cli():
         here = layer(module)
         for target in imports:
             there = layer(target)
-            if LAYERS[there] > LAYERS[here] or (
-                LAYERS[there] == LAYERS[here] and there != here
-            ):
+            if LAYERS[there] > LAYERS[here] or (LAYERS[there] == LAYERS[here] and there != here):
                 wrong.append(f"{module} ({here}) imports {target} ({there})")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 

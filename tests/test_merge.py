@@ -180,7 +180,7 @@ def test_merger_holds_no_copy_of_base_weights_at_rest():
     held = [t for s in merger.layers.values() for t in (s.A_all, s.B_t_all)]
     assert all(t.data_ptr() not in base_ptrs for t in held)
     adapter_numel = sum(t.numel() for t in held)
-    assert adapter_numel == merger.num_parameters
+    assert adapter_numel == merger.n_parameters
     assert adapter_numel < sum(p.numel() for p in model.parameters()) / 4
 
 

@@ -156,3 +156,36 @@ def test_routing_overrides_apply(tiny_engine):
         PROMPTS[:1], max_new_tokens=2, routing=RoutingConfig(rule="top_n", max_active=1)
     )
     assert len(one.plan.expert_ids) == 1 and one.plan.weights == (1.0,)
+
+
+def test_two_engines_over_one_model_share_its_lock_and_keep_its_weights(tiny_engine):
+    """Folds by two engines over one model, from many threads, never restore each other's
+    merged weights as originals: the lock belongs to the model, not to an engine."""
+    from ttmm.model import TTMM, model_lock
+
+    model = tiny_engine.model
+    other = TTMM(model, tiny_engine.tokenizer, tiny_engine.encoder, tiny_engine.bank)
+    assert other.lock is tiny_engine.lock is model_lock(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    plans = [RoutingPlan.explicit({k: 1.0}) for k in range(tiny_engine.bank.num_experts)]
+    barrier = threading.Barrier(8)
+    errors = []
+
+    def worker(i: int) -> None:
+        engine = (tiny_engine, other)[i % 2]
+        barrier.wait()
+        try:
+            for j in range(6):
+                with engine.merged([plans[(i + j) % len(plans)]], mode="fold"):
+                    engine.model(input_ids=torch.tensor([[1, 2, 3]]))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -135,7 +135,7 @@ def test_score_compares_base_ttmm_and_finetuning_as_the_engine_does(client, eval
     assert [e["id"] for e in by_method["ttmm"]["ttmm"]["experts"]] == list(routed.plan.expert_ids)
     assert by_method["ttmm"]["ttmm"]["rule"] == "top_n"
     assert body["scored_tokens"] == routed.n_tokens and not body["truncated"]
-    assert body["prefix"] == eval_engine.query_texts([TEXT], config.replace(query_tokens=20))[0]
+    assert body["prefix"] == eval_engine.query_texts([TEXT], config.replace(prefix_tokens=20))[0]
 
     short = client.post(
         "/v1/ttmm/score", headers=KEY, json={"text": "Too short.", "prefix_tokens": 50}

@@ -13,14 +13,14 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ttmm.atomic import atomic_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,7 +63,7 @@ class LoraAdapter:
         return max(layer.rank for layer in self.layers.values())
 
     @property
-    def num_parameters(self) -> int:
+    def n_parameters(self) -> int:
         return sum(layer.A.numel() + layer.B.numel() for layer in self.layers.values())
 
     @classmethod
@@ -161,35 +161,6 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     if dtype is not None:
         state = {key: tensor.to(dtype) for key, tensor in state.items()}
     return LoraAdapter.from_state_dict(state, config, source=str(path))
-
-
-def atomic_directory(target: Path):
-    """A context manager giving a staging folder that replaces ``target`` only on success."""
-    return _AtomicDirectory(Path(target))
-
-
-class _AtomicDirectory:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent)
-        )
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(old)
-        self.staging.rename(self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ttmm.device import resolve_device, resolve_dtype
+from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def resolve_encoder(name_or_path: str | os.PathLike | None = None) -> str:
 def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = DEFAULT_DEVICE,
 ):
     """Load ``(model, tokenizer)`` in eval mode, with a pad token and left padding for batches.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -27,7 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ttmm.adapter import WEIGHTS_NAME, AdapterError, LoraAdapter, load_adapter
-from ttmm.routing import RoutingConfig, RoutingError
+from ttmm.atomic import atomic_file, atomic_write_json
+from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -65,7 +69,7 @@ class ExpertInfo:
     """Human label, e.g. the top TF-IDF terms of the expert's training chunks."""
     rank: int = 0
     alpha: float = 0.0
-    num_parameters: int = 0
+    n_parameters: int = 0
     size_bytes: int = 0
     n_chunks: int = 0
     n_tokens: int = 0
@@ -83,7 +87,7 @@ class ExpertInfo:
             path=path,
             rank=adapter.rank,
             alpha=float(adapter.config.get("lora_alpha", 0.0)),
-            num_parameters=adapter.num_parameters,
+            n_parameters=adapter.n_parameters,
             size_bytes=weights.stat().st_size if weights.exists() else 0,
             **fields_,
         )
@@ -94,6 +98,7 @@ class ExpertInfo:
         if missing:
             raise BankError(f"{where}: expert entry lacks {sorted(missing)}; rebuild the bank")
         known = {f.name for f in fields(cls)}
+        data = {"n_parameters": data.get("num_parameters", 0), **data}  # its name until 0.2
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -113,6 +118,9 @@ class BankManifest:
     """Where the bank's data lives (split, chunk index); written by the build."""
     build: dict = field(default_factory=dict)
     """The resolved build configuration, stage timings and cluster quality."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of every file of the bank but the manifest, by path relative to the bank;
+    filled in by :func:`write_manifest` and checked by :meth:`Bank.load`."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     ttmm_version: str = field(default_factory=ttmm_version)
@@ -164,30 +172,72 @@ def base_model_record(name: str, model: torch.nn.Module) -> dict:
     }
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(staging, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-
-
 def write_centroids(bank_dir: str | os.PathLike, centroids) -> None:
     """Write the (K, dim) centroid matrix atomically."""
     tensor = torch.as_tensor(centroids, dtype=torch.float32).contiguous()
     if tensor.ndim != 2:
         raise BankError(f"centroids must be a (K, dim) matrix, got shape {tuple(tensor.shape)}")
     path = Path(bank_dir) / CENTROIDS_NAME
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"centroids": tensor}, staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        save_file({"centroids": tensor}, staging)
 
 
 def write_manifest(bank_dir: str | os.PathLike, manifest: BankManifest) -> None:
-    """Write ``manifest.json`` atomically; call it last, it is what makes the folder a bank."""
-    payload = json.dumps(manifest.to_dict(), indent=2, default=str).encode()
-    _atomic_write_bytes(Path(bank_dir) / MANIFEST_NAME, payload)
+    """Write ``manifest.json`` atomically, with the checksum of every other file of the bank;
+    call it last: it is what makes the folder a bank."""
+    manifest.files = file_checksums(bank_dir)
+    atomic_write_json(Path(bank_dir) / MANIFEST_NAME, manifest.to_dict())
+
+
+def _bank_files(bank_dir: Path) -> list[Path]:
+    """The bank's files: all but the manifest, hidden files and anything in hidden folders
+    (build state, staging files of an interrupted write)."""
+    return sorted(
+        p
+        for p in bank_dir.rglob("*")
+        if p.is_file()
+        and p.name != MANIFEST_NAME
+        and not any(part.startswith(".") for part in p.relative_to(bank_dir).parts)
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(bank_dir: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of the bank (see :func:`_bank_files`)."""
+    root = Path(bank_dir)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in _bank_files(root)}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One file of a bank against its recorded checksum."""
+
+    path: str
+    status: str
+    """``ok``, ``changed`` (different bytes) or ``missing``."""
+    expected: str
+    actual: str | None = None
+
+
+def check_files(bank_dir: str | os.PathLike, manifest: BankManifest) -> list[FileCheck]:
+    """Every file the manifest records, checked against its sha256."""
+    root = Path(bank_dir)
+    checks = []
+    for rel, expected in sorted(manifest.files.items()):
+        path = root / rel
+        if not path.is_file():
+            checks.append(FileCheck(rel, "missing", expected))
+            continue
+        actual = sha256_file(path)
+        checks.append(FileCheck(rel, "ok" if actual == expected else "changed", expected, actual))
+    return checks
 
 
 class Bank:
@@ -210,9 +260,18 @@ class Bank:
     def label(self, expert_id: int) -> str:
         return self.manifest.experts[expert_id].label
 
+    def describe_plan(self, plan: RoutingPlan) -> dict:
+        """The plan as JSON with each expert's label: what the CLI and the server show."""
+        data = plan.to_dict()
+        for entry in data["experts"]:
+            entry["label"] = self.label(entry["id"])
+        return data
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Bank:
-        """Open and validate a bank: manifest fields, centroids, every adapter folder."""
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bank:
+        """Open and validate a bank: manifest fields, every file's checksum, centroids, every
+        adapter folder. ``verify=False`` skips the checksums (for a trusted, very large bank);
+        banks written before checksums existed load with a warning."""
         path = Path(path)
         if not path.is_dir():
             raise BankError(f"bank folder {path} does not exist")
@@ -229,6 +288,8 @@ class Bank:
         if not isinstance(raw, dict):
             raise BankError(f"{manifest_path}: must hold a JSON object")
         manifest = BankManifest.from_dict(raw, str(manifest_path))
+        if verify:
+            _verify_files(path, manifest)
         try:
             RoutingConfig.from_dict(manifest.routing)
         except (RoutingError, TypeError) as err:
@@ -276,6 +337,30 @@ class Bank:
                 f"gives {encoder_dim}-dim embeddings; use the bank's encoder "
                 f"{self.manifest.encoder['name']!r}"
             )
+
+
+def _verify_files(path: Path, manifest: BankManifest) -> None:
+    if not manifest.files:
+        logger.warning(
+            "bank %s records no file checksums (written by ttmm before 0.2): its files cannot "
+            "be verified; rebuild it to add them",
+            path,
+        )
+        return
+    bad = [check for check in check_files(path, manifest) if check.status != "ok"]
+    if bad:
+        first = bad[0]
+        what = (
+            "is missing"
+            if first.status == "missing"
+            else f"has sha256 {first.actual[:12]}..., not the {first.expected[:12]}... the "
+            "manifest records: it is corrupt or was changed"
+        )
+        more = f" ({len(bad) - 1} more file(s) too)" if len(bad) > 1 else ""
+        raise BankError(
+            f"{path / first.path} {what}{more}; re-copy the bank or rebuild it "
+            "(`ttmm info --verify` lists every file)"
+        )
 
 
 def _load_centroids(path: Path, num_experts: int, dim: int) -> torch.Tensor:

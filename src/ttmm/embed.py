@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ttmm.assets import DEFAULT_ENCODER, AssetError, resolve_encoder
-from ttmm.device import resolve_device
+from ttmm.atomic import atomic_file
+from ttmm.device import DEFAULT_DEVICE, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class Encoder:
     def __init__(
         self,
         name_or_path: str | os.PathLike | None = None,
-        device: str | None = "cpu",
+        device: str | None = DEFAULT_DEVICE,
         cache_dir: str | os.PathLike | None = None,
     ):
         from sentence_transformers import SentenceTransformer
@@ -63,9 +64,8 @@ class Encoder:
         ).astype(np.float32)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            staging = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp.npy")
-            np.save(staging, vectors)
-            os.replace(staging, cache_file)
+            with atomic_file(cache_file) as staging, open(staging, "wb") as handle:
+                np.save(handle, vectors)
         return vectors
 
     def _cache_file(self, texts: list[str]) -> Path | None:

@@ -207,7 +207,7 @@ class ExpertMerger:
         LRU): stacking A' and B' over ~200 layers costs about as much as a few decoding steps."""
 
     @property
-    def num_parameters(self) -> int:
+    def n_parameters(self) -> int:
         return sum(s.A_all.numel() + s.B_t_all.numel() for s in self.layers.values())
 
     def check_plan(self, plan: RoutingPlan) -> None:

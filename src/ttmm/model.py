@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ import torch
 
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
-from ttmm.device import model_device, resolve_device, resolve_dtype
+from ttmm.device import DEFAULT_DEVICE, model_device, resolve_device, resolve_dtype
 from ttmm.embed import Encoder
+from ttmm.generation import Sampling, cut_at_eos, decode
 from ttmm.merge import ExpertMerger, MergeError
-from ttmm.routing import RoutingConfig, RoutingPlan, route
+from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ class TTMM:
         self.bank = bank
         self.routing = routing or bank.routing
         self.merger = ExpertMerger(model, bank.adapters())
-        self._lock = threading.RLock()
 
     @classmethod
     def from_bank(
@@ -84,7 +85,7 @@ class TTMM:
         base_model: str | os.PathLike | None = None,
         encoder: str | os.PathLike | Encoder | None = None,
         routing: RoutingConfig | None = None,
-        device: str | torch.device | None = "cpu",
+        device: str | torch.device | None = DEFAULT_DEVICE,
         dtype: str | torch.dtype | None = None,
     ) -> TTMM:
         """Load the bank, then its base model and encoder (the ones it names, unless given).
@@ -108,14 +109,20 @@ class TTMM:
 
     @property
     def lock(self) -> threading.RLock:
-        """Held while the shared model runs; take it to use ``self.model`` directly."""
-        return self._lock
+        """The base model's lock (see :func:`model_lock`): every engine, TTT run or evaluation
+        over the same model holds the same one while it runs or changes that model."""
+        return model_lock(self.model)
 
     # -- routing ---------------------------------------------------------------------------
 
+    def routing_for(self, routing: RoutingConfig | None = None, **changes) -> RoutingConfig:
+        """The routing to use: ``routing`` or this engine's default, with ``changes`` applied
+        (None values leave a field as it is)."""
+        return (routing or self.routing).replace(**changes)
+
     def query_texts(self, texts: Sequence[str], routing: RoutingConfig | None = None) -> list[str]:
         """The routing query of each text: its first P tokens, decoded (design notes §2)."""
-        P = (routing or self.routing).query_tokens
+        P = self.routing_for(routing).prefix_tokens
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [self.tokenizer.decode(row[:P], skip_special_tokens=True) for row in ids]
 
@@ -131,7 +138,7 @@ class TTMM:
         self, texts: Sequence[str], routing: RoutingConfig | None = None
     ) -> list[RoutingPlan]:
         texts = _check_texts(texts)
-        routing = routing or self.routing
+        routing = self.routing_for(routing)
         return [route(z, routing) for z in self.similarities(texts, routing)]
 
     def _plans(self, texts, routing, plans) -> list[RoutingPlan]:
@@ -157,7 +164,7 @@ class TTMM:
         same = len({p.key() for p in plans}) == 1
         if mode == "fold" and not same:
             raise InputError("mode='fold' needs one merge for the whole batch; use 'lowrank'")
-        with self._lock:
+        with self.lock:
             if same and plans[0].is_base:
                 yield
             elif mode == "fold" or (mode == "auto" and same and not self.merger.tied_layers):
@@ -196,35 +203,21 @@ class TTMM:
             raise InputError(
                 f"min_new_tokens must lie in [0, max_new_tokens], got {min_new_tokens!r}"
             )
-        options = {"do_sample": do_sample, "min_new_tokens": min_new_tokens}
-        if do_sample:
-            options.update(temperature=temperature, top_p=top_p)
-        else:
-            options.update(temperature=None, top_p=None, top_k=None)
+        sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         with self.merged(plans, mode):
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **options,
+            new_tokens = decode(
+                self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens
             )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
         results = []
-        eos = self.tokenizer.eos_token_id
         for row, plan, mask in zip(new_tokens, plans, batch["attention_mask"]):
-            tokens = row.tolist()
-            stopped = eos in tokens
-            if stopped:
-                tokens = tokens[: tokens.index(eos)]
+            tokens, finish_reason = cut_at_eos(row.tolist(), self.tokenizer.eos_token_id)
             results.append(
                 Generation(
                     text=self.tokenizer.decode(tokens, skip_special_tokens=True),
                     plan=plan,
                     prompt_tokens=int(mask.sum()),
                     completion_tokens=len(tokens),
-                    finish_reason="stop" if stopped else "length",
+                    finish_reason=finish_reason,
                 )
             )
         return results
@@ -233,7 +226,7 @@ class TTMM:
     def score(
         self,
         texts: Sequence[str],
-        prefix_tokens: int = 50,
+        prefix_tokens: int = PREFIX_TOKENS,
         max_tokens: int = 1024,
         routing: RoutingConfig | None = None,
         plans: Sequence[RoutingPlan] | None = None,
@@ -250,9 +243,9 @@ class TTMM:
                 f"text(s) {short} have at most {prefix_tokens} tokens: nothing is left to score "
                 "after the routing prefix; give longer texts or a smaller prefix_tokens"
             )
-        routing = (routing or self.routing).replace(query_tokens=prefix_tokens)
+        routing = self.routing_for(routing, prefix_tokens=prefix_tokens)
         plans = self._plans(texts, routing, plans)
-        input_ids, attention = _right_pad(ids, self.tokenizer.pad_token_id, self.device)
+        input_ids, attention = right_pad(ids, self.tokenizer.pad_token_id, self.device)
         with self.merged(plans, mode):
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         return [
@@ -278,7 +271,7 @@ def continuation_nll(
     ]
 
 
-def _right_pad(
+def right_pad(
     rows: list[list[int]], pad_id: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
@@ -288,6 +281,26 @@ def _right_pad(
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids.to(device), mask.to(device)
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one lock of a model, shared by everything that wraps it.
+
+    A fold changes the model's weights in place and puts the originals back on exit; two
+    engines over one model that folded at once would restore each other's merged weights as
+    "originals". So the lock belongs to the model, not to an engine.
+    """
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -304,4 +317,13 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
-__all__ = ["TTMM", "Generation", "Score", "InputError", "MergeError", "continuation_nll"]
+__all__ = [
+    "TTMM",
+    "Generation",
+    "Score",
+    "InputError",
+    "MergeError",
+    "continuation_nll",
+    "model_lock",
+    "right_pad",
+]

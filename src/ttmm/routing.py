@@ -24,6 +24,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+PREFIX_TOKENS = 50
+"""P: a prompt is routed (and TTT retrieves) on its first P tokens, which are never scored."""
+
+# The reference code (``ttmerge``) and its defaults; its ``beta`` is sqrt(β) of the paper.
+REFERENCE_BETA = 0.2
+REFERENCE_TAU = 0.01
+REFERENCE_MAX_ACTIVE = 50
+
 
 class RoutingError(ValueError):
     """A routing configuration or input that cannot be used."""
@@ -41,7 +49,7 @@ class RoutingConfig:
     """Threshold τ on p for the two threshold rules; must lie in [0, 1/K) to keep anything."""
     max_active: int = 10
     """Most experts merged at once; for ``top_n`` it is n."""
-    query_tokens: int = 50
+    prefix_tokens: int = PREFIX_TOKENS
     """Route on the first P tokens of the prompt, decoded back to text."""
 
     def __post_init__(self) -> None:
@@ -53,19 +61,28 @@ class RoutingConfig:
             raise RoutingError(f"tau must lie in [0, 1), got {self.tau!r}")
         if not (isinstance(self.max_active, int) and self.max_active >= 1):
             raise RoutingError(f"max_active must be an integer >= 1, got {self.max_active!r}")
-        if not (isinstance(self.query_tokens, int) and self.query_tokens >= 1):
-            raise RoutingError(f"query_tokens must be an integer >= 1, got {self.query_tokens!r}")
+        if not (isinstance(self.prefix_tokens, int) and self.prefix_tokens >= 1):
+            raise RoutingError(f"prefix_tokens must be an integer >= 1, got {self.prefix_tokens!r}")
 
     @classmethod
-    def from_reference(cls, beta: float = 0.2, tau: float = 0.01, max_merge_count: int = 50):
-        """The reference code's settings (its ``beta`` is sqrt(β)) with its rule."""
-        return cls(rule="threshold", beta=beta**2, tau=tau, max_active=max_merge_count)
+    def from_reference(
+        cls,
+        beta: float = REFERENCE_BETA,
+        tau: float = REFERENCE_TAU,
+        max_active: int = REFERENCE_MAX_ACTIVE,
+    ) -> RoutingConfig:
+        """The reference code's settings with its rule. Its ``beta`` is sqrt(β), and its
+        ``max_merge_count`` is our ``max_active``."""
+        return cls(rule="threshold", beta=beta**2, tau=tau, max_active=max_active)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> RoutingConfig:
+        data = dict(data)
+        if "query_tokens" in data:  # banks written before the prefix had one name
+            data["prefix_tokens"] = data.pop("query_tokens")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise RoutingError(f"unknown routing fields {sorted(unknown)}")

@@ -17,8 +17,8 @@ import yaml
 
 from ttmm.assets import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 from ttmm.build.corpus import CorpusSpec
-from ttmm.device import DeviceError, dtype_name, resolve_device, resolve_dtype
 from ttmm.build.train import LoraTrainConfig
+from ttmm.device import DeviceError, dtype_name, resolve_device, resolve_dtype
 
 DEFAULT_CORPORA = ("wiki@240", "stdlib@24")  # sized so K=16 with the baseline fits ~45 min
 
@@ -40,7 +40,7 @@ class BuildConfig:
     """Everything that determines a bank. Written, resolved, into the bank as build_config.yaml."""
 
     corpora: tuple[str, ...] = DEFAULT_CORPORA
-    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``, ``dir:./docs:**/*.md``."""
+    """Corpus spec strings (see :mod:`ttmm.build.corpus`), e.g. ``wiki@480``, ``dir:./docs``."""
     experts: int = 16
     """K, the number of clusters and so of LoRA experts."""
     base_model: str = DEFAULT_BASE_MODEL

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ttmm.assets import load_base_model
-
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
+from ttmm.device import DEFAULT_DEVICE, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TrainJob:
     base_model: str
     """Base model name or folder, loaded by the worker when it has no model at hand."""
     pad_token_id: int
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     """Where a worker that loads the base model itself puts it (see :mod:`ttmm.device`)."""
     dtype: str = "float32"
     """The dtype it loads the base model in; adapters are float32 whatever it is."""
@@ -58,7 +58,6 @@ def run_job(
     if model is None:
         key = (job.base_model, job.device, job.dtype)
         if key not in _MODELS:
-
             _MODELS[key], _ = load_base_model(job.base_model, dtype=job.dtype, device=job.device)
         model = _MODELS[key]
     return train_lora(
@@ -142,13 +141,22 @@ class RayExecutor:
 
     def gpus(self, job: TrainJob) -> float:
         """GPUs a job's task asks Ray for: ``gpus_per_task`` for a CUDA job, else none."""
-        return self.gpus_per_task if job.device.startswith("cuda") else 0
+        return self.gpus_per_task if _device_type(job.device) == "cuda" else 0
 
     @staticmethod
     def placed(job: TrainJob) -> TrainJob:
-        """The job as a Ray worker runs it: Ray hides all but the task's GPUs, so a CUDA job
-        uses the worker's first visible device, whatever index the driver chose."""
-        return replace(job, device="cuda") if job.device.startswith("cuda") else job
+        """The job as a Ray worker runs it, on the device it asked Ray for. ``auto`` is
+        resolved here, on the driver: a task that asked for no GPU sees none, so it must not
+        pick one itself. Ray hides all but the task's GPUs, so a CUDA job uses the worker's
+        first visible device, whatever index the driver chose."""
+        kind = _device_type(job.device)
+        return replace(job, device="cuda" if kind == "cuda" else kind)
+
+
+def _device_type(name: str) -> str:
+    """``cuda`` for any CUDA device name (the driver need not have one), else the type that
+    the name resolves to on this machine (``auto`` becomes ``cuda``, ``mps`` or ``cpu``)."""
+    return "cuda" if name.startswith("cuda") else resolve_device(name).type
 
 
 EXECUTORS = {"sequential": SequentialExecutor, "ray": RayExecutor}

@@ -24,13 +24,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from ttmm.adapter import AdapterError, load_adapter, save_adapter
-from ttmm.assets import base_model_name, load_base_model
-from ttmm.assets import ttmm_home
-from ttmm.embed import Encoder
+from ttmm.assets import base_model_name, load_base_model, ttmm_home
 from ttmm.bank import (
-    Bank,
     FINETUNE_DIR,
     MANIFEST_NAME,
+    Bank,
     BankManifest,
     ExpertInfo,
     base_model_record,
@@ -38,9 +36,9 @@ from ttmm.bank import (
     write_centroids,
     write_manifest,
 )
-from ttmm.build.config import BuildConfig, BuildError
 from ttmm.build.chunks import write_chunk_index, write_split
 from ttmm.build.cluster import centroids, cluster_embeddings, cluster_quality, label_clusters
+from ttmm.build.config import BuildConfig, BuildError
 from ttmm.build.corpus import (
     Chunk,
     CorpusError,
@@ -50,10 +48,11 @@ from ttmm.build.corpus import (
     read_corpora,
     split_documents,
 )
-from ttmm.device import describe, model_device
 from ttmm.build.executors import FINETUNE_JOB, TrainJob, make_executor
-from ttmm.routing import RoutingConfig
 from ttmm.build.train import TrainResult, planned_tokens
+from ttmm.device import describe, model_device
+from ttmm.embed import Encoder
+from ttmm.routing import RoutingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +280,6 @@ def run_build(
     out = Path(out).expanduser()
     config_hash = config.content_hash()
     if check_output(out, config_hash) == "done":
-
         logger.info("%s is a finished bank of this configuration: nothing to do", out)
         return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttmm.adapter import atomic_directory, load_adapter
+from ttmm.adapter import load_adapter
 from ttmm.assets import base_model_name, load_base_model
+from ttmm.atomic import atomic_directory
 from ttmm.bank import (
     Bank,
     BankError,

@@ -60,6 +60,9 @@ class LoraTrainConfig:
     num_threads: int | None = None
     """Torch intra-op threads while training; pin it so that results do not depend on the
     machine or executor. None keeps the process setting."""
+    shuffle: bool = True
+    """Seeded shuffle of the chunks in every epoch; False keeps the given order (TTT-NN trains
+    nearest neighbour first)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -87,6 +90,8 @@ class LoraTrainConfig:
         data = asdict(self)
         if isinstance(self.target_modules, tuple):
             data["target_modules"] = list(self.target_modules)
+        if self.shuffle:  # added later: left out at its default, so bank hashes hold
+            del data["shuffle"]
         return data
 
     @classmethod
@@ -119,7 +124,8 @@ def _batches(
     batches, used = [], 0
     for _ in range(config.epochs):
         order = list(range(len(chunks)))
-        rng.shuffle(order)
+        if config.shuffle:
+            rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
             batch = [
                 list(chunks[i][: config.max_seq_len])

@@ -176,14 +176,41 @@ def _build_table(build_info: dict) -> Table:
     return table
 
 
+def _verify(bank: Path) -> None:
+    """Print every file of the bank with its checksum status; exit 1 if any is not ok."""
+    from ttmm.bank import Bank, check_files
+
+    manifest = Bank.load(bank, verify=False).manifest
+    checks = check_files(bank, manifest)
+    table = Table(title=f"{bank}: {len(checks)} files against the manifest's sha256")
+    for column in ("file", "status", "sha256"):
+        table.add_column(column)
+    for check in checks:
+        style = "green" if check.status == "ok" else "bold red"
+        table.add_row(Text(check.path), Text(check.status, style=style), check.expected[:16])
+    console.print(table)
+    if not checks:
+        console.print("this bank records no checksums (built before ttmm 0.2): rebuild it")
+    bad = [c for c in checks if c.status != "ok"]
+    if bad or not checks:
+        raise typer.Exit(1)
+    console.print("all files match")
+
+
 @user_errors
 def info(
     bank: Annotated[Path, typer.Argument(help="Bank folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check every file against its recorded sha256.")
+    ] = False,
 ) -> None:
     """Show a bank: experts, labels, sizes, build configuration and cluster quality."""
     from ttmm.bank import Bank
 
+    if verify:
+        _verify(bank)
+        return
     loaded = Bank.load(bank)
     manifest = loaded.manifest
     if as_json:

@@ -12,32 +12,19 @@ from rich.table import Table
 from rich.text import Text
 
 from ttmm.cli.options import (
-    BankOption,
-    BaseModelOption,
-    BetaOption,
-    DeviceOption,
-    DtypeOption,
-    EncoderOption,
-    MaxActiveOption,
-    RuleOption,
-    TauOption,
+    EngineArgs,
+    JsonOption,
     console,
+    engine_options,
     user_errors,
 )
-from ttmm.routing import RoutingConfig
-
-
-def _engine(bank: Path, base_model: str | None, encoder: str | None, device: str, dtype: str):
-    from ttmm.model import TTMM
-
-    with console.status("loading base model, encoder and bank"):
-        return TTMM.from_bank(
-            bank, base_model=base_model, encoder=encoder, device=device, dtype=dtype
-        )
-
-
-def _routing(engine, rule, beta, tau, max_active) -> RoutingConfig:
-    return engine.routing.replace(rule=rule, beta=beta, tau=tau, max_active=max_active)
+from ttmm.routing import (
+    PREFIX_TOKENS,
+    REFERENCE_BETA,
+    REFERENCE_MAX_ACTIVE,
+    REFERENCE_TAU,
+    RoutingConfig,
+)
 
 
 def _plan_table(engine, plan, title: str) -> Table:
@@ -52,58 +39,37 @@ def _plan_table(engine, plan, title: str) -> Table:
     return table
 
 
-def _plan_json(engine, plan) -> dict:
-    data = plan.to_dict()
-    for entry in data["experts"]:
-        entry["label"] = engine.bank.label(entry["id"])
-    return data
-
-
 @user_errors
+@engine_options
 def route(
+    engine_args: EngineArgs,
     text: Annotated[str, typer.Argument(help="Prompt to route.")],
-    bank: BankOption,
-    base_model: BaseModelOption = None,
-    encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    rule: RuleOption = None,
-    beta: BetaOption = None,
-    tau: TauOption = None,
-    max_active: MaxActiveOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show which experts a prompt is routed to, with labels and weights."""
-    engine = _engine(bank, base_model, encoder, device, dtype)
-    [plan] = engine.route([text], _routing(engine, rule, beta, tau, max_active))
+    engine = engine_args.engine()
+    [plan] = engine.route([text], engine_args.routing(engine))
     if as_json:
-        print(json.dumps(_plan_json(engine, plan), indent=2))
+        print(json.dumps(engine.bank.describe_plan(plan), indent=2))
     else:
         console.print(_plan_table(engine, plan, f"routing ({plan.rule})"))
 
 
 @user_errors
+@engine_options
 def generate(
+    engine_args: EngineArgs,
     prompt: Annotated[str, typer.Argument(help="Prompt to continue.")],
-    bank: BankOption,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
     mode: Annotated[str, typer.Option(help="auto, fold or lowrank.")] = "auto",
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    base_model: BaseModelOption = None,
-    encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    rule: RuleOption = None,
-    beta: BetaOption = None,
-    tau: TauOption = None,
-    max_active: MaxActiveOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Continue a prompt with the experts merged for it."""
-    engine = _engine(bank, base_model, encoder, device, dtype)
-    routing = _routing(engine, rule, beta, tau, max_active)
+    engine = engine_args.engine()
+    routing = engine_args.routing(engine)
     with console.status("generating"):
         [result] = engine.generate(
             [prompt],
@@ -122,7 +88,7 @@ def generate(
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
             },
-            "routing": _plan_json(engine, result.plan),
+            "routing": engine.bank.describe_plan(result.plan),
         }
         print(json.dumps(payload, indent=2))
     else:
@@ -150,28 +116,23 @@ def _read_texts(file: Path) -> list[str]:
 
 
 @user_errors
+@engine_options
 def score(
+    engine_args: EngineArgs,
     file: Annotated[
         Path, typer.Argument(help="A .jsonl file with a 'text' field per line, or a text file.")
     ],
-    bank: BankOption,
-    prefix_tokens: Annotated[int, typer.Option(help="Routed prefix, never scored.")] = 50,
+    prefix_tokens: Annotated[
+        int, typer.Option(help="Routed prefix, never scored.")
+    ] = PREFIX_TOKENS,
     max_tokens: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 1024,
-    base_model: BaseModelOption = None,
-    encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    rule: RuleOption = None,
-    beta: BetaOption = None,
-    tau: TauOption = None,
-    max_active: MaxActiveOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
     """Perplexity of each text's continuation after its routed prefix."""
 
     texts = _read_texts(file)
-    engine = _engine(bank, base_model, encoder, device, dtype)
-    routing = _routing(engine, rule, beta, tau, max_active)
+    engine = engine_args.engine()
+    routing = engine_args.routing(engine)
     results = []
     for text in texts:  # one at a time: every text may get its own merge, folded
         results.extend(engine.score([text], prefix_tokens, max_tokens, routing=routing))
@@ -185,7 +146,7 @@ def score(
                         "nll": r.nll,
                         "tokens": r.n_tokens,
                         "perplexity": r.perplexity,
-                        "routing": _plan_json(engine, r.plan),
+                        "routing": engine.bank.describe_plan(r.plan),
                     }
                 )
             )
@@ -220,14 +181,16 @@ def import_bank(
     encoder: Annotated[str | None, typer.Option(help="Encoder that made the embeddings.")] = None,
     reference_beta: Annotated[
         float, typer.Option(help="The reference code's beta (sqrt of β).")
-    ] = 0.2,
-    tau: Annotated[float, typer.Option(help="Threshold τ.")] = 0.01,
-    max_active: Annotated[int, typer.Option(help="Most experts merged at once.")] = 50,
+    ] = REFERENCE_BETA,
+    tau: Annotated[float, typer.Option(help="Threshold τ.")] = REFERENCE_TAU,
+    max_active: Annotated[
+        int, typer.Option(help="Most experts merged at once.")
+    ] = REFERENCE_MAX_ACTIVE,
 ) -> None:
     """Convert a bank in the paper's reference-code layout into a validated ttmm bank."""
     from ttmm.build.reference import import_reference_bank
 
-    routing = RoutingConfig.from_reference(beta=reference_beta, tau=tau, max_merge_count=max_active)
+    routing = RoutingConfig.from_reference(beta=reference_beta, tau=tau, max_active=max_active)
     with console.status("importing and validating"):
         bank = import_reference_bank(
             src, dst, embeddings=embeddings, base_model=base_model, encoder=encoder, routing=routing

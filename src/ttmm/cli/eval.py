@@ -12,7 +12,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli.options import DeviceOption, DtypeOption, console, user_errors
+from ttmm.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DeviceOption,
+    DtypeOption,
+    console,
+    user_errors,
+)
 from ttmm.eval.harness import METHODS, EvalConfig, EvalError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +68,11 @@ def _results_table(report: dict, title: str) -> Table:
         cells = []
         for bank, domain in columns:
             row = rows.get((bank, domain, method))
-            cells.append("–" if row is None else f"{row['perplexity']:.3f}")
+            cells.append(
+                "–"
+                if row is None
+                else f"{row['ppl']:.3f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            )
         if cost:
             ratios = [cost.get((b, method)) for b in report["banks"]]
             cells.append(" / ".join(f"{r:.2f}" for r in ratios if r is not None) or "–")
@@ -80,18 +91,31 @@ def eval_command(
     methods: Annotated[
         str, typer.Option(help=f"Comma-separated methods from: {', '.join(METHODS)}.")
     ] = ",".join(METHODS),
-    docs: Annotated[int, typer.Option(help="Held-out documents per domain (0 = all).")] = 20,
+    docs: Annotated[int, typer.Option(help="Held-out documents per domain (0 = all).")] = 60,
+    ttt_docs: Annotated[
+        int, typer.Option(help="Of those, scored by TTT and the hybrids (0 = all).")
+    ] = 30,
+    ttt_full_docs: Annotated[
+        int, typer.Option(help="Of those, scored by all-weights TTT, ttt_full (0 = all).")
+    ] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the document order and the bootstrap.")] = 0,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples behind each 95% interval.")
+    ] = 2000,
     timing_prompts: Annotated[
         int, typer.Option(help="Prompts per domain timed for test-time cost (0 = no timing).")
     ] = 3,
     tokens: Annotated[int, typer.Option(help="Tokens generated per timed prompt.")] = 100,
     prefix_tokens: Annotated[int, typer.Option(help="Tokens routed on (never scored).")] = 50,
     max_tokens: Annotated[int, typer.Option(help="Tokens read per document.")] = 512,
-    neighbours: Annotated[int, typer.Option(help="TTT: training chunks retrieved.")] = 20,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    neighbours: Annotated[
+        int, typer.Option(help="TTT: training chunks retrieved, one gradient step each.")
+    ] = 20,
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
-    """Evaluate base, fine-tuning, TTMM merging and ensembling, and TTT on held-out documents."""
+    """Evaluate base, fine-tuning, TTMM merging and ensembling, TTT and TTMM->TTT on held-out
+    documents, with 95% paired bootstrap intervals (resumable: rerun to continue)."""
     from ttmm.eval.harness import evaluate
     from ttmm.eval.ttt import TTTConfig
 
@@ -99,11 +123,15 @@ def eval_command(
     config = EvalConfig(
         methods=chosen,
         docs=docs or None,
+        ttt_docs=ttt_docs or None,
+        ttt_full_docs=ttt_full_docs or None,
+        seed=seed,
+        bootstrap=bootstrap,
         prefix_tokens=prefix_tokens,
         max_tokens=max_tokens,
         timing_prompts=timing_prompts,
         new_tokens=tokens,
-        ttt=TTTConfig(neighbours=neighbours, query_tokens=prefix_tokens),
+        ttt=TTTConfig(neighbours=neighbours),
     )
     report = evaluate(_engines(bank, device, dtype), out, config)
     console.print(_results_table(report, "Perplexity on held-out documents"))
@@ -120,8 +148,8 @@ def demo(
     prompts: Annotated[int, typer.Option(help="Held-out prompts whose routing is shown.")] = 3,
     docs: Annotated[int, typer.Option(help="Held-out documents per domain scored.")] = 2,
     tokens: Annotated[int, typer.Option(help="Tokens of the side-by-side continuation.")] = 40,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
     """Build a small bank on the default corpora (cached), then show TTMM at work."""
     import shutil

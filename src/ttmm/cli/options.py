@@ -7,6 +7,8 @@ clear line and exit with status 2; nothing else is caught.
 from __future__ import annotations
 
 import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +21,7 @@ from ttmm.assets import AssetError
 from ttmm.bank import BankError
 from ttmm.device import DEFAULT_DEVICE, DEFAULT_DTYPE, DEVICE_HELP, DTYPE_HELP
 from ttmm.merge import MergeError
-from ttmm.routing import RULES, RoutingError
+from ttmm.routing import RULES, RoutingConfig, RoutingError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -56,6 +58,8 @@ ApiKeyOption = Annotated[
 __all__ = [
     "DEFAULT_DEVICE",
     "DEFAULT_DTYPE",
+    "EngineArgs",
+    "engine_options",
     "ApiKeyOption",
     "BankOption",
     "BaseModelOption",
@@ -86,4 +90,78 @@ def user_errors(command):
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
+    return wrapper
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The options every verb over a loaded engine shares (``--bank`` ... ``--max-active``)."""
+
+    bank: Path
+    base_model: str | None = None
+    encoder: str | None = None
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
+    rule: str | None = None
+    beta: float | None = None
+    tau: float | None = None
+    max_active: int | None = None
+
+    def engine(self):
+        """Load the bank, its base model and its encoder (with a spinner)."""
+        from ttmm.model import TTMM  # deferred: `ttmm --help` should not load torch
+
+        with console.status("loading base model, encoder and bank"):
+            return TTMM.from_bank(
+                self.bank,
+                base_model=self.base_model,
+                encoder=self.encoder,
+                device=self.device,
+                dtype=self.dtype,
+            )
+
+    def routing(self, engine) -> RoutingConfig:
+        """The engine's routing with the options given on the command line."""
+        return engine.routing_for(
+            rule=self.rule, beta=self.beta, tau=self.tau, max_active=self.max_active
+        )
+
+
+_ENGINE_OPTIONS = {
+    "bank": (BankOption, inspect.Parameter.empty),
+    "base_model": (BaseModelOption, None),
+    "encoder": (EncoderOption, None),
+    "device": (DeviceOption, DEFAULT_DEVICE),
+    "dtype": (DtypeOption, DEFAULT_DTYPE),
+    "rule": (RuleOption, None),
+    "beta": (BetaOption, None),
+    "tau": (TauOption, None),
+    "max_active": (MaxActiveOption, None),
+}
+
+
+def engine_options(verb):
+    """Give ``verb`` the shared engine options; it receives them as ``engine_args: EngineArgs``.
+
+    Typer reads a verb's options from its signature, so the wrapper's signature is the verb's
+    own parameters (less ``engine_args``) followed by the shared ones.
+    """
+    own = [
+        p
+        for p in inspect.signature(verb, eval_str=True).parameters.values()
+        if p.name != "engine_args"
+    ]
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, (kind, default) in _ENGINE_OPTIONS.items()
+    ]
+
+    @functools.wraps(verb)
+    def wrapper(*args, **kwargs):
+        engine_args = EngineArgs(**{name: kwargs.pop(name) for name in _ENGINE_OPTIONS})
+        return verb(*args, engine_args=engine_args, **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper

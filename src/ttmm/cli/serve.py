@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from ttmm.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     ApiKeyOption,
     BankOption,
     BaseModelOption,
@@ -31,13 +33,16 @@ def serve(
     port: PortOption = 8000,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
     api_key: ApiKeyOption = None,
     model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
-    max_new_tokens: Annotated[
-        int, typer.Option(help="Largest max_tokens a request may ask.")
+    max_tokens_limit: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens-limit", "--max-new-tokens", help="Largest max_tokens a request may ask."
+        ),
     ] = 512,
     default_max_tokens: Annotated[
         int, typer.Option(help="Tokens generated when a request does not say.")
@@ -50,6 +55,16 @@ def serve(
     batch_window_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests, in ms.")
     ] = 50.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body in bytes; larger gets a 413.")
+    ] = 1 << 20,
+    max_streams: Annotated[
+        int, typer.Option(help="Streamed completions served at once; more get a 429.")
+    ] = 16,
+    rate_limit: Annotated[
+        int | None,
+        typer.Option(help="Requests a minute per API key (or client address); default none."),
+    ] = None,
     merge_cache_mb: Annotated[
         float, typer.Option(help="Memory for cached per-plan merge factors, in MiB (0: off).")
     ] = 1024.0,
@@ -63,7 +78,7 @@ def serve(
     settings = ServerSettings(
         model_id=model_id,
         max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
+        max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens,
         max_concurrent_requests=max_concurrent,
         request_timeout_s=timeout,
@@ -71,6 +86,9 @@ def serve(
         batch_window_ms=batch_window_ms,
         merge_cache_mb=merge_cache_mb,
         api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_streams=max_streams,
+        rate_limit_per_minute=rate_limit,
     )
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ttmm.model import TTMM, InputError, Score, _right_pad, continuation_nll
+from ttmm.model import TTMM, InputError, Score, continuation_nll, right_pad
 from ttmm.routing import RoutingPlan
 
 
@@ -61,7 +61,7 @@ def ensemble_score(
     """
     texts = list(texts)
     if plans is None:
-        plans = engine.route(texts, engine.routing.replace(query_tokens=prefix_tokens))
+        plans = engine.route(texts, engine.routing.replace(prefix_tokens=prefix_tokens))
     if len(plans) != len(texts):
         raise InputError(f"got {len(plans)} plans for {len(texts)} texts; give one per text")
     results = []
@@ -72,7 +72,7 @@ def ensemble_score(
                 f"a text has {len(ids)} tokens, at most prefix_tokens={prefix_tokens}: "
                 "nothing is left to score"
             )
-        input_ids, attention = _right_pad([ids], engine.tokenizer.pad_token_id, engine.device)
+        input_ids, attention = right_pad([ids], engine.tokenizer.pad_token_id, engine.device)
         parts = members(plan)
         logits = []
         for member, _ in parts:

@@ -1,43 +1,50 @@
-"""The evaluation harness of design notes §3: every method on a bank's held-out documents.
+"""The evaluation harness of design notes §3 and §7: every method on a bank's held-out documents.
 
 Methods (registered by name in :data:`METHODS`): the base model; the fine-tuning adapter;
 TTMM merging with the top 1, 3 and 10 experts and with the bank's default (threshold) rule;
-TTMM ensembling of the top 3 and 10 experts; and TTT-NN. Each held-out document is routed
-(or, for TTT, retrieved on) by its first P = 50 tokens, and only the tokens after them are
-scored. Test-time cost is the wall time to generate a fixed number of new tokens from a
-P-token prompt, everything included, every method timed in the same process, interleaved per
-prompt, so that ratios to the base model are fair on a noisy machine.
+TTMM ensembling of the top 3 and 10 experts; TTT-NN (LoRA, and all weights as ``ttt_full``);
+the hybrids TTMM-10 -> TTT with 5 and 20 neighbours. Held-out documents are taken per domain
+in a seeded order (sha256(seed:doc_id)); TTT and the hybrids score the first ``ttt_docs`` of
+them, ``ttt_full`` the first ``ttt_full_docs``, every other method all ``docs``, so every
+comparison is paired on documents both scored. Each document is routed (or retrieved on) by
+its first P tokens, and only the tokens after them are scored. Test-time cost is the wall time
+to generate a fixed number of new tokens from a P-token prompt, everything included, every
+method timed in the same process, interleaved per prompt, so that ratios to the base model
+are fair on a noisy machine.
 
 Runs are resumable: every scored document is appended to ``documents.jsonl`` and skipped on a
-rerun; the timing phase is written to ``timings.jsonl`` only when complete. Results that do not
-depend on the bank (the base model, and TTT, which depends only on the training chunks) are
-keyed by what they depend on, so evaluating several banks built on the same corpus computes
-them once.
+rerun, as is every fully timed prompt in ``timings.jsonl``. Records are keyed by everything
+that changes their numbers (:mod:`ttmm.eval.keys`): a rerun with other settings or after a
+rebuild recomputes, and results that do not depend on the bank (the base model; TTT, which
+depends only on the training chunks) are shared by banks built on the same corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ttmm.bank import Bank
-from ttmm.build.chunks import CHUNKS_NAME, EMBEDDINGS_NAME, ChunkIndex, read_test_documents
+from ttmm.build.chunks import ChunkIndex, read_test_documents
 from ttmm.build.corpus import Document
 from ttmm.device import describe, dtype_name, synchronize
 from ttmm.eval.ensemble import ensemble_generate, ensemble_score
-from ttmm.eval.methods import METHODS, EvalError, MethodSpec
-from ttmm.eval.report import build_report, write_report
+from ttmm.eval.keys import bank_fingerprint, result_key
+from ttmm.eval.methods import METHODS, SUBSETS, EvalError, MethodSpec
+from ttmm.eval.report import build_report, write_report, write_text_atomic
 from ttmm.eval.ttt import TestTimeTrainer, TTTConfig
+from ttmm.generation import GREEDY, decode
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
@@ -54,8 +61,17 @@ class EvalConfig:
 
     methods: tuple[str, ...] = tuple(METHODS)
     """Method names, from :data:`METHODS`."""
-    docs: int | None = 20
-    """Held-out documents per domain (the first that are long enough); None = all."""
+    docs: int | None = 60
+    """Held-out documents per domain (the first long enough in the seeded order); None = all."""
+    ttt_docs: int | None = 30
+    """TTT and the hybrids score the first this many of them (so every comparison with TTT is
+    paired on these); None = all of ``docs``."""
+    ttt_full_docs: int | None = 10
+    """All-weights TTT (``ttt_full``) scores the first this many; None = all of ``docs``."""
+    seed: int = 0
+    """Seed of the document order (sha256(seed:doc_id)) and of the bootstrap draws."""
+    bootstrap: int = 2000
+    """Bootstrap resamples of the documents behind each 95% interval."""
     prefix_tokens: int = 50
     """P: tokens routed on (and retrieved on, for TTT), never scored."""
     min_scored_tokens: int = 16
@@ -67,33 +83,34 @@ class EvalConfig:
     new_tokens: int = 100
     """Tokens generated per timed prompt (end of sequence suppressed, so always this many)."""
     ttt: TTTConfig = field(default_factory=TTTConfig)
-    """The TTT baseline's retrieval and training."""
+    """The TTT baseline's retrieval and training (also the hybrids' and, with all weights,
+    ``ttt_full``'s)."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise EvalError(f"EvalConfig.methods: unknown {unknown}; choose from {list(METHODS)}")
-        for name in ("prefix_tokens", "min_scored_tokens", "max_tokens", "new_tokens"):
+        for name in ("prefix_tokens", "min_scored_tokens", "max_tokens", "new_tokens", "bootstrap"):
             if getattr(self, name) < 1:
                 raise EvalError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.docs is not None and self.docs < 1:
-            raise EvalError(f"EvalConfig.docs must be >= 1 or None, got {self.docs}")
+        for name in ("docs", "ttt_docs", "ttt_full_docs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EvalError(f"EvalConfig.{name} must be >= 1 or None, got {value}")
         if self.timing_prompts < 0:
             raise EvalError(f"EvalConfig.timing_prompts must be >= 0, got {self.timing_prompts}")
         if self.max_tokens <= self.prefix_tokens + self.min_scored_tokens:
             raise EvalError("EvalConfig.max_tokens must exceed prefix_tokens + min_scored_tokens")
 
+    def subset_size(self, subset: str) -> int | None:
+        """How many of a domain's documents a method of this subset scores (None = all)."""
+        sizes = {"all": None, "ttt": self.ttt_docs, "ttt_full": self.ttt_full_docs}
+        limits = [n for n in (self.docs, sizes[subset]) if n is not None]
+        return min(limits) if limits else None
+
     def to_dict(self) -> dict:
-        return {
-            "methods": list(self.methods),
-            "docs": self.docs,
-            "prefix_tokens": self.prefix_tokens,
-            "min_scored_tokens": self.min_scored_tokens,
-            "max_tokens": self.max_tokens,
-            "timing_prompts": self.timing_prompts,
-            "new_tokens": self.new_tokens,
-            "ttt": self.ttt.to_dict(),
-        }
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return data | {"methods": list(self.methods), "ttt": self.ttt.to_dict()}
 
 
 def held_out_documents(bank: Bank) -> list[Document]:
@@ -108,97 +125,105 @@ def held_out_documents(bank: Bank) -> list[Document]:
     return read_test_documents(bank.path)
 
 
+def document_order(doc_id: str, seed: int) -> str:
+    """Sort key of the seeded document order: sha256(seed:doc_id), never the name order."""
+    return hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()
+
+
 def select_documents(docs: Sequence[Document], tokenizer, config: EvalConfig) -> list[Document]:
-    """Per domain, the first ``config.docs`` documents with enough tokens after the prefix."""
+    """Per domain, in the seeded order, the first ``config.docs`` documents with enough tokens
+    after the prefix; grouped by domain, each group in that order."""
     need = config.prefix_tokens + config.min_scored_tokens
     chosen: dict[str, list[Document]] = {}
-    for doc in docs:
+    for doc in sorted(docs, key=lambda d: document_order(d.id, config.seed)):
         picked = chosen.setdefault(doc.domain, [])
         if config.docs is not None and len(picked) >= config.docs:
             continue
-        if (
-            len(tokenizer(doc.text[: 8 * config.max_tokens], add_special_tokens=False)["input_ids"])
-            >= need
-        ):
+        text = doc.text[: 8 * config.max_tokens]
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= need:
             picked.append(doc)
     return [doc for domain in sorted(chosen) for doc in chosen[domain]]
 
 
-def chunk_fingerprint(bank: Bank) -> str:
-    """Identity of the bank's training chunks (their documents, tokens and embeddings) and base
-    model: TTT depends on nothing else of a bank, so banks of several K share its results."""
-    from safetensors.numpy import load_file
-
-    digest = hashlib.sha256(bank.manifest.base_model["fingerprint"].encode())
-    root = Path(bank.path)
-    if (root / CHUNKS_NAME).is_file():
-        with open(root / CHUNKS_NAME, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)  # its expert assignment depends on K: left out
-                    digest.update(json.dumps([record["doc_id"], record["token_ids"]]).encode())
-    if (root / EMBEDDINGS_NAME).is_file():
-        digest.update(load_file(root / EMBEDDINGS_NAME)["embeddings"].tobytes())
-    return digest.hexdigest()[:16]
+def subset(documents: Sequence[Document], size: int | None) -> list[Document]:
+    """The first ``size`` documents of each domain (all with None), order kept."""
+    seen: dict[str, int] = {}
+    kept = []
+    for doc in documents:
+        seen[doc.domain] = seen.get(doc.domain, 0) + 1
+        if size is None or seen[doc.domain] <= size:
+            kept.append(doc)
+    return kept
 
 
 def available(bank: Bank, method: str) -> bool:
-    """Whether the bank can run the method (fine-tuning needs the bank's baseline adapter)."""
-    return METHODS[method].kind != "finetune" or bank.manifest.finetune is not None
-
-
-def result_key(
-    bank: Bank,
-    method: str,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
-) -> str:
-    """What a method's numbers depend on: the base model, the training chunks, or the bank;
-    and where it ran: the weights' dtype unless float32 and the device type unless the CPU are
-    appended (so the keys of float32 CPU runs stay put, and a GPU run reuses no CPU timing)."""
-    kind = METHODS[method].kind
-    suffix = "" if dtype == torch.float32 else f"@{dtype_name(dtype)}"
-    suffix += "" if device.type == "cpu" else f"@{device.type}"
-    if kind == "base":
-        return f"base:{bank.manifest.base_model['fingerprint']}{suffix}"
-    if kind == "ttt":
-        return f"chunks:{chunk_fingerprint(bank)}{suffix}"
-    return f"bank:{Path(bank.path).resolve()}{suffix}"
+    """Whether the bank can run the method (fine-tuning needs the bank's baseline adapter, its
+    continuation the continued adapter)."""
+    spec = METHODS[method]
+    if spec.kind != "finetune":
+        return True
+    name = "finetune_continued" if spec.continued else "finetune"
+    return getattr(bank.manifest, name, None) is not None
 
 
 class MethodRunner:
-    """Scores and times every method on one engine (one bank)."""
+    """Scores and times every method on one engine (one bank), routed on P = prefix_tokens."""
 
     def __init__(self, engine: TTMM, config: EvalConfig):
-        self.engine = engine
+        self.engine = copy.copy(engine)  # shares model, lock and merger; its own routing
+        self.engine.routing = engine.routing_for(prefix_tokens=config.prefix_tokens)
         self.config = config
-        self._finetune: ExpertMerger | None = None
-        self._ttt: TestTimeTrainer | None = None
+        self._finetune: dict[bool, ExpertMerger] = {}
+        self._trainers: dict[str, TestTimeTrainer] = {}
+        self._index: ChunkIndex | None = None
 
-    @property
-    def finetune(self) -> ExpertMerger:
-        if self._finetune is None:
-            adapter = self.engine.bank.finetune_adapter()
+    def ttt_config(self, spec: MethodSpec) -> TTTConfig:
+        """The TTT settings a TTT or hybrid method runs with (its weights and neighbours)."""
+        ttt = self.config.ttt
+        return ttt.replace(
+            weights=spec.weights or ttt.weights, neighbours=spec.neighbours or ttt.neighbours
+        )
+
+    def key(self, method: str) -> str:
+        """The cache key of the method's numbers (see :mod:`ttmm.eval.keys`)."""
+        spec = METHODS[method]
+        settings = {
+            "prefix_tokens": self.config.prefix_tokens,
+            "max_tokens": self.config.max_tokens,
+        }
+        if spec.kind in ("ttt", "hybrid"):
+            settings["ttt"] = self.ttt_config(spec).to_dict()
+        return result_key(self.engine.bank, self.engine.model, spec, settings, self.engine.device)
+
+    def finetune(self, spec: MethodSpec) -> ExpertMerger:
+        """The merger of the fine-tuning adapter (or of its continuation) of a method."""
+        if spec.continued not in self._finetune:
+            bank = self.engine.bank
+            adapter = (
+                bank.finetune_adapter(continued=True) if spec.continued else bank.finetune_adapter()
+            )
             if adapter is None:
                 raise EvalError(
-                    f"bank {self.engine.bank.path} has no fine-tuning adapter; rebuild it with "
-                    "--with-finetune or leave 'finetune' out of --methods"
+                    f"bank {bank.path} has no {spec.name} adapter; rebuild it with "
+                    "--with-finetune (--continue-finetune) or leave it out of --methods"
                 )
-            self._finetune = ExpertMerger(self.engine.model, [adapter])
-        return self._finetune
+            self._finetune[spec.continued] = ExpertMerger(self.engine.model, [adapter])
+        return self._finetune[spec.continued]
 
-    @property
-    def ttt(self) -> TestTimeTrainer:
-        if self._ttt is None:
-            try:
-                index = ChunkIndex.load(self.engine.bank.path)
-            except FileNotFoundError as err:
-                raise EvalError(f"{err}; or leave 'ttt' out of --methods") from err
-            self._ttt = TestTimeTrainer(self.engine, index, self.config.ttt)
-        return self._ttt
+    def trainer(self, spec: MethodSpec) -> TestTimeTrainer:
+        """The test-time trainer of a TTT or hybrid method (one per weights setting)."""
+        config = self.config.ttt.replace(weights=self.ttt_config(spec).weights)
+        if config.weights not in self._trainers:
+            if self._index is None:
+                try:
+                    self._index = ChunkIndex.load(self.engine.bank.path)
+                except FileNotFoundError as err:
+                    raise EvalError(f"{err}; or leave {spec.name!r} out of --methods") from err
+            self._trainers[config.weights] = TestTimeTrainer(self.engine, self._index, config)
+        return self._trainers[config.weights]
 
     def plan(self, spec: MethodSpec, text: str) -> RoutingPlan:
-        routing = self.engine.routing.replace(query_tokens=self.config.prefix_tokens)
+        routing = self.engine.routing
         if spec.top_n is not None:
             routing = routing.replace(rule="top_n", max_active=spec.top_n)
         return self.engine.route([text], routing)[0]
@@ -208,33 +233,32 @@ class MethodRunner:
         P, limit = self.config.prefix_tokens, self.config.max_tokens
         started = time.perf_counter()
         extra: dict = {}
-        if spec.kind == "ttt":
-            ((score, adaptation),) = self.ttt.score([text], P, limit)
+        plan = None
+        if spec.kind in ("ttt", "hybrid"):
+            plan = self.plan(spec, text) if spec.kind == "hybrid" else None
+            neighbours = self.ttt_config(spec).neighbours
+            ((score, adaptation),) = self.trainer(spec).score([text], P, limit, plan, neighbours)
             extra = {
                 "neighbour_docs": adaptation.doc_ids,
                 "neighbour_similarity": adaptation.similarities,
                 "ttt_seconds": adaptation.seconds,
                 "ttt_final_loss": adaptation.losses[-1],
             }
-            active = 1
         elif spec.kind == "finetune":
-            with self.engine.lock, self.finetune.fold(RoutingPlan.explicit({0: 1.0})):
+            with self.engine.lock, self.finetune(spec).fold(RoutingPlan.explicit({0: 1.0})):
                 (score,) = self.engine.score([text], P, limit, plans=[RoutingPlan.base()])
-            active = 1
         elif spec.kind == "ensemble":
             (score,) = ensemble_score(self.engine, [text], [self.plan(spec, text)], P, limit)
-            active = len(score.plan.expert_ids)
         else:
             plan = RoutingPlan.base() if spec.kind == "base" else self.plan(spec, text)
             (score,) = self.engine.score([text], P, limit, plans=[plan])
-            active = len(plan.expert_ids)
+        plan = plan or score.plan
+        active = len(plan.expert_ids) if spec.kind in ("merge", "ensemble", "hybrid") else 1
         record = {
             "nll": score.nll,
             "tokens": score.n_tokens,
             "active_experts": active,
-            "experts": [
-                {"id": k, "weight": w} for k, w in zip(score.plan.expert_ids, score.plan.weights)
-            ],
+            "experts": [{"id": k, "weight": w} for k, w in zip(plan.expert_ids, plan.weights)],
             "seconds": time.perf_counter() - started,
         }
         return record | extra
@@ -250,10 +274,13 @@ class MethodRunner:
                 clock.decode(lambda: ensemble_generate(self.engine, prompt, plan, n, stop=False))
             else:
                 if spec.kind == "finetune":
-                    context = self.finetune.fold(RoutingPlan.explicit({0: 1.0}))
-                elif spec.kind == "ttt":
-                    adaptation = clock.adapt(lambda: self.ttt.adapt(prompt))
-                    context = self.ttt.applied(adaptation)
+                    context = self.finetune(spec).fold(RoutingPlan.explicit({0: 1.0}))
+                elif spec.kind in ("ttt", "hybrid"):
+                    start = None
+                    if spec.kind == "hybrid":
+                        start = clock.adapt(lambda: self.plan(spec, prompt))
+                    neighbours = self.ttt_config(spec).neighbours
+                    context = self.trainer(spec).adapted(prompt, start, neighbours)
                 else:
                     plan = clock.adapt(lambda: self.plan(spec, prompt))
                     context = self.engine.merged([plan])
@@ -266,16 +293,7 @@ class MethodRunner:
         tokenizer = self.engine.tokenizer
         batch = tokenizer([prompt], return_tensors="pt").to(self.engine.device)
         with self.engine.lock:
-            self.engine.model.generate(
-                **batch,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            decode(self.engine.model, tokenizer, batch, n, GREEDY, min_new_tokens=n)
 
 
 class _Stopwatch:
@@ -353,16 +371,20 @@ def evaluate(
     config = config or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2))
     runners = {name: MethodRunner(engine, config) for name, engine in engines.items()}
     documents = {
         name: select_documents(held_out_documents(e.bank), e.tokenizer, config)
         for name, e in engines.items()
     }
-    _score_all(runners, documents, out / DOCUMENTS_FILE, config, progress)
-    _time_all(runners, documents, out / TIMINGS_FILE, config, progress)
+    keys = {  # computed before any merge is folded in: they hash the base weights
+        name: {m: runner.key(m) for m in config.methods if available(runner.engine.bank, m)}
+        for name, runner in runners.items()
+    }
+    _score_all(runners, documents, keys, out / DOCUMENTS_FILE, config, progress)
+    _time_all(runners, documents, keys, out / TIMINGS_FILE, config, progress)
     report = build_report(
-        {name: _bank_info(runner, documents[name]) for name, runner in runners.items()},
+        {name: _bank_info(runner, documents[name], keys[name]) for name, runner in runners.items()},
         config,
         _read_jsonl(out / DOCUMENTS_FILE),
         _read_jsonl(out / TIMINGS_FILE),
@@ -371,7 +393,7 @@ def evaluate(
     return report
 
 
-def _bank_info(runner: MethodRunner, documents: Sequence[Document]) -> dict:
+def _bank_info(runner: MethodRunner, documents: Sequence[Document], keys: dict) -> dict:
     """What the report needs of a bank: identity, result keys, and the documents scored."""
     bank = runner.engine.bank
     return {
@@ -382,82 +404,81 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document]) -> dict:
         "device": describe(runner.engine.device),
         "dtype": dtype_name(runner.engine.model.dtype),
         "build": bank.manifest.build,
-        "keys": {
-            method: result_key(bank, method, runner.engine.model.dtype, runner.engine.device)
-            for method in runner.config.methods
-            if available(bank, method)
-        },
+        "branch_from": getattr(bank.manifest, "branch_from", None)
+        or (bank.manifest.build or {}).get("branch_from"),
+        "content": bank_fingerprint(bank),
+        "keys": keys,
         "documents": [doc.id for doc in documents],
+        "subsets": {
+            name: [doc.id for doc in subset(documents, runner.config.subset_size(name))]
+            for name in SUBSETS
+        },
     }
 
 
-def _score_all(runners, documents, path: Path, config: EvalConfig, progress: bool) -> None:
+def _score_all(runners, documents, keys, path: Path, config: EvalConfig, progress: bool) -> None:
     done = {(r["key"], r["method"], r["doc_id"]) for r in _read_jsonl(path)}
     for name, runner in runners.items():
-        bank = runner.engine.bank
         for method in config.methods:
-            if not available(bank, method):
-                logger.warning("bank %s has no fine-tuning adapter: skipping %s", name, method)
+            if method not in keys[name]:
+                logger.warning("bank %s has no adapter for %s: skipping it", name, method)
                 continue
-            spec, key = (
-                METHODS[method],
-                result_key(bank, method, runner.engine.model.dtype, runner.engine.device),
-            )
-            todo = [d for d in documents[name] if (key, method, d.id) not in done]
+            spec, key = METHODS[method], keys[name][method]
+            docs = subset(documents[name], config.subset_size(spec.subset))
+            todo = [d for d in docs if (key, method, d.id) not in done]
             for doc in tqdm(todo, desc=f"{name} {method}", disable=not progress, unit="doc"):
                 record = {"key": key, "method": method, "doc_id": doc.id, "domain": doc.domain}
                 _append_jsonl(path, record | runner.score(spec, doc.text))
                 done.add((key, method, doc.id))
 
 
-def _time_all(runners, documents, path: Path, config: EvalConfig, progress: bool) -> None:
-    """Time every (bank, method) on the same prompts, interleaved, in this one process."""
+def _time_all(runners, documents, keys, path: Path, config: EvalConfig, progress: bool) -> None:
+    """Time every (bank, method) on the same prompts, interleaved per prompt, in this process.
+
+    Each prompt's timings (all banks and methods) are appended together once all are taken,
+    so an interrupted run redoes at most one prompt; methods compared are always timed side by
+    side on the same prompt in the same process.
+    """
     if config.timing_prompts == 0:
         return
+    first_name = next(iter(runners))
+    first = runners[first_name]
     prompts = []
-    first = next(iter(runners.values())).engine
-    for domain in sorted({d.domain for docs in documents.values() for d in docs}):
-        docs = [d for d in next(iter(documents.values())) if d.domain == domain]
-        for doc in docs[: config.timing_prompts]:
-            prompts.append(
-                (
-                    doc,
-                    first.query_texts(
-                        [doc.text], first.routing.replace(query_tokens=config.prefix_tokens)
-                    )[0],
-                )
-            )
+    for doc in subset(documents[first_name], config.timing_prompts):
+        prompts.append((doc, first.engine.query_texts([doc.text])[0]))  # the routing prefix
     jobs = []  # (runner name, method, result key), shared keys timed once
     seen = set()
-    for name, runner in runners.items():
-        for method in config.methods:
-            if not available(runner.engine.bank, method):
-                continue
-            key = result_key(
-                runner.engine.bank, method, runner.engine.model.dtype, runner.engine.device
-            )
+    for name in runners:
+        for method, key in keys[name].items():
             if (key, method) not in seen:
                 seen.add((key, method))
                 jobs.append((name, method, key))
-    expected = {(key, method, doc.id) for _, method, key in jobs for doc, _ in prompts}
-    have = {(r["key"], r["method"], r["doc_id"]) for r in _read_jsonl(path)}
-    if expected <= have:
+    n = config.new_tokens
+    have = {(r["key"], r["method"], r["doc_id"]) for r in _read_jsonl(path) if r["new_tokens"] == n}
+    todo = [(d, p) for d, p in prompts if any((k, m, d.id) not in have for _, m, k in jobs)]
+    if not todo:
         return
-    records = []
-    runners_first = next(iter(runners.values()))
-    runners_first._decode(prompts[0][1], 4)  # warm up caches before the first timed call
-    bar = tqdm(total=len(prompts) * len(jobs), desc="timing", disable=not progress, unit="run")
-    for doc, prompt in prompts:
+    first._decode(todo[0][1], 4)  # warm up caches before the first timed call
+    bar = tqdm(total=len(todo) * len(jobs), desc="timing", disable=not progress, unit="run")
+    for doc, prompt in todo:
+        records = []
         for name, method, key in jobs:
             timing = runners[name].time_generation(METHODS[method], prompt)
             records.append(
                 {"key": key, "method": method, "doc_id": doc.id, "domain": doc.domain} | timing
             )
             bar.update()
+        for record in records:
+            _append_jsonl(path, record)
     bar.close()
-    path.unlink(missing_ok=True)
-    for record in records:
-        _append_jsonl(path, record)
 
 
-__all__ = ["EvalConfig", "EvalError", "METHODS", "MethodSpec", "MethodRunner", "evaluate"]
+__all__ = [
+    "EvalConfig",
+    "EvalError",
+    "METHODS",
+    "MethodSpec",
+    "MethodRunner",
+    "evaluate",
+    "select_documents",
+]

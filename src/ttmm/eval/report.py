@@ -1,33 +1,38 @@
-"""Evaluation results as one JSON file, a markdown table shaped like the paper's Table 1, and plots.
+"""Evaluation results as one JSON file and a markdown table shaped like the paper's Table 1.
 
-``results.json`` (``schema_version`` 1) holds::
+``results.json`` (``schema_version`` 2) holds::
 
-    schema_version   1
+    schema_version   2
     created          ISO time (UTC)
-    config           the EvalConfig of the run (methods, docs, prefix_tokens, ..., ttt)
+    config           the EvalConfig of the run (methods, docs, ttt_docs, ..., bootstrap, ttt)
     environment      python, platform, cpu_count, torch_threads, packages {name: version}
-    methods          {name: {kind, label}}
+    methods          {name: {kind, label, subset}}
     banks            {bank name: {path, num_experts, routing, base_model, device, dtype, build,
-                      keys, documents}}
-    results          [{bank, domain, method, label, perplexity, normalised_perplexity, nll,
-                       tokens, documents, mean_active_experts}]            one row per bank ×
-                                                                          domain × method
+                      branch_from, content, keys, documents, subsets}}
+    results          [{bank, domain, method, label, ppl, ci_low, ci_high, n_docs, n_tokens,
+                       normalised_perplexity, normalised_ci_low, normalised_ci_high, nll,
+                       mean_active_experts,
+                       comparisons {base|finetune|ttt: {diff, ci_low, ci_high, significant,
+                                                        win_rate, n_docs}}}]
+                                                      one row per bank × domain × method
     timing           [{bank, method, label, prompts, new_tokens, median_seconds, ratio_to_base,
-                       median_adapt_seconds, adapt_ratio_to_base}]         one row per bank ×
-                                                                          method
+                       median_adapt_seconds, adapt_ratio_to_base}]   one row per bank × method
     documents        [{key, method, doc_id, domain, nll, tokens, active_experts, experts,
-                       seconds, ...}]                                      per scored document
+                       seconds, ...}]                                per scored document
     timings          [{key, method, doc_id, domain, seconds, adapt_seconds, new_tokens}]
 
-Perplexity is exp(Σ NLL / Σ scored tokens) over a domain's documents; normalised perplexity is
-(ppl − ppl_TTT) / (ppl_base − ppl_TTT): 1 is the base model, 0 is TTT (None without both).
-``key`` says what a per-document number depends on (``base:…``, ``chunks:…`` or ``bank:…``).
+Perplexity is exp(Σ NLL / Σ scored tokens) over a domain's documents, with a 95% bootstrap
+interval over documents (:mod:`.intervals`). A comparison ``diff`` is ppl − ppl_ref on the
+documents both methods scored, with its paired interval; ``win_rate`` is the share of those
+documents where the method's NLL per token is lower. Normalised perplexity is
+(ppl − ppl_TTT) / (ppl_base − ppl_TTT) on the documents all three scored: 1 is the base model,
+0 is TTT (None without both). ``key`` says what a per-document number depends on
+(:mod:`.keys`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,9 +41,19 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ttmm.eval.methods import METHODS
+import numpy as np
 
-SCHEMA_VERSION = 1
+from ttmm.eval.intervals import (
+    corpus_perplexity,
+    draw,
+    paired_difference,
+    perplexity_interval,
+    quantiles,
+    win_rate,
+)
+from ttmm.eval.methods import METHODS, REFERENCES
+
+SCHEMA_VERSION = 2
 PACKAGES = (
     "ttmm",
     "torch",
@@ -68,12 +83,25 @@ RESULT_FIELDS: dict[str, tuple[type, ...]] = {
     "domain": (str,),
     "method": (str,),
     "label": (str,),
-    "perplexity": (float,),
+    "ppl": (float,),
+    "ci_low": (float,),
+    "ci_high": (float,),
+    "n_docs": (int,),
+    "n_tokens": (int,),
     "normalised_perplexity": (float, type(None)),
+    "normalised_ci_low": (float, type(None)),
+    "normalised_ci_high": (float, type(None)),
     "nll": (float,),
-    "tokens": (int,),
-    "documents": (int,),
     "mean_active_experts": (float,),
+    "comparisons": (dict,),
+}
+COMPARISON_FIELDS: dict[str, tuple[type, ...]] = {
+    "diff": (float,),
+    "ci_low": (float,),
+    "ci_high": (float,),
+    "significant": (bool,),
+    "win_rate": (float,),
+    "n_docs": (int,),
 }
 TIMING_FIELDS: dict[str, tuple[type, ...]] = {
     "bank": (str,),
@@ -114,57 +142,128 @@ def normalised(ppl: float, base: float | None, ttt: float | None) -> float | Non
     return (ppl - ttt) / (base - ttt)
 
 
+def _arrays(records: dict[str, dict], ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned (NLL, scored tokens) arrays of the documents ``ids``."""
+    nll = np.array([records[i]["nll"] for i in ids], dtype=np.float64)
+    tokens = np.array([records[i]["tokens"] for i in ids], dtype=np.float64)
+    return nll, tokens
+
+
+def _domain_rows(name: str, domain: str, by_method: dict, config) -> list[dict]:
+    """One row per method of one (bank, domain): perplexity with its interval, normalised
+    perplexity with its interval, and the paired comparisons with the references."""
+    B, seed = config.bootstrap, config.seed
+    rows = []
+    for method, records in by_method.items():
+        ids = list(records)
+        nll, tokens = _arrays(records, ids)
+        estimate = perplexity_interval(nll, tokens, draw(ids, B, seed))
+        row = {
+            "bank": name,
+            "domain": domain,
+            "method": method,
+            "label": METHODS[method].label,
+            "ppl": estimate.value,
+            "ci_low": estimate.ci_low,
+            "ci_high": estimate.ci_high,
+            "n_docs": len(ids),
+            "n_tokens": int(tokens.sum()),
+            "nll": float(nll.sum()),
+            "normalised_perplexity": None,
+            "normalised_ci_low": None,
+            "normalised_ci_high": None,
+            "mean_active_experts": float(
+                statistics.mean(r["active_experts"] for r in records.values())
+            ),
+            "comparisons": {},
+        }
+        for ref in REFERENCES:
+            if ref == method or ref not in by_method:
+                continue
+            common = [i for i in ids if i in by_method[ref]]
+            if not common:
+                continue
+            a, b = _arrays(records, common), _arrays(by_method[ref], common)
+            diff = paired_difference(*a, *b, draw(common, B, seed))
+            row["comparisons"][ref] = {
+                "diff": diff.value,
+                "ci_low": diff.ci_low,
+                "ci_high": diff.ci_high,
+                "significant": diff.excludes_zero and len(common) >= 2,  # 1 doc: no spread
+                "win_rate": win_rate(*a, *b),
+                "n_docs": len(common),
+            }
+        if "base" in by_method and "ttt" in by_method:
+            common = [i for i in ids if i in by_method["base"] and i in by_method["ttt"]]
+            if common:
+                rows_ = draw(common, B, seed)
+                m, b, t = (
+                    _arrays(r, common) for r in (records, by_method["base"], by_method["ttt"])
+                )
+                value = normalised(
+                    corpus_perplexity(*m), corpus_perplexity(*b), corpus_perplexity(*t)
+                )
+                if value is not None:
+                    boot_t = corpus_perplexity(*t, rows_)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        boot = (corpus_perplexity(*m, rows_) - boot_t) / (
+                            corpus_perplexity(*b, rows_) - boot_t
+                        )
+                    low, high = (
+                        quantiles(boot[np.isfinite(boot)])
+                        if np.isfinite(boot).any()
+                        else (value, value)
+                    )
+                    row |= {
+                        "normalised_perplexity": value,
+                        "normalised_ci_low": low,
+                        "normalised_ci_high": high,
+                        "normalised_n_docs": len(common),
+                    }
+        rows.append(row)
+    return rows
+
+
+def _latest(records: list[dict]) -> dict[tuple, dict]:
+    """The last record of each (key, method, doc_id): a rescored line supersedes older ones."""
+    return {(r["key"], r["method"], r["doc_id"]): r for r in records}
+
+
 def build_report(
     banks: dict[str, dict], config, documents: list[dict], timings: list[dict]
 ) -> dict:
-    """Aggregate per-document and per-prompt records into the ``results.json`` object."""
+    """Aggregate per-document and per-prompt records into the ``results.json`` object.
 
+    Each bank's info names its result key per method and the document ids of each subset
+    (``subsets``: all, ttt, ttt_full); a method's numbers come from its subset only.
+    """
     methods = list(config.methods)
-    results, timing, used_docs, used_timings = [], [], [], []
+    latest_docs, latest_timings = _latest(documents), _latest(timings)
+    results, timing, used_docs, used_timings = [], [], {}, {}
     for name, info in banks.items():
-        wanted = set(info["documents"])
-        rows = {}
+        per_domain: dict[str, dict[str, dict[str, dict]]] = defaultdict(dict)
         for method in methods:
             key = info["keys"].get(method)
-            records = [
-                r
-                for r in documents
-                if r["key"] == key and r["method"] == method and r["doc_id"] in wanted
-            ]
-            used_docs.extend(r for r in records if r not in used_docs)
-            by_domain = defaultdict(list)
-            for r in records:
-                by_domain[r["domain"]].append(r)
-            for domain, recs in by_domain.items():
-                nll = float(sum(r["nll"] for r in recs))
-                tokens = int(sum(r["tokens"] for r in recs))
-                rows[domain, method] = {
-                    "bank": name,
-                    "domain": domain,
-                    "method": method,
-                    "label": METHODS[method].label,
-                    "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
-                    "normalised_perplexity": None,
-                    "nll": nll,
-                    "tokens": tokens,
-                    "documents": len(recs),
-                    "mean_active_experts": float(
-                        statistics.mean(r["active_experts"] for r in recs)
-                    ),
-                }
-        for (domain, _), row in rows.items():
-            base, ttt = rows.get((domain, "base")), rows.get((domain, "ttt"))
-            row["normalised_perplexity"] = normalised(
-                row["perplexity"],
-                base and base["perplexity"],
-                ttt and ttt["perplexity"],
-            )
-        results.extend(rows.values())
+            subset_ids = info.get("subsets", {}).get(METHODS[method].subset, info["documents"])
+            for doc_id in subset_ids:
+                record = latest_docs.get((key, method, doc_id))
+                if record is not None:
+                    used_docs[key, method, doc_id] = record
+                    per_domain[record["domain"]].setdefault(method, {})[doc_id] = record
+        for domain in sorted(per_domain):
+            results.extend(_domain_rows(name, domain, per_domain[domain], config))
         per_method = {}
         for method in methods:
             key = info["keys"].get(method)
-            records = [t for t in timings if t["key"] == key and t["method"] == method]
-            used_timings.extend(t for t in records if t not in used_timings)
+            records = [
+                t
+                for t in latest_timings.values()
+                if t["key"] == key
+                and t["method"] == method
+                and t["new_tokens"] == config.new_tokens
+            ]
+            for t in records:
+                used_timings[key, method, t["doc_id"]] = t
             if records:
                 per_method[method] = records
         base_seconds = _median([t["seconds"] for t in per_method.get("base", [])])
@@ -189,12 +288,15 @@ def build_report(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "environment": environment(),
-        "methods": {m: {"kind": METHODS[m].kind, "label": METHODS[m].label} for m in methods},
+        "methods": {
+            m: {"kind": METHODS[m].kind, "label": METHODS[m].label, "subset": METHODS[m].subset}
+            for m in methods
+        },
         "banks": banks,
         "results": results,
         "timing": timing,
-        "documents": used_docs,
-        "timings": used_timings,
+        "documents": list(used_docs.values()),
+        "timings": list(used_timings.values()),
     }
 
 
@@ -208,31 +310,66 @@ def validate(report: dict) -> None:
         if not isinstance(report.get(key), kind):
             raise ValueError(f"results.json: {key!r} must be a {kind.__name__}")
     if report["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"results.json: schema_version {report['schema_version']} is not 1")
+        raise ValueError(
+            f"results.json: schema_version {report['schema_version']} is not {SCHEMA_VERSION}"
+        )
     for rows, spec in ((report["results"], RESULT_FIELDS), (report["timing"], TIMING_FIELDS)):
         for row in rows:
             for name, kinds in spec.items():
                 if not isinstance(row.get(name), kinds):
                     raise ValueError(f"results.json: row field {name!r} has {row.get(name)!r}")
+    for row in report["results"]:
+        for ref, comparison in row["comparisons"].items():
+            for name, kinds in COMPARISON_FIELDS.items():
+                if not isinstance(comparison.get(name), kinds):
+                    raise ValueError(
+                        f"results.json: comparison with {ref!r}: field {name!r} has "
+                        f"{comparison.get(name)!r}"
+                    )
+
+
+def _columns(report: dict) -> list[tuple[str, str]]:
+    banks = report["banks"]
+    return sorted(
+        {(r["bank"], r["domain"]) for r in report["results"]},
+        key=lambda c: (banks[c[0]]["num_experts"], c[0], c[1]),
+    )
+
+
+def _column_name(report: dict, bank: str, domain: str) -> str:
+    return f"{bank} {domain}" if len(report["banks"]) > 1 else domain
+
+
+def _difference_cell(comparison: dict | None) -> str:
+    """``−0.123 [−0.201, −0.050]* 62% (30)``, bold when the interval excludes zero."""
+    if comparison is None:
+        return "–"
+    text = f"{comparison['diff']:+.3f} [{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}]"
+    if comparison["significant"]:
+        text = f"**{text}**\\*"
+    return f"{text} {comparison['win_rate']:.0%} ({comparison['n_docs']})"
 
 
 def markdown_table(report: dict) -> str:
-    """Perplexity per method (rows) and bank × domain (columns), then test-time cost."""
+    """Perplexity with 95% intervals per method (rows) and bank × domain (columns), the paired
+    differences to base, fine-tuning and TTT, then test-time cost."""
     results = report["results"]
     banks = report["banks"]
-    columns = sorted(
-        {(r["bank"], r["domain"]) for r in results},
-        key=lambda c: (banks[c[0]]["num_experts"], c[0], c[1]),
-    )
+    columns = _columns(report)
     cell = {(r["bank"], r["domain"], r["method"]): r for r in results}
-    names = [f"K={banks[b]['num_experts']} {d}" if len(banks) > 1 else d for b, d in columns]
+    names = [_column_name(report, b, d) for b, d in columns]
+    resamples = report["config"].get("bootstrap")
     lines = [
-        "Perplexity on held-out documents (normalised perplexity in brackets: 1 = base, 0 = TTT).",
+        "Perplexity on held-out documents, 95% paired bootstrap interval over documents "
+        f"({resamples} resamples) in brackets, then documents scored; normalised perplexity "
+        "(1 = base, 0 = TTT, on the documents all three scored) in parentheses.",
         "",
         "| method | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    for method, info in report["methods"].items():
+    shown = {r["method"] for r in results}  # methods no bank could run are left out
+    methods = {m: info for m, info in report["methods"].items() if m in shown}
+    for method, info in methods.items():
         cells = []
         for bank, domain in columns:
             row = cell.get((bank, domain, method))
@@ -241,15 +378,32 @@ def markdown_table(report: dict) -> str:
                 continue
             norm = row["normalised_perplexity"]
             cells.append(
-                f"{row['perplexity']:.3f}" + (f" ({norm:.2f})" if norm is not None else "")
+                f"{row['ppl']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n_docs']}"
+                + (f" ({norm:.2f})" if norm is not None else "")
             )
         lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
-    tokens = {(r["bank"], r["domain"]): (r["documents"], r["tokens"]) for r in results}
-    lines.append(
-        "| documents / scored tokens | "
-        + " | ".join("{} / {}".format(*tokens[c]) for c in columns)
-        + " |"
-    )
+    for ref in REFERENCES:
+        if ref not in methods:
+            continue
+        lines += [
+            "",
+            f"Difference to {report['methods'][ref]['label']}: ppl − ppl_ref on the documents "
+            "both scored [95% paired interval], share of documents where the method's NLL per "
+            "token is lower, (documents). Bold with * = the interval excludes zero.",
+            "",
+            "| method | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for method, info in methods.items():
+            if method == ref:
+                continue
+            cells = [
+                _difference_cell(
+                    (cell.get((bank, domain, method)) or {}).get("comparisons", {}).get(ref)
+                )
+                for bank, domain in columns
+            ]
+            lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
     if report["timing"]:
         new_tokens = report["config"]["new_tokens"]
         lines += [
@@ -270,93 +424,23 @@ def markdown_table(report: dict) -> str:
             experts = active.get((t["bank"], t["method"]))
             experts = f"{statistics.mean(experts):.1f}" if experts else "–"
             lines.append(
-                f"| K={banks[t['bank']]['num_experts']} | {t['label']} | "
+                f"| {t['bank']} (K={banks[t['bank']]['num_experts']}) | {t['label']} | "
                 f"{t['median_seconds']:.2f} | {ratio} | {t['median_adapt_seconds']:.3f} | {adapt} "
                 f"| {experts} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
-    """Normalised perplexity against test-time cost (× base, log scale), one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    banks = sorted(report["banks"], key=lambda b: report["banks"][b]["num_experts"])
-    cost = {(t["bank"], t["method"]): t["ratio_to_base"] for t in report["timing"]}
-    fig, axes = plt.subplots(1, len(banks), figsize=(5.5 * len(banks), 4.8), squeeze=False)
-    methods = list(report["methods"])
-    colours = plt.get_cmap("tab10")
-    markers = "osD^v<>px"
-    domains = sorted({r["domain"] for r in report["results"]})
-    for ax, bank in zip(axes[0], banks):
-        for r in report["results"]:
-            x = cost.get((bank, r["method"]))
-            if r["bank"] != bank or x is None or r["normalised_perplexity"] is None:
-                continue
-            ax.scatter(
-                x,
-                r["normalised_perplexity"],
-                color=colours(methods.index(r["method"]) % 10),
-                marker=markers[domains.index(r["domain"]) % len(markers)],
-                s=50,
-            )
-        ax.set_xscale("log")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("test-time cost (× base model, log scale)")
-        ax.set_ylabel("normalised perplexity (1 = base, 0 = TTT)")
-        ax.set_title(f"K = {report['banks'][bank]['num_experts']}")
-    handles = [
-        plt.Line2D([], [], color=colours(i % 10), marker="o", ls="", label=info["label"])
-        for i, info in enumerate(report["methods"].values())
-    ] + [
-        plt.Line2D([], [], color="black", marker=markers[i % len(markers)], ls="", label=d)
-        for i, d in enumerate(domains)
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_experts(report: dict, path: str | os.PathLike) -> None:
-    """Perplexity against the number of experts K, one line per method, one panel per domain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    domains = sorted({r["domain"] for r in report["results"]})
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.5), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
-        for method, info in report["methods"].items():
-            points = sorted(
-                (report["banks"][r["bank"]]["num_experts"], r["perplexity"])
-                for r in report["results"]
-                if r["domain"] == domain and r["method"] == method
-            )
-            if points:
-                ax.plot(*zip(*points), marker="o", label=info["label"])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("experts K")
-        ax.set_ylabel("perplexity")
-        ax.set_title(domain)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """results.json, table.md, tradeoff.png and (with several banks) experts.png."""
+    """results.json, table.md, tradeoff.png and (with several banks) experts.png, each written
+    atomically."""
+    from ttmm.eval.plots import plot_experts, plot_tradeoff
+
     out = Path(out_dir)
     validate(report)
     paths = {"json": out / "results.json", "table": out / "table.md"}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str))
-    paths["table"].write_text(markdown_table(report))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, default=str))
+    write_text_atomic(paths["table"], markdown_table(report))
     if report["timing"] and any(r["normalised_perplexity"] is not None for r in report["results"]):
         paths["tradeoff"] = out / "tradeoff.png"
         plot_tradeoff(report, paths["tradeoff"])
@@ -364,3 +448,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         paths["experts"] = out / "experts.png"
         plot_experts(report, paths["experts"])
     return paths
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)

@@ -1,29 +1,47 @@
-"""Test-time training baseline: TTT-NN of Hardt & Sun (design notes §2, baselines).
+"""Test-time training baseline: TTT-NN of Hardt & Sun (ICLR 2024), design notes §2 and §7.
 
-For each prompt: embed its first P tokens (the same query the router sees), retrieve the N
-nearest *training* chunks from the bank's chunk index (inner product of unit vectors, i.e.
-cosine), train a fresh LoRA on them with the project's one trainer
-(:func:`ttmm.build.train.train_lora`: by default batch size 1 and one epoch, so one gradient
-step per neighbour), then run the base model with that adapter folded in. The base weights are
-bitwise unchanged afterwards: ``train_lora`` unloads its PEFT wrapper and the fold restores by copy.
+For each prompt: embed its first P tokens (the routing prefix, exactly the query the router sees,
+and nothing after it), retrieve the N = 20 nearest *training* chunks from the bank's chunk index
+(inner product of unit vectors, i.e. cosine), and take one gradient step per neighbour, from the
+nearest to the farthest, then score or generate with the adapted model.
+
+What is trained (``TTTConfig.weights``):
+
+- ``lora`` (default): a fresh LoRA trained with the project's one trainer
+  (:func:`ttmm.build.train.train_lora`, batch 1, one epoch, no shuffle), then folded into the
+  base weights. The paper fine-tunes all weights; a LoRA keeps the baseline comparable with the
+  experts (same adapter shape and trainer) and is what the tables call "TTT".
+- ``all``: one optimiser step per neighbour on every parameter of the base model (the paper's
+  recipe, method ``ttt_full``); the weights are set aside and put back bitwise afterwards.
+
+The hybrid TTMM->TTT (§7) is the same procedure started from a folded routed merge: pass its
+plan as ``start``. Either way the engine's lock is held from training to restoring, and the base
+weights are bitwise unchanged afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from ttmm.adapter import LoraAdapter
 from ttmm.build.chunks import ChunkIndex
 from ttmm.build.train import LoraTrainConfig, train_lora
+from ttmm.eval.methods import EvalError
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM, Generation, Score
 from ttmm.routing import RoutingPlan
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS = ("lora", "all")
+OPTIMIZERS = ("adam", "sgd")
 
 
 class TTTConfigError(ValueError):
@@ -32,45 +50,75 @@ class TTTConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TTTConfig:
-    """How test-time training adapts the base model to one prompt."""
+    """How test-time training adapts the base model to one prompt. The query is always the
+    routing prefix (the engine routing's P tokens), so it has no setting of its own."""
 
     neighbours: int = 20
-    """N: training chunks retrieved per prompt (Hardt & Sun use 20)."""
-    query_tokens: int = 50
-    """Retrieve on the first P tokens of the prompt, decoded back to text (as routing does)."""
+    """N: training chunks retrieved per prompt, one gradient step each (Hardt & Sun use 20)."""
+    weights: str = "lora"
+    """What is trained: ``lora`` (a fresh LoRA, ``train``) or ``all`` (every base parameter)."""
     train: LoraTrainConfig = field(
-        default_factory=lambda: LoraTrainConfig(batch_size=1, epochs=1, learning_rate=1e-3)
+        default_factory=lambda: LoraTrainConfig(
+            batch_size=1, epochs=1, learning_rate=1e-3, shuffle=False
+        )
     )
-    """The LoRA trained per prompt; batch 1 and one epoch is one gradient step per neighbour."""
+    """The LoRA trained per prompt: batch 1, one epoch, no shuffle is one step per neighbour,
+    nearest first. Its ``max_seq_len`` and ``max_grad_norm`` also apply to ``weights="all"``."""
+    full_optimizer: str = "adam"
+    """``weights="all"``: ``adam`` or ``sgd``, fresh for each prompt."""
+    full_learning_rate: float = 2e-5
+    """``weights="all"``: learning rate of that optimiser."""
     seed: int = 0
-    """Seed of the LoRA initialisation and the neighbour order."""
+    """Seed of the LoRA initialisation."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
             raise TTTConfigError(f"TTTConfig.neighbours must be >= 1, got {self.neighbours!r}")
-        if not (isinstance(self.query_tokens, int) and self.query_tokens >= 1):
-            raise TTTConfigError(f"TTTConfig.query_tokens must be >= 1, got {self.query_tokens!r}")
+        if self.weights not in WEIGHTS:
+            raise TTTConfigError(
+                f"TTTConfig.weights must be one of {WEIGHTS}, got {self.weights!r}"
+            )
+        if self.full_optimizer not in OPTIMIZERS:
+            raise TTTConfigError(
+                f"TTTConfig.full_optimizer must be one of {OPTIMIZERS}, got {self.full_optimizer!r}"
+            )
+        if not self.full_learning_rate > 0:
+            raise TTTConfigError(
+                f"TTTConfig.full_learning_rate must be > 0, got {self.full_learning_rate!r}"
+            )
+        if self.train.shuffle or self.train.batch_size != 1 or self.train.epochs != 1:
+            raise TTTConfigError(
+                "TTTConfig.train must train one step per neighbour, nearest first: "
+                "batch_size=1, epochs=1, shuffle=False"
+            )
 
     def to_dict(self) -> dict:
         return {
             "neighbours": self.neighbours,
-            "query_tokens": self.query_tokens,
+            "weights": self.weights,
             "train": self.train.to_dict(),
+            "full_optimizer": self.full_optimizer,
+            "full_learning_rate": self.full_learning_rate,
             "seed": self.seed,
         }
+
+    def replace(self, **changes) -> TTTConfig:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
 class Adaptation:
-    """The adapter trained for one prompt, and what went into it."""
+    """What one prompt's test-time training used and produced."""
 
-    adapter: LoraAdapter
+    adapter: LoraAdapter | None
+    """The trained LoRA (``weights="lora"``); None when all weights were trained in place."""
     chunk_ids: list[int]
-    """Rows of the chunk index that were retrieved, nearest first."""
+    """Rows of the chunk index that were retrieved, nearest first (the training order)."""
     doc_ids: list[str]
     """The training documents those chunks came from."""
     similarities: list[float]
     losses: list[float]
+    """Loss of each gradient step, one per neighbour."""
     retrieve_seconds: float
     train_seconds: float
 
@@ -89,59 +137,124 @@ class TestTimeTrainer:
         self.index = index
         self.config = config or TTTConfig()
 
-    def retrieve(self, text: str) -> tuple[list[int], list[float]]:
-        """Rows of the N training chunks nearest to the text's first P tokens, nearest first."""
-        routing = self.engine.routing.replace(query_tokens=self.config.query_tokens)
-        (query,) = self.engine.query_texts([text], routing)
-        q = self.engine.encoder.encode([query])  # (1, dim), unit rows
-        return self.index.search(q, self.config.neighbours)
+    @property
+    def prefix_tokens(self) -> int:
+        """P: the engine routing's prefix length, the only part of a prompt retrieved on."""
+        return self.engine.routing.prefix_tokens
 
-    def adapt(self, text: str, progress: bool | str = False) -> Adaptation:
-        """Retrieve the neighbours of ``text`` and train a fresh LoRA on them."""
-        started = time.perf_counter()
-        rows, sims = self.retrieve(text)
-        retrieved = time.perf_counter()
-        with self.engine.lock:  # train_lora wraps the shared model for a while
-            result = train_lora(
-                self.engine.model,
-                [self.index.token_ids[i] for i in rows],
-                self.config.train,
-                seed=self.config.seed,
-                progress=progress,
-                pad_token_id=self.engine.tokenizer.pad_token_id,
-            )
-        trained = time.perf_counter()
-        return Adaptation(
-            adapter=result.adapter,
-            chunk_ids=rows,
-            doc_ids=[self.index.doc_ids[i] for i in rows],
-            similarities=sims,
-            losses=result.losses,
-            retrieve_seconds=retrieved - started,
-            train_seconds=trained - retrieved,
-        )
+    def retrieve(self, text: str, neighbours: int | None = None) -> tuple[list[int], list[float]]:
+        """Rows of the N training chunks nearest to the text's first P tokens, nearest first.
+        The text is cut here: nothing after the routing prefix can reach the query."""
+        (query,) = self.engine.query_texts([text])  # the first P tokens, decoded
+        q = self.engine.encoder.encode([query])  # (1, dim), unit rows
+        return self.index.search(q, neighbours or self.config.neighbours)
 
     @contextlib.contextmanager
-    def applied(self, adaptation: Adaptation) -> Iterator[None]:
-        """Hold the engine's lock with the adaptation's LoRA folded into the base weights."""
-        merger = ExpertMerger(self.engine.model, [adaptation.adapter])
-        with self.engine.lock, merger.fold(RoutingPlan.explicit({0: 1.0})):
-            yield
+    def adapted(
+        self,
+        text: str,
+        start: RoutingPlan | None = None,
+        neighbours: int | None = None,
+        progress: bool | str = False,
+    ) -> Iterator[Adaptation]:
+        """Hold the engine's lock with the model adapted to ``text``; restore it on exit.
+
+        ``start`` folds a routed merge in first and trains from that model (hybrid TTMM->TTT).
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.engine.lock)
+            if start is not None:
+                stack.enter_context(self.engine.merger.fold(start))
+            started = time.perf_counter()
+            rows, sims = self.retrieve(text, neighbours)
+            retrieved = time.perf_counter()
+            chunks = [self.index.token_ids[i] for i in rows]  # nearest first
+            if self.config.weights == "lora":
+                result = train_lora(
+                    self.engine.model,
+                    chunks,
+                    self.config.train,
+                    seed=self.config.seed,
+                    progress=progress,
+                    pad_token_id=self.engine.tokenizer.pad_token_id,
+                )
+                adapter, losses = result.adapter, result.losses
+                merger = ExpertMerger(self.engine.model, [adapter])
+                stack.enter_context(merger.fold(RoutingPlan.explicit({0: 1.0})))
+            else:
+                adapter = None
+                losses = stack.enter_context(self._all_weights(chunks))
+            trained = time.perf_counter()
+            yield Adaptation(
+                adapter=adapter,
+                chunk_ids=rows,
+                doc_ids=[self.index.doc_ids[i] for i in rows],
+                similarities=sims,
+                losses=losses,
+                retrieve_seconds=retrieved - started,
+                train_seconds=trained - retrieved,
+            )
+
+    @contextlib.contextmanager
+    def _all_weights(self, chunks: Sequence[Sequence[int]]) -> Iterator[list[float]]:
+        """One optimiser step per chunk, in order, on every parameter; weights set aside first
+        and put back (the very tensors, so bitwise) on exit, whatever happens."""
+        model, config = self.engine.model, self.config
+        params = list(model.parameters())  # tied weights appear once
+        saved = [(p, p.data, p.requires_grad) for p in params]
+        was_training = model.training
+        try:
+            for p in params:
+                p.data = p.data.clone()  # train a copy; the original tensor is never written
+                p.requires_grad_(True)
+            model.eval()  # no dropout: one deterministic step per neighbour
+            if config.full_optimizer == "adam":
+                optimizer = torch.optim.Adam(params, lr=config.full_learning_rate)
+            else:
+                optimizer = torch.optim.SGD(params, lr=config.full_learning_rate)
+            losses = []
+            with torch.enable_grad():
+                for ids in chunks:
+                    input_ids = torch.tensor([list(ids[: config.train.max_seq_len])])  # (1, T)
+                    input_ids = input_ids.to(self.engine.device)
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.train.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+            del optimizer
+            for p in params:
+                p.grad = None
+            yield losses
+        finally:
+            for p, original, requires_grad in saved:
+                p.data = original
+                p.grad = None
+                p.requires_grad_(requires_grad)
+            model.train(was_training)
 
     def score(
-        self, texts: Sequence[str], prefix_tokens: int = 50, max_tokens: int = 1024
+        self,
+        texts: Sequence[str],
+        prefix_tokens: int,
+        max_tokens: int = 1024,
+        start: RoutingPlan | None = None,
+        neighbours: int | None = None,
     ) -> list[tuple[Score, Adaptation]]:
-        """Adapt to each text's first ``prefix_tokens`` tokens, then score the rest of it."""
-        if prefix_tokens != self.config.query_tokens:
-            logger.warning(
-                "TTT retrieves on %d tokens but scoring skips %d",
-                self.config.query_tokens,
-                prefix_tokens,
+        """Adapt to each text's routing prefix, then score the rest of it. ``prefix_tokens``
+        must be the engine routing's P: retrieving on one prefix and scoring after another
+        would either leak scored tokens into the query or leave some unscored."""
+        if prefix_tokens != self.prefix_tokens:
+            raise EvalError(
+                f"TTT retrieves on the routing prefix of {self.prefix_tokens} tokens but "
+                f"prefix_tokens={prefix_tokens} was asked to be skipped; give the engine a "
+                "routing with that prefix length"
             )
         out = []
         for text in texts:
-            adaptation = self.adapt(text)
-            with self.applied(adaptation):
+            with self.adapted(text, start, neighbours) as adaptation:
                 (score,) = self.engine.score(
                     [text], prefix_tokens, max_tokens, plans=[RoutingPlan.base()]
                 )
@@ -149,13 +262,12 @@ class TestTimeTrainer:
         return out
 
     def generate(self, prompt: str, max_new_tokens: int = 100) -> tuple[Generation, Adaptation]:
-        """Adapt to the prompt, then continue it greedily with the adapted model."""
-        adaptation = self.adapt(prompt)
-        with self.applied(adaptation):
+        """Adapt to the prompt's routing prefix, then continue it greedily."""
+        with self.adapted(prompt) as adaptation:
             (generation,) = self.engine.generate(
                 [prompt], max_new_tokens, plans=[RoutingPlan.base()]
             )
         return generation, adaptation
 
 
-__all__ = ["TTTConfig", "Adaptation", "TestTimeTrainer"]
+__all__ = ["TTTConfig", "TTTConfigError", "Adaptation", "TestTimeTrainer"]

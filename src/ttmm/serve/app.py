@@ -19,16 +19,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ttmm.merge import MergeError
 from ttmm.model import TTMM
 from ttmm.routing import RoutingError, RoutingPlan
 from ttmm.serve.batching import Batcher, GenerationOptions, MergeCache, MergeRequest
-from ttmm.serve.errors import APIError, install_error_handlers, timeout_error
+from ttmm.serve.errors import (
+    APIError,
+    document_errors,
+    error_responses,
+    install_error_handlers,
+    timeout_error,
+)
+from ttmm.serve.limits import BodySizeLimit, RateLimiter, Slots, request_slots
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.responses import Reply, plan_json, stream_events
+from ttmm.serve.responses import Reply, stream_events
 from ttmm.serve.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -59,8 +66,8 @@ class ServerSettings:
     """Model name listed by /v1/models; requests naming another model get a 404."""
     max_prompt_tokens: int = 2048
     """Longest prompt accepted, in tokens (after the chat template, for chat requests)."""
-    max_new_tokens: int = 512
-    """Largest ``max_tokens`` a request may ask for."""
+    max_tokens_limit: int = 512
+    """Largest ``max_tokens`` (new tokens) a request may ask for."""
     default_max_tokens: int = 128
     """Tokens generated when a request does not say."""
     max_concurrent_requests: int = 64
@@ -77,10 +84,19 @@ class ServerSettings:
     """Memory budget of the LRU cache of merged factors (per plan), in MiB; 0 disables it."""
     api_key: str | None = field(default=None, repr=False)
     """If set, every endpoint but /health needs ``Authorization: Bearer <api_key>``."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body, in bytes; a larger one gets a 413 before it is parsed."""
+    max_concurrent_streams: int = 16
+    """Streamed completions served at once (each holds the model while it decodes); more
+    get a 429."""
+    rate_limit_per_minute: int | None = None
+    """Requests a minute per API key (or per client address without a key), bursts up to as
+    many; None = no limit. More get a 429 with Retry-After."""
 
     def __post_init__(self) -> None:
-        positive_ints = ("max_prompt_tokens", "max_new_tokens", "default_max_tokens")
-        for name in (*positive_ints, "max_concurrent_requests", "max_batch_size"):
+        positive_ints = ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens")
+        counts = ("max_concurrent_requests", "max_batch_size", "max_body_bytes")
+        for name in (*positive_ints, *counts, "max_concurrent_streams"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"ServerSettings.{name} must be an integer >= 1, got {value!r}")
@@ -90,44 +106,21 @@ class ServerSettings:
         for name in ("batch_window_ms", "merge_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ServerSettings.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.default_max_tokens > self.max_new_tokens:
+        if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"ServerSettings.default_max_tokens ({self.default_max_tokens}) exceeds "
-                f"max_new_tokens ({self.max_new_tokens})"
+                f"max_tokens_limit ({self.max_tokens_limit})"
             )
         if not self.model_id:
             raise ValueError("ServerSettings.model_id must not be empty")
         if self.api_key is not None and not self.api_key:
             raise ValueError("ServerSettings.api_key must be None or a non-empty string")
-
-
-class _Slots:
-    """Counts requests being served; one beyond ``limit`` is refused with a 429."""
-
-    def __init__(self, limit: int, metrics: ServerMetrics):
-        self.limit, self.used, self.metrics = limit, 0, metrics
-
-    def take(self) -> Callable[[], None]:
-        """Take a slot; returns an idempotent release."""
-        if self.used >= self.limit:
-            raise APIError(
-                429,
-                f"the server is serving its maximum of {self.limit} requests; retry shortly",
-                type="rate_limit_error",
-                code="too_many_requests",
+        limit = self.rate_limit_per_minute
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            raise ValueError(
+                f"ServerSettings.rate_limit_per_minute must be None or an integer >= 1, "
+                f"got {limit!r}"
             )
-        self.used += 1
-        self.metrics.in_flight.inc()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.used -= 1
-                self.metrics.in_flight.dec()
-
-        return release
 
 
 def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
@@ -140,54 +133,88 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
             on_hit=metrics.cache_hits.inc,
             on_miss=metrics.cache_misses.inc,
         )
-    batcher = Batcher(
-        engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
-    )
-    slots = _Slots(settings.max_concurrent_requests, metrics)
+    service = Completions(engine, settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await batcher.stop()
+        await service.batcher.stop()
 
     app = FastAPI(
         title="ttmm", summary="Test-time model merging, OpenAI-compatible", lifespan=lifespan
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
     install_error_handlers(app)
+    guard = Depends(_authorizer(settings))
+    _add_routes(app, service, guard)
+    install_ui(app, [guard], service.slots, service.streams)  # the page at / and /v1/ttmm/*
+    document_errors(app)
+    return app
+
+
+def _authorizer(settings: ServerSettings) -> Callable[[Request], None]:
+    """A dependency that checks ``Authorization: Bearer <api_key>`` (in constant time), then
+    the client's rate limit."""
+    api_key = settings.api_key
+    limiter = (
+        RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+    )
 
     def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(
-                401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+        if api_key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise APIError(
+                    401,
+                    "missing API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+            if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                raise APIError(401, "incorrect API key", code="invalid_api_key")
+        if limiter is not None:
+            client = request.client.host if request.client else "unknown"
+            limiter.check("key" if api_key is not None else f"client:{client}")
 
-    guarded = [Depends(authorize)]
-    install_ui(app, guarded)  # the web page at / and its /v1/ttmm endpoints
+    return authorize
 
-    @app.get("/health")
+
+ROUTE_ERRORS = (400, 401, 404, 413, 429)
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 504)
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def _add_routes(app: FastAPI, service: Completions, guard) -> None:
+    engine, settings, metrics = service.engine, service.settings, service.metrics
+    guarded = [guard]
+
+    @app.get("/health", responses=error_responses(413))
     async def health() -> dict:
         return {"status": "ok", "model": settings.model_id, "experts": engine.bank.num_experts}
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get(
+        "/metrics",
+        dependencies=guarded,
+        response_class=PlainTextResponse,
+        responses=error_responses(401, 413, 429),
+    )
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", dependencies=guarded, responses=error_responses(401, 413, 429))
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(engine, settings)]}
 
-    @app.post("/v1/route", dependencies=guarded)
+    @app.post("/v1/route", dependencies=guarded, responses=error_responses(*ROUTE_ERRORS))
     async def route_endpoint(body: RouteRequest) -> dict:
         _check_model(body.model, settings)
-        release = slots.take()
+        release = service.slots.take()
         try:
             plan = await _resolve(engine, _merge_for(engine, body.ttmm, body.input, "input"))
         finally:
@@ -195,34 +222,60 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         return {
             "object": "ttmm.route",
             "model": settings.model_id,
-            "ttmm": plan_json(engine, plan),
+            "ttmm": engine.bank.describe_plan(plan),
         }
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post(
+        "/v1/completions",
+        dependencies=guarded,
+        responses=STREAMED | error_responses(*GENERATION_ERRORS),
+    )
     async def completions(body: CompletionRequest):
-        return await _serve(
+        return await service.complete(
             body, body.prompt, body.prompt, body.max_tokens, chat=False, param="prompt"
         )
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=guarded,
+        responses=STREAMED | error_responses(*GENERATION_ERRORS),
+    )
     async def chat_completions(body: ChatRequest):
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-            for m in body.messages
-        ]
-        try:
-            prompt = engine.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # a template may reject an order of roles
-            message = f"the chat template rejected the messages: {err}"
-            raise APIError(400, message, param="messages") from None
+        prompt = _chat_prompt(engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
-        return await _serve(
+        return await service.complete(
             body, prompt, users[-1], body.requested_tokens, chat=True, param="messages"
         )
 
-    async def _serve(
+
+def _chat_prompt(engine: TTMM, body: ChatRequest) -> str:
+    """The chat messages through the tokenizer's chat template (developer = system)."""
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+        for m in body.messages
+    ]
+    try:
+        return engine.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as err:  # a template may reject an order of roles
+        message = f"the chat template rejected the messages: {err}"
+        raise APIError(400, message, param="messages") from None
+
+
+class Completions:
+    """Serves completion requests: limits, routing, then a batched or streamed generation."""
+
+    def __init__(self, engine: TTMM, settings: ServerSettings, metrics: ServerMetrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.batcher = Batcher(
+            engine, settings.max_batch_size, settings.batch_window_ms / 1000, metrics.observe_rows
+        )
+        self.slots = request_slots(settings.max_concurrent_requests, metrics)
+        self.streams = Slots(settings.max_concurrent_streams, "streams")
+
+    async def complete(
+        self,
         body: GenerationRequest,
         prompt: str,
         query: str,
@@ -231,58 +284,72 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
         param: str,
     ):
         """Check limits, route ``query``, then generate from ``prompt`` (batched or streamed)."""
+        engine, settings = self.engine, self.settings
         _check_model(body.model, settings)
         options = GenerationOptions.from_request(
             _max_new_tokens(max_tokens, settings), body.temperature, body.top_p, body.seed
         )
-        prompt_tokens = len(engine.tokenizer(prompt)["input_ids"])
-        if prompt_tokens > settings.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
-                f"{settings.max_prompt_tokens}; shorten it",
-                param=param,
-                code="context_length_exceeded",
-            )
+        self._check_prompt_length(prompt, param)
         merge = _merge_for(engine, body.ttmm, query, param)
-        release = slots.take()
+        release = self.slots.take()
         try:
             if body.stream:
+                release_stream = self.streams.take()
+                release = _both(release, release_stream)
                 plan = await _resolve(engine, merge)
-                reply = Reply(settings.model_id, plan_json(engine, plan), chat)
-                include_usage = (
-                    body.stream_options is not None and body.stream_options.include_usage
-                )
-                events = stream_events(
-                    engine,
-                    metrics,
-                    settings.request_timeout_s,
-                    prompt,
-                    plan,
-                    options,
-                    body.stop_strings,
-                    reply,
-                    include_usage,
-                    release,
-                )
-                release = None  # the stream releases its slot when it ends
-                return StreamingResponse(events, media_type="text/event-stream")
+                response = self._stream(body, prompt, plan, options, chat, release)
+                release = None  # the stream releases its slots when it ends
+                return response
             try:
                 result = await asyncio.wait_for(
-                    batcher.submit(prompt, merge, options), settings.request_timeout_s
+                    self.batcher.submit(prompt, merge, options), settings.request_timeout_s
                 )
             except TimeoutError:
                 raise timeout_error(settings.request_timeout_s) from None
         finally:
             if release is not None:
                 release()
-        reply = Reply(settings.model_id, plan_json(engine, result.plan), chat)
+        reply = Reply(settings.model_id, engine.bank.describe_plan(result.plan), chat)
         text, stopped = cut_at_stop(result.text, body.stop_strings)
-        metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
+        self.metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
         finish = "stop" if stopped else result.finish_reason
         return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
 
-    return app
+    def _check_prompt_length(self, prompt: str, param: str) -> None:
+        prompt_tokens = len(self.engine.tokenizer(prompt)["input_ids"])
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
+                f"{self.settings.max_prompt_tokens}; shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _stream(self, body, prompt, plan, options, chat, release) -> StreamingResponse:
+        reply = Reply(self.settings.model_id, self.engine.bank.describe_plan(plan), chat)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = stream_events(
+            self.engine,
+            self.metrics,
+            self.settings.request_timeout_s,
+            prompt,
+            plan,
+            options,
+            body.stop_strings,
+            reply,
+            include_usage,
+            release,
+        )
+        return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def release() -> None:
+        first()
+        second()
+
+    return release
 
 
 class _RawMiddleware:
@@ -298,10 +365,10 @@ class _RawMiddleware:
 def _max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
     if requested is None:
         return settings.default_max_tokens
-    if requested > settings.max_new_tokens:
+    if requested > settings.max_tokens_limit:
         raise APIError(
             400,
-            f"max_tokens={requested} exceeds this server's limit of {settings.max_new_tokens}",
+            f"max_tokens={requested} exceeds this server's limit of {settings.max_tokens_limit}",
             param="max_tokens",
             code="max_tokens_exceeded",
         )
@@ -348,7 +415,7 @@ def _merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str
     routing = engine.routing
     if control is not None and control.routing is not None:
         try:
-            routing = routing.replace(**control.routing.model_dump())
+            routing = engine.routing_for(**control.routing.model_dump())
         except RoutingError as err:
             raise APIError(400, str(err), param="ttmm.routing") from None
     if not query.strip():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -26,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
+from ttmm.generation import GREEDY, Sampling
 from ttmm.merge import PlanFactors
 from ttmm.model import TTMM, Generation
 from ttmm.routing import RoutingConfig, RoutingPlan
@@ -96,29 +98,17 @@ class GenerationOptions:
     """What one ``engine.generate`` call shares across its rows."""
 
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = GREEDY
 
     @classmethod
     def from_request(
         cls, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
     ) -> GenerationOptions:
-        """OpenAI semantics: temperature 0 is greedy decoding, where the rest does not matter."""
-        if temperature == 0:
-            return cls(max_new_tokens=max_new_tokens)
-        return cls(max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+        return cls(max_new_tokens, Sampling.from_openai(temperature, top_p, seed))
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments of ``engine.generate`` besides prompts and plans."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-        }
+        return {"max_new_tokens": self.max_new_tokens, **dataclasses.asdict(self.sampling)}
 
 
 @dataclass(frozen=True)
@@ -145,7 +135,7 @@ class _Job:
     @property
     def group(self) -> tuple:
         """Jobs with equal groups may share a batch; a seeded sample gets a group of its own."""
-        if self.options.do_sample and self.options.seed is not None:
+        if self.options.sampling.do_sample and self.options.sampling.seed is not None:
             return (self.options, self.serial)
         return (self.options,)
 

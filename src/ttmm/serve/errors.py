@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ttmm.merge import MergeError
 from ttmm.model import InputError
 from ttmm.routing import RoutingError
+from ttmm.serve.schemas import ErrorResponse
 
 
 class APIError(Exception):
@@ -27,8 +28,12 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = dict(headers or {})
+        if status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
         self.status, self.message, self.type, self.param, self.code = (
             status,
             message,
@@ -41,8 +46,9 @@ class APIError(Exception):
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
+        return JSONResponse(
+            {"error": self.body()}, status_code=self.status, headers=self.headers or None
+        )
 
 
 def timeout_error(seconds: float) -> APIError:
@@ -52,6 +58,49 @@ def timeout_error(seconds: float) -> APIError:
         type="timeout_error",
         code="timeout",
     )
+
+
+ERROR_STATUSES = {
+    400: "The request is malformed or asks for something this server cannot do.",
+    401: "The API key is missing or wrong.",
+    404: "The model or an expert named in the request does not exist.",
+    413: "The request body is larger than the server's limit.",
+    429: "Too many requests or streams at once, or the client's rate limit is reached.",
+    500: "Generation failed; the server log has the details.",
+    504: "The request took longer than the server's time limit.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for the given error statuses, each with the error schema."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]}
+        for status in statuses
+    }
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the server really answers: validation errors are
+    400s with the error schema (see :func:`install_error_handlers`), never FastAPI's 422."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def server_error(message: str) -> APIError:
+    return APIError(500, message, type="server_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,18 +18,11 @@ from dataclasses import dataclass, field
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
 from ttmm.serve.batching import GenerationOptions
-from ttmm.serve.errors import timeout_error
+from ttmm.serve.errors import server_error, timeout_error
 from ttmm.serve.metrics import ServerMetrics
 from ttmm.serve.streaming import StopScanner, StreamResult, stream_generation
 
 logger = logging.getLogger(__name__)
-
-
-def plan_json(engine: TTMM, plan: RoutingPlan) -> dict:
-    data = plan.to_dict()
-    for entry in data["experts"]:
-        entry["label"] = engine.bank.label(entry["id"])
-    return data
 
 
 @dataclass
@@ -37,8 +30,8 @@ class Reply:
     """Builds OpenAI response bodies (whole or chunked) for one request."""
 
     model_id: str
-    routing: dict
-    """The plan that ran, as :func:`plan_json` writes it."""
+    plan: dict
+    """The plan that ran, as :meth:`ttmm.bank.Bank.describe_plan` writes it."""
     chat: bool
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -66,7 +59,7 @@ class Reply:
             **self._head("chat.completion" if self.chat else "text_completion"),
             "choices": [choice],
             "usage": _usage(prompt_tokens, completion_tokens),
-            "ttmm": self.routing,
+            "ttmm": self.plan,
         }
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
@@ -82,7 +75,7 @@ class Reply:
             "choices": [choice],
         }
         if first or finish is not None:
-            body["ttmm"] = self.routing
+            body["ttmm"] = self.plan
         return body
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -140,16 +133,7 @@ async def stream_events(
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream failed")
-        yield _sse(
-            {
-                "error": {
-                    "message": "generation failed; see the server log",
-                    "type": "server_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
+        yield _sse({"error": server_error("generation failed; see the server log").body()})
         yield "data: [DONE]\n\n"
     finally:
         timer.cancel()

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ttmm.routing import RULES
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -25,7 +27,7 @@ class _Strict(BaseModel):
 class RoutingOverride(_Strict):
     """Routing settings for one request; a missing field keeps the server's default."""
 
-    rule: Literal["sparse_softmax", "threshold", "top_n"] | None = None
+    rule: Literal[tuple(RULES)] | None = None  # the names ttmm.routing registers
     beta: float | None = Field(default=None, gt=0)
     tau: float | None = Field(default=None, ge=0, lt=1)
     max_active: int | None = Field(default=None, ge=1)
@@ -121,3 +123,18 @@ class RouteRequest(_Strict):
     model: str | None = None
     input: str = Field(min_length=1)
     ttmm: TTMMControl | None = None
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail

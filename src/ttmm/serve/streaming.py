@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from ttmm.generation import cut_at_eos, decode
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
 from ttmm.serve.batching import GenerationOptions
@@ -116,25 +117,19 @@ async def stream_generation(
     batch = tokenizer([prompt], return_tensors="pt").to(engine.device)
     result.prompt_tokens = int(batch["input_ids"].shape[1])
     streamer = _QueueStreamer(tokenizer, loop, queue)
-    sampling: dict = {"do_sample": options.do_sample}
-    if options.do_sample:
-        sampling.update(temperature=options.temperature, top_p=options.top_p)
-    else:
-        sampling.update(temperature=None, top_p=None, top_k=None)
 
     def generate() -> None:
         outcome: object = _END
         try:
             with torch.no_grad(), engine.merged([plan], mode="auto"):
-                if options.seed is not None:
-                    torch.manual_seed(options.seed)
-                engine.model.generate(
-                    **batch,
-                    max_new_tokens=options.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
+                decode(
+                    engine.model,
+                    tokenizer,
+                    batch,
+                    options.max_new_tokens,
+                    options.sampling,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-                    **sampling,
                 )
         except Exception as err:  # handed to the event loop, raised there
             outcome = err
@@ -150,9 +145,5 @@ async def stream_generation(
             yield item
     finally:
         cancel.set()
-    tokens = streamer.token_ids
-    eos = tokenizer.eos_token_id
-    if eos in tokens:
-        result.completion_tokens, result.finish_reason = tokens.index(eos), "stop"
-    else:
-        result.completion_tokens, result.finish_reason = len(tokens), "length"
+    tokens, result.finish_reason = cut_at_eos(streamer.token_ids, tokenizer.eos_token_id)
+    result.completion_tokens = len(tokens)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
@@ -35,12 +36,22 @@ from ttmm.model import TTMM
 from ttmm.routing import RULES, RoutingConfig, RoutingError, RoutingPlan
 from ttmm.serve.bankmap import BankMap, build_map
 from ttmm.serve.batching import GenerationOptions
-from ttmm.serve.errors import APIError, timeout_error
-from ttmm.serve.responses import Reply, plan_json, stream_events
+from ttmm.serve.errors import APIError, error_responses, timeout_error
+from ttmm.serve.limits import Slots
+from ttmm.serve.responses import Reply, stream_events
 from ttmm.serve.schemas import CompletionRequest, RoutingOverride
 from ttmm.serve.streaming import cut_at_stop
 
 STATIC_DIR = Path(__file__).with_name("static")
+READ_ERRORS = error_responses(401, 413, 429, 504)
+INPUT_ERRORS = error_responses(400, 401, 413, 429, 504)
+GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 504)
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 FINETUNE = RoutingPlan.explicit({0: 1.0})
 """The fine-tuning merger holds one adapter, applied at full weight."""
 
@@ -51,7 +62,7 @@ class LocateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(min_length=1)
-    """The text; like routing, it is placed by its first P tokens (the bank's query_tokens)."""
+    """The text; like routing, it is placed by its first P tokens (the routing's prefix_tokens)."""
 
 
 class ScoreRequest(BaseModel):
@@ -70,8 +81,8 @@ class ScoreRequest(BaseModel):
 class _UIState:
     """What the UI endpoints compute once per server: the map and the fine-tuning merger."""
 
-    def __init__(self, app: FastAPI):
-        self.app = app
+    def __init__(self, app: FastAPI, slots: Slots):
+        self.app, self.slots = app, slots
         self._lock = threading.Lock()
         self._map: BankMap | None = None
         self._finetune: ExpertMerger | None = None
@@ -105,20 +116,22 @@ class _UIState:
             return self._finetune
 
     def routing(self, override: RoutingOverride | None) -> RoutingConfig:
-        if override is None:
-            return self.engine.routing
         try:
-            return self.engine.routing.replace(**override.model_dump())
+            return self.engine.routing_for(**(override.model_dump() if override else {}))
         except RoutingError as err:
             raise APIError(400, str(err), param="routing") from None
 
     async def run(self, work):
-        """``work()`` in a worker thread, within the server's request time limit."""
+        """``work()`` in a worker thread, in one of the server's request slots (429 when
+        none is free) and within its request time limit (504)."""
         limit = self.settings.request_timeout_s
+        release = self.slots.take()
         try:
             return await asyncio.wait_for(asyncio.to_thread(work), limit)
         except TimeoutError:
             raise timeout_error(limit) from None
+        finally:
+            release()
 
 
 @contextlib.contextmanager
@@ -148,20 +161,9 @@ def bank_json(engine: TTMM, bank_map: BankMap) -> dict:
     """The bank as the page shows it."""
     manifest = engine.bank.manifest
 
-    def expert(info) -> dict:
-        return {
-            "id": info.id,
-            "label": info.label,
-            "rank": info.rank,
-            "alpha": info.alpha,
-            "num_parameters": info.num_parameters,
-            "size_bytes": info.size_bytes,
-            "n_chunks": info.n_chunks,
-            "n_tokens": info.n_tokens,
-            "loss_curve": info.loss_curve,
-            "seconds": info.extra.get("seconds"),
-            "domains": info.extra.get("domains"),
-        }
+    def expert(info) -> dict:  # the manifest entry, training time and domains lifted out
+        entry = {k: v for k, v in asdict(info).items() if k not in ("path", "extra")}
+        return entry | {"seconds": info.extra.get("seconds"), "domains": info.extra.get("domains")}
 
     return {
         "object": "ttmm.bank",
@@ -180,9 +182,10 @@ def bank_json(engine: TTMM, bank_map: BankMap) -> dict:
     }
 
 
-def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
-    """Serve the page at ``/`` and its JSON endpoints under ``/v1/ttmm`` (see module doc)."""
-    state = _UIState(app)
+def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slots) -> None:
+    """Serve the page at ``/`` and its JSON endpoints under ``/v1/ttmm`` (see module doc),
+    guarded by ``dependencies`` and counted in the server's request and stream ``slots``."""
+    state = _UIState(app, slots)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -191,12 +194,12 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
 
     router = APIRouter(prefix="/v1/ttmm", dependencies=list(dependencies))
 
-    @router.get("/bank")
+    @router.get("/bank", responses=READ_ERRORS)
     async def bank() -> dict:
         bank_map = await state.run(state.bank_map)
         return bank_json(state.engine, bank_map)
 
-    @router.post("/locate")
+    @router.post("/locate", responses=INPUT_ERRORS)
     async def locate(body: LocateRequest) -> dict:
         engine = state.engine
 
@@ -211,12 +214,12 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
 
         return await state.run(work)
 
-    @router.post("/score")
+    @router.post("/score", responses=INPUT_ERRORS)
     async def score(body: ScoreRequest) -> dict:
         engine, settings = state.engine, state.settings
         limit = body.max_tokens or settings.max_prompt_tokens
         within(limit, settings.max_prompt_tokens, f"max_tokens={limit}", "max_tokens")
-        routing = state.routing(body.routing).replace(query_tokens=body.prefix_tokens)
+        routing = engine.routing_for(state.routing(body.routing), prefix_tokens=body.prefix_tokens)
         has_finetune = engine.bank.manifest.finetune is not None
 
         def work() -> dict:
@@ -224,7 +227,10 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
             finetune = state.finetune() if has_finetune else None
             [routed] = engine.score([text], P, limit, routing=routing)
             [base] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
-            methods = [method("base", base), method("ttmm", routed, plan_json(engine, routed.plan))]
+            methods = [
+                method("base", base),
+                method("ttmm", routed, engine.bank.describe_plan(routed.plan)),
+            ]
             if finetune is not None:
                 with applied(engine, finetune):
                     [tuned] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
@@ -242,12 +248,12 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
 
         return await state.run(work)
 
-    @router.post("/finetune/completions")
+    @router.post("/finetune/completions", responses=STREAMED | GENERATION_ERRORS)
     async def finetune_completions(body: CompletionRequest):
         engine, settings = state.engine, state.settings
         merger = await asyncio.to_thread(state.finetune)  # read from disk once
         requested = body.max_tokens or settings.default_max_tokens
-        within(requested, settings.max_new_tokens, f"max_tokens={requested}", "max_tokens")
+        within(requested, settings.max_tokens_limit, f"max_tokens={requested}", "max_tokens")
         prompt_tokens = len(engine.tokenizer(body.prompt)["input_ids"])
         what = f"the prompt ({prompt_tokens} tokens)"
         within(prompt_tokens, settings.max_prompt_tokens, what, "prompt", "context_length_exceeded")
@@ -258,6 +264,12 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
         view = _FinetuneView(engine, merger)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+            release_request = slots.take()
+            try:
+                release_stream = streams.take()
+            except APIError:
+                release_request()
+                raise
             events = stream_events(
                 view,
                 app.state.metrics,
@@ -268,7 +280,7 @@ def install_ui(app: FastAPI, dependencies: Sequence = ()) -> None:
                 body.stop_strings,
                 reply,
                 include_usage,
-                lambda: None,
+                lambda: (release_stream(), release_request()),
             )
             return StreamingResponse(events, media_type="text/event-stream")
 

@@ -1,0 +1,98 @@
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of either.
+
+Every writer in ttmm goes through here. A file is written to a hidden staging name beside its
+target, flushed and fsynced, then renamed over the target (``os.replace`` is atomic on POSIX
+and Windows), and the folder is fsynced so the rename survives a power cut. A failure removes
+the staging file and leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def staging_path(path: Path) -> Path:
+    """The hidden name a write to ``path`` is staged under (unique per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging path to write; on success it replaces ``path``, on failure it is removed.
+
+    For writers that want a path (safetensors' ``save_file``, faiss, numpy)::
+
+        with atomic_file(out / "x.safetensors") as staging:
+            save_file(tensors, staging)
+    """
+    path = Path(path)
+    staging = staging_path(path)
+    try:
+        yield staging
+        _fsync_file(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    with atomic_file(path) as staging:
+        staging.write_bytes(payload)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for child in staging.rglob("*"):
+        if child.is_file():
+            _fsync_file(child)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""One way to decode: sampling arguments, seeding and end-of-sequence handling.
+
+The engine's ``generate``, the server's streams and the evaluation's timed decoding all call
+:func:`decode` with a :class:`Sampling`, so greedy decoding means the same thing everywhere and
+a continuation is cut at the end-of-sequence token the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class SamplingError(ValueError):
+    """A sampling setting out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. The default is greedy decoding."""
+
+    do_sample: bool = False
+    """Sample from the distribution (True) or take the most likely token (False)."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; ignored when greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    seed: int | None = None
+    """Seeds torch before decoding, so a sampled continuation can be repeated."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
+            raise SamplingError(f"temperature must be a finite number, got {self.temperature!r}")
+        if self.do_sample and self.temperature <= 0:
+            raise SamplingError("temperature must be > 0 when sampling; use greedy decoding")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+
+    @classmethod
+    def from_openai(cls, temperature: float, top_p: float, seed: int | None) -> Sampling:
+        """OpenAI's semantics: temperature 0 is greedy decoding, where the rest does not matter."""
+        if temperature == 0:
+            return cls()
+        return cls(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+
+    def generate_kwargs(self) -> dict:
+        """The arguments of transformers' ``generate`` that choose tokens."""
+        if self.do_sample:
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        # None, not 1.0: transformers warns about sampling settings under greedy decoding
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+GREEDY = Sampling()
+
+
+def decode(
+    model: torch.nn.Module,
+    tokenizer,
+    batch: dict,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    min_new_tokens: int = 0,
+    **extra,
+) -> torch.Tensor:
+    """Run ``model.generate`` on a tokenised batch with the model as it stands (merged or not).
+
+    Returns only the new tokens, (batch, new). ``min_new_tokens`` suppresses the
+    end-of-sequence token until that many exist (timing runs decode a fixed length);
+    ``extra`` goes to ``generate`` as is (a streamer, stopping criteria).
+    """
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling.generate_kwargs(),
+        **extra,
+    )
+    return output[:, batch["input_ids"].shape[1] :]
+
+
+def cut_at_eos(tokens: Sequence[int], eos_token_id: int | None) -> tuple[list[int], str]:
+    """The tokens before the first end-of-sequence token, and the OpenAI finish reason."""
+    tokens = list(tokens)
+    if eos_token_id is not None and eos_token_id in tokens:
+        return tokens[: tokens.index(eos_token_id)], "stop"
+    return tokens, "length"

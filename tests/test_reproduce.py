@@ -1,0 +1,48 @@
+"""benchmarks/reproduce.py: the bank table becomes build options, the preset the issue's eval."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ttmm.build.pipeline import BuildConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["reproduce"]
+
+
+def test_default_preset_is_the_issues_evaluation(reproduce):
+    args = reproduce.parse_args([])
+    config = reproduce.eval_config(reproduce.PRESETS["small"], args)
+    assert (config.docs, config.ttt_docs, config.ttt_full_docs) == (60, 30, 10)
+    assert config.timing_prompts == 3 and config.bootstrap == 2000
+    assert {"ttt", "ttt_full", "hybrid5", "hybrid20", "finetune"} <= set(config.methods)
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--only", "no-such-bank"])
+
+
+def test_bank_rows_become_build_options(reproduce):
+    args = reproduce.parse_args([])
+    preset = reproduce.PRESETS["small"]
+    plain = reproduce.build_config(preset, reproduce.BankSpec("k4", 4), args)
+    assert plain.experts == 4 and plain.with_finetune and plain.corpora == preset.corpora
+    branched = next(s for s in preset.banks if s.branch_from == "finetune")
+    if "budget_tokens" in BuildConfig.__dataclass_fields__:  # a ttmm with the build options
+        config = reproduce.build_config(preset, branched, args)
+        assert config.budget_tokens == 250_000 and config.branch_from == "finetune"
+        assert config.continue_finetune
+    else:  # says which option is missing, and where to change the table
+        with pytest.raises(SystemExit, match="budget_tokens.*BANKS"):
+            reproduce.build_config(preset, branched, args)
