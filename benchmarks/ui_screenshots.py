@@ -3,7 +3,7 @@
     python benchmarks/ui_screenshots.py [--bank BANK] [--out docs/img]
 
 Serves BANK (default: the newest demo bank under ~/.cache/ttmm/demo/*/bank) on a free port,
-opens the page, runs a prompt and scores a held-out document, and saves three PNGs.
+opens the page, runs a prompt and scores a held-out document, and saves four PNGs (docs/img/ui-*.png).
 """
 
 from __future__ import annotations
@@ -12,19 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 from serve_load import LiveServer  # noqa: E402  (uvicorn on a free port, in a thread)
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the tests' browser)
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PROMPT = "The Roman Republic was governed by two consuls elected every year, and the Senate"
 
 
@@ -62,9 +55,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with LiveServer(create_app(engine, ServerSettings(api_key="demo-key"))) as url:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-            )
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(600_000)
             page.goto(f"{url}/#key=demo-key")
