@@ -7,6 +7,7 @@ the engine called directly, and concurrent answers with sequential ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -430,13 +431,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live_server(tiny_engine):
-    """A real uvicorn server on a free loopback port, needing API key 'sesame'."""
+@contextlib.contextmanager
+def running(app):
+    """Run ``app`` under a real uvicorn in a thread on a free loopback port; yields its URL."""
     import uvicorn
 
     port = free_port()
-    app = create_app(tiny_engine, ServerSettings(api_key="sesame"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -444,9 +444,18 @@ def live_server(tiny_engine):
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(tiny_engine):
+    """A real uvicorn server on a free loopback port, needing API key 'sesame'."""
+    with running(create_app(tiny_engine, ServerSettings(api_key="sesame"))) as url:
+        yield f"{url}/v1"
 
 
 def test_the_official_openai_client_talks_to_the_server(live_server, tiny_engine):

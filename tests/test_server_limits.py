@@ -64,6 +64,10 @@ OPERATIONS = [
     ("POST", "/v1/route"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/ttmm/bank"),  # the web page's endpoints (ttmm.serve.ui)
+    ("POST", "/v1/ttmm/locate"),
+    ("POST", "/v1/ttmm/score"),
+    ("POST", "/v1/ttmm/finetune/completions"),
 ]
 
 

@@ -11,6 +11,7 @@ from ttmm.cli.build import build, info
 from ttmm.cli.engine import generate, import_bank, route, score
 from ttmm.cli.eval import demo, eval_command
 from ttmm.cli.serve import serve
+from ttmm.cli.ui import ui
 
 app = typer.Typer(
     help="Test-Time Model Merging: route each prompt to LoRA experts and merge them.",
@@ -40,6 +41,7 @@ VERBS = {
     "eval": eval_command,
     "demo": demo,
     "serve": serve,
+    "ui": ui,
 }
 for _name, _verb in VERBS.items():
     app.command(_name)(_verb)

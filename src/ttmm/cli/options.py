@@ -42,20 +42,35 @@ MaxActiveOption = Annotated[int | None, typer.Option(help="Most experts merged a
 DeviceOption = Annotated[str, typer.Option(help=f"Where the models run: {DEVICE_HELP}.")]
 DtypeOption = Annotated[str, typer.Option(help=f"Base model weights: {DTYPE_HELP}.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+HostOption = Annotated[
+    str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
+]
+PortOption = Annotated[int, typer.Option(help="TCP port.")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="TTMM_API_KEY",
+        help="Require 'Authorization: Bearer <key>' on every endpoint but /health and the page.",
+        show_default=False,
+    ),
+]
 
 __all__ = [
     "DEFAULT_DEVICE",
     "DEFAULT_DTYPE",
     "EngineArgs",
     "engine_options",
+    "ApiKeyOption",
     "BankOption",
     "BaseModelOption",
     "BetaOption",
     "DeviceOption",
     "DtypeOption",
     "EncoderOption",
+    "HostOption",
     "JsonOption",
     "MaxActiveOption",
+    "PortOption",
     "RuleOption",
     "TauOption",
     "console",

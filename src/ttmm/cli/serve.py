@@ -11,11 +11,14 @@ import typer
 from ttmm.cli.options import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
+    ApiKeyOption,
     BankOption,
     BaseModelOption,
     DeviceOption,
     DtypeOption,
     EncoderOption,
+    HostOption,
+    PortOption,
     console,
     user_errors,
 )
@@ -26,22 +29,13 @@ logger = logging.getLogger(__name__)
 @user_errors
 def serve(
     bank: BankOption,
-    host: Annotated[
-        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
     device: DeviceOption = DEFAULT_DEVICE,
     dtype: DtypeOption = DEFAULT_DTYPE,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="TTMM_API_KEY",
-            help="Require 'Authorization: Bearer <key>' on every endpoint but /health.",
-            show_default=False,
-        ),
-    ] = None,
+    api_key: ApiKeyOption = None,
     model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
     max_tokens_limit: Annotated[

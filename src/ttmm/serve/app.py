@@ -44,6 +44,7 @@ from ttmm.serve.schemas import (
     TTMMControl,
 )
 from ttmm.serve.streaming import cut_at_stop
+from ttmm.serve.ui import install_ui
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
     install_error_handlers(app)
-    _add_routes(app, service, Depends(_authorizer(settings)))
+    guard = Depends(_authorizer(settings))
+    _add_routes(app, service, guard)
+    install_ui(app, [guard], service.slots, service.streams)  # the page at / and /v1/ttmm/*
     document_errors(app)
     return app
 

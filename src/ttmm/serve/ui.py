@@ -1,0 +1,317 @@
+"""The web page: see a bank and try TTMM in a browser (issue 14).
+
+``install_ui(app, dependencies)`` adds to the server:
+
+- ``GET /`` and ``GET /static/…``: the page, its script and its style (public: they hold
+  no bank data; the page fetches everything below with the user's API key);
+- ``GET /v1/ttmm/bank``: every expert (label, size, training tokens, loss curve), the build
+  configuration and the 2-D map of the training chunks and centroids (:mod:`bankmap`);
+- ``POST /v1/ttmm/locate``: where a text's routing query lands on the map, and its
+  similarity z_k to every centroid;
+- ``POST /v1/ttmm/score``: perplexity of a text after its routed prefix, base model versus
+  TTMM (and the fine-tuning baseline when the bank has it), as in the evaluation protocol
+  (design notes §3);
+- ``POST /v1/ttmm/finetune/completions``: a completion (streamed or whole) from the base
+  model with the bank's fine-tuning adapter, the page's third column.
+
+The ``/v1/ttmm`` endpoints take the same ``dependencies`` (the API key check) as the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from ttmm.merge import ExpertMerger
+from ttmm.model import TTMM
+from ttmm.routing import RULES, RoutingConfig, RoutingError, RoutingPlan
+from ttmm.serve.bankmap import BankMap, build_map
+from ttmm.serve.batching import GenerationOptions
+from ttmm.serve.errors import APIError, error_responses, timeout_error
+from ttmm.serve.limits import Slots
+from ttmm.serve.responses import Reply, stream_events
+from ttmm.serve.schemas import CompletionRequest, RoutingOverride
+from ttmm.serve.streaming import cut_at_stop
+
+STATIC_DIR = Path(__file__).with_name("static")
+READ_ERRORS = error_responses(401, 413, 429, 504)
+INPUT_ERRORS = error_responses(400, 401, 413, 429, 504)
+GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 504)
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+FINETUNE = RoutingPlan.explicit({0: 1.0})
+"""The fine-tuning merger holds one adapter, applied at full weight."""
+
+
+class LocateRequest(BaseModel):
+    """POST /v1/ttmm/locate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(min_length=1)
+    """The text; like routing, it is placed by its first P tokens (the routing's prefix_tokens)."""
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/ttmm/score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    prefix_tokens: int = Field(default=50, ge=1)
+    """Tokens routed on and never scored (design notes §3)."""
+    max_tokens: int | None = Field(default=None, ge=2)
+    """Truncate the text to this many tokens; default: the server's max_prompt_tokens."""
+    routing: RoutingOverride | None = None
+
+
+class _UIState:
+    """What the UI endpoints compute once per server: the map and the fine-tuning merger."""
+
+    def __init__(self, app: FastAPI, slots: Slots):
+        self.app, self.slots = app, slots
+        self._lock = threading.Lock()
+        self._map: BankMap | None = None
+        self._finetune: ExpertMerger | None = None
+
+    @property
+    def engine(self) -> TTMM:
+        return self.app.state.engine
+
+    @property
+    def settings(self):
+        return self.app.state.settings
+
+    def bank_map(self) -> BankMap:
+        with self._lock:
+            if self._map is None:
+                self._map = build_map(self.engine.bank)
+            return self._map
+
+    def finetune(self) -> ExpertMerger:
+        with self._lock:
+            if self._finetune is None:
+                adapter = self.engine.bank.finetune_adapter()
+                if adapter is None:
+                    raise APIError(
+                        404,
+                        "this bank has no fine-tuning adapter; rebuild it with --with-finetune",
+                        type="not_found_error",
+                        code="no_finetune",
+                    )
+                self._finetune = ExpertMerger(self.engine.model, [adapter])
+            return self._finetune
+
+    def routing(self, override: RoutingOverride | None) -> RoutingConfig:
+        try:
+            return self.engine.routing_for(**(override.model_dump() if override else {}))
+        except RoutingError as err:
+            raise APIError(400, str(err), param="routing") from None
+
+    async def run(self, work):
+        """``work()`` in a worker thread, in one of the server's request slots (429 when
+        none is free) and within its request time limit (504)."""
+        limit = self.settings.request_timeout_s
+        release = self.slots.take()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(work), limit)
+        except TimeoutError:
+            raise timeout_error(limit) from None
+        finally:
+            release()
+
+
+@contextlib.contextmanager
+def applied(engine: TTMM, merger: ExpertMerger) -> Iterator[None]:
+    """Hold the engine's lock with the fine-tuning adapter applied (folded unless tied)."""
+    with engine.lock:
+        with merger.lowrank([FINETUNE]) if merger.tied_layers else merger.fold(FINETUNE):
+            yield
+
+
+class _FinetuneView:
+    """The engine as :func:`stream_events` sees it, with ``merged`` applying fine-tuning."""
+
+    def __init__(self, engine: TTMM, merger: ExpertMerger):
+        self.engine, self.merger = engine, merger
+        self.model, self.tokenizer = engine.model, engine.tokenizer
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    def merged(self, plans: Sequence[RoutingPlan], mode: str = "auto"):
+        return applied(self.engine, self.merger)
+
+
+def bank_json(engine: TTMM, bank_map: BankMap) -> dict:
+    """The bank as the page shows it."""
+    manifest = engine.bank.manifest
+
+    def expert(info) -> dict:  # the manifest entry, training time and domains lifted out
+        entry = {k: v for k, v in asdict(info).items() if k not in ("path", "extra")}
+        return entry | {"seconds": info.extra.get("seconds"), "domains": info.extra.get("domains")}
+
+    return {
+        "object": "ttmm.bank",
+        "path": str(engine.bank.path),
+        "base_model": manifest.base_model,
+        "encoder": manifest.encoder,
+        "created": manifest.created,
+        "ttmm_version": manifest.ttmm_version,
+        "routing": engine.routing.to_dict(),
+        "rules": list(RULES),
+        "experts": [expert(info) for info in manifest.experts],
+        "finetune": expert(manifest.finetune) if manifest.finetune else None,
+        "build": manifest.build,
+        "data": manifest.data,
+        "map": bank_map.to_json(),
+    }
+
+
+def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slots) -> None:
+    """Serve the page at ``/`` and its JSON endpoints under ``/v1/ttmm`` (see module doc),
+    guarded by ``dependencies`` and counted in the server's request and stream ``slots``."""
+    state = _UIState(app, slots)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    router = APIRouter(prefix="/v1/ttmm", dependencies=list(dependencies))
+
+    @router.get("/bank", responses=READ_ERRORS)
+    async def bank() -> dict:
+        bank_map = await state.run(state.bank_map)
+        return bank_json(state.engine, bank_map)
+
+    @router.post("/locate", responses=INPUT_ERRORS)
+    async def locate(body: LocateRequest) -> dict:
+        engine = state.engine
+
+        def work() -> dict:
+            [query] = engine.query_texts([body.input])
+            if not query.strip():
+                raise APIError(400, "input is blank: routing needs some text", param="input")
+            q = engine.encoder.encode([query])  # (1, dim), unit rows
+            [z] = engine.similarities([body.input]).tolist()  # (K,)
+            [[x, y]] = state.bank_map().project(q).tolist()
+            return {"object": "ttmm.locate", "query": query, "x": x, "y": y, "similarities": z}
+
+        return await state.run(work)
+
+    @router.post("/score", responses=INPUT_ERRORS)
+    async def score(body: ScoreRequest) -> dict:
+        engine, settings = state.engine, state.settings
+        limit = body.max_tokens or settings.max_prompt_tokens
+        within(limit, settings.max_prompt_tokens, f"max_tokens={limit}", "max_tokens")
+        routing = engine.routing_for(state.routing(body.routing), prefix_tokens=body.prefix_tokens)
+        has_finetune = engine.bank.manifest.finetune is not None
+
+        def work() -> dict:
+            text, P = body.text, body.prefix_tokens
+            finetune = state.finetune() if has_finetune else None
+            [routed] = engine.score([text], P, limit, routing=routing)
+            [base] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
+            methods = [
+                method("base", base),
+                method("ttmm", routed, engine.bank.describe_plan(routed.plan)),
+            ]
+            if finetune is not None:
+                with applied(engine, finetune):
+                    [tuned] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
+                methods.append(method("finetune", tuned))
+            n_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            [prefix] = engine.query_texts([text], routing)
+            return {
+                "object": "ttmm.score",
+                "prefix": prefix,
+                "prefix_tokens": P,
+                "scored_tokens": routed.n_tokens,
+                "truncated": n_tokens > limit,
+                "methods": methods,
+            }
+
+        return await state.run(work)
+
+    @router.post("/finetune/completions", responses=STREAMED | GENERATION_ERRORS)
+    async def finetune_completions(body: CompletionRequest):
+        engine, settings = state.engine, state.settings
+        merger = await asyncio.to_thread(state.finetune)  # read from disk once
+        requested = body.max_tokens or settings.default_max_tokens
+        within(requested, settings.max_tokens_limit, f"max_tokens={requested}", "max_tokens")
+        prompt_tokens = len(engine.tokenizer(body.prompt)["input_ids"])
+        what = f"the prompt ({prompt_tokens} tokens)"
+        within(prompt_tokens, settings.max_prompt_tokens, what, "prompt", "context_length_exceeded")
+        options = GenerationOptions.from_request(requested, body.temperature, body.top_p, body.seed)
+        reply = Reply(
+            settings.model_id, {"rule": "finetune", "fallback": None, "experts": []}, False
+        )
+        view = _FinetuneView(engine, merger)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            release_request = slots.take()
+            try:
+                release_stream = streams.take()
+            except APIError:
+                release_request()
+                raise
+            events = stream_events(
+                view,
+                app.state.metrics,
+                settings.request_timeout_s,
+                body.prompt,
+                RoutingPlan.base(),
+                options,
+                body.stop_strings,
+                reply,
+                include_usage,
+                lambda: (release_stream(), release_request()),
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
+
+        def work():
+            with applied(engine, merger):
+                [result] = engine.generate(
+                    [body.prompt], plans=[RoutingPlan.base()], **options.generate_kwargs()
+                )
+            return result
+
+        result = await state.run(work)
+        text, stopped = cut_at_stop(result.text, body.stop_strings)
+        finish = "stop" if stopped else result.finish_reason
+        return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
+
+    app.include_router(router)
+
+
+def within(value: int, limit: int, what: str, param: str, code: str | None = None) -> None:
+    """Refuse a request whose ``value`` exceeds the server's ``limit``."""
+    if value > limit:
+        message = f"{what} is more than this server's limit of {limit}; ask for less"
+        raise APIError(400, message, param=param, code=code)
+
+
+def method(name: str, score, routing: dict | None = None) -> dict:
+    """One row of a score response."""
+    row = {
+        "method": name,
+        "perplexity": score.perplexity,
+        "nll": score.nll,
+        "tokens": score.n_tokens,
+    }
+    return row | ({"ttmm": routing} if routing is not None else {})
