@@ -3,14 +3,13 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 # The web page's browser tests need Debian's chromium; apt-get needs root (or sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo test lint clean
 
 $(STAMP): pyproject.toml requirements-assets.txt
-	test -x /usr/bin/chromium || ($(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==26.3
 	$(PY) -m pip install --quiet -e ".[dev]"
@@ -19,6 +18,11 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 install: $(STAMP)
 
+# Debian's chromium for the web page's browser tests (never a browser download).
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+
 demo: $(STAMP)
 	$(VENV)/bin/ttmm demo
 
@@ -26,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: $(STAMP) lint
+test: $(STAMP) $(CHROMIUM) lint
 	$(VENV)/bin/python -m pytest -q
 
 clean:

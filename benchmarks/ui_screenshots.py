@@ -3,7 +3,8 @@
     python benchmarks/ui_screenshots.py [--bank BANK] [--out docs/img]
 
 Serves BANK (default: the newest demo bank under ~/.cache/ttmm/demo/*/bank) on a free port,
-opens the page, runs a prompt and scores a held-out document, and saves four PNGs (docs/img/ui-*.png).
+opens the page, runs a prompt and scores a held-out document, and saves four PNGs
+(docs/img/ui-*.png).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import ttmm.build.pipeline
 from ttmm.bank import FINETUNE_CONTINUED_DIR, MANIFEST_NAME, Bank
 from ttmm.build.budget import budget_shares, budgeted, data_tokens
-from ttmm.build.chunks import read_split, read_test_documents
+from ttmm.build.chunks import SPLIT_NAME, read_test_documents
 from ttmm.build.corpus import Document, _hash_unit, split_documents
 from ttmm.build.dedup import drop_near_duplicates, jaccard, shingles
 from ttmm.build.pipeline import STATE_NAME, run_build
@@ -107,7 +107,7 @@ def test_near_duplicate_held_out_document_is_dropped_and_counted(branched, dup_c
     out, _, _ = branched
     _, held, train = dup_corpus
     assert held not in {d.id for d in read_test_documents(out)}
-    split = read_split(out)
+    split = json.loads((out / SPLIT_NAME).read_text())
     assert split["near_duplicates"] == {held: train}
     assert held not in split["domains"]["dup"]["test"] and train in split["domains"]["dup"]["train"]
     manifest = Bank.load(out).manifest
@@ -158,7 +158,7 @@ def _rows(out) -> list[dict]:
 def test_validation_loss_before_and_after_for_every_adapter_and_in_info(branched, monkeypatch):
     out, _, _ = branched
     manifest = Bank.load(out).manifest
-    split = read_split(out)
+    split = json.loads((out / SPLIT_NAME).read_text())
     assert split["validation"]
     held_out = {i for d in split["domains"].values() for i in d["test"]}
     assert held_out.isdisjoint(split["validation"])  # never the evaluation documents

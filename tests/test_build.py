@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import ttmm.build.executors
 from ttmm.bank import MANIFEST_NAME, Bank, expert_dir
-from ttmm.build.chunks import ChunkIndex, read_split, read_test_documents
+from ttmm.build.chunks import SPLIT_NAME, ChunkIndex, read_test_documents
 from ttmm.build.cluster import ClusterError
 from ttmm.build.config import BuildConfig, BuildError
 from ttmm.build.corpus import CorpusError, read_corpora
@@ -131,7 +131,7 @@ def test_every_training_chunk_is_in_one_cluster_and_no_test_document_in_any(bank
     nearest, sims = index.search(index.embeddings[5], 3)
     assert nearest[0] == 5 and sims[0] == pytest.approx(1.0, abs=ATOL)
 
-    split = read_split(out)
+    split = json.loads((out / SPLIT_NAME).read_text())
     test_ids = {i for domain in split["domains"].values() for i in domain["test"]}
     train_ids = {i for domain in split["domains"].values() for i in domain["train"]}
     assert test_ids and test_ids.isdisjoint(train_ids)

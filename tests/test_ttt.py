@@ -5,12 +5,13 @@ base weights bitwise intact afterwards."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from evalbank import eval_bank_path, eval_engine  # noqa: F401  (fixtures)
 
-from ttmm.build.chunks import ChunkIndex, read_split, read_test_documents
+from ttmm.build.chunks import SPLIT_NAME, ChunkIndex, read_test_documents
 from ttmm.build.train import LoraTrainConfig, _batches
 from ttmm.eval.methods import EvalError
 from ttmm.eval.ttt import TestTimeTrainer, TTTConfig, TTTConfigError
@@ -53,7 +54,7 @@ def long_doc(engine):
 
 def test_ttt_retrieves_training_chunks_and_restores_base_weights(built, index):
     engine = built
-    split = read_split(engine.bank.path)["domains"]
+    split = json.loads((engine.bank.path / SPLIT_NAME).read_text())["domains"]
     train_ids = {i for part in split.values() for i in part["train"]}
     test_docs = read_test_documents(engine.bank.path)
     trainer = TestTimeTrainer(engine, index, TTTConfig(neighbours=5, train=TRAIN))

@@ -13,13 +13,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ttmm.atomic import atomic_directory
 from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -104,18 +103,9 @@ def _materialise_default_base_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=False) as staging:  # another process may win
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process won the race
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -75,8 +75,12 @@ def atomic_write_json(path: str | os.PathLike, data, indent: int | None = 2) -> 
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging folder that replaces ``target`` only if the block succeeds."""
+def atomic_directory(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a staging folder that becomes ``target`` only if the block succeeds.
+
+    An existing ``target`` is replaced; with ``replace=False`` it is kept and the staging
+    folder dropped (for caches that several processes may fill at once: the first one wins).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -85,6 +89,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if target.exists() and not replace:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     for child in staging.rglob("*"):
         if child.is_file():
             _fsync_file(child)

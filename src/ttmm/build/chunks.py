@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ttmm.atomic import atomic_file, atomic_write_json
 from ttmm.build.corpus import Chunk, Document, Split, read_documents_jsonl, write_documents_jsonl
 
 INDEX_DIR = "index"
@@ -33,10 +34,6 @@ EMBEDDINGS_NAME = f"{INDEX_DIR}/embeddings.safetensors"
 FAISS_NAME = f"{INDEX_DIR}/chunks.faiss"
 TEST_DOCUMENTS_NAME = f"{INDEX_DIR}/test_documents.jsonl"
 SPLIT_NAME = "split.json"
-
-
-def _staging(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_chunk_index(
@@ -51,7 +48,7 @@ def write_chunk_index(
     root = Path(bank_dir)
     (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
     path = root / CHUNKS_NAME
-    with open(_staging(path), "w", encoding="utf-8") as handle:
+    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as handle:
         for row, (chunk, expert) in enumerate(zip(chunks, assignments, strict=True)):
             record = {
                 "row": row,
@@ -63,23 +60,18 @@ def write_chunk_index(
                 "token_ids": list(chunk.token_ids),
             }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(_staging(path), path)
 
     index = ChunkIndex.from_arrays(
         [c.token_ids for c in chunks], embeddings, experts=np.asarray(assignments)
     )
-    path = root / EMBEDDINGS_NAME
-    save_file(
-        {
-            "embeddings": torch.from_numpy(index.embeddings),
-            "experts": torch.from_numpy(index.experts),
-        },
-        _staging(path),
-    )
-    os.replace(_staging(path), path)
-    path = root / FAISS_NAME
-    faiss.write_index(index.index, str(_staging(path)))
-    os.replace(_staging(path), path)
+    tensors = {
+        "embeddings": torch.from_numpy(index.embeddings),
+        "experts": torch.from_numpy(index.experts),
+    }
+    with atomic_file(root / EMBEDDINGS_NAME) as staging:
+        save_file(tensors, staging)
+    with atomic_file(root / FAISS_NAME) as staging:
+        faiss.write_index(index.index, str(staging))
     return {
         "chunks": CHUNKS_NAME,
         "embeddings": EMBEDDINGS_NAME,
@@ -103,10 +95,8 @@ def write_split(
     ``near_duplicates``: dropped held-out id -> the training id it duplicates."""
     root = Path(bank_dir)
     (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
-    path = root / TEST_DOCUMENTS_NAME
-    write_documents_jsonl(split.test, _staging(path))
-    os.replace(_staging(path), path)
-    path = root / SPLIT_NAME
+    with atomic_file(root / TEST_DOCUMENTS_NAME) as staging:
+        write_documents_jsonl(split.test, staging)
     payload = {
         "seed": seed,
         "test_fraction": test_fraction,
@@ -114,8 +104,7 @@ def write_split(
         "validation": sorted(validation),
         "near_duplicates": dict(sorted((near_duplicates or {}).items())),
     }
-    _staging(path).write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(_staging(path), path)
+    atomic_write_json(root / SPLIT_NAME, payload, indent=1)
     return {"split": SPLIT_NAME, "test_documents": TEST_DOCUMENTS_NAME}
 
 
@@ -202,14 +191,6 @@ class ChunkIndex:
         return [int(r) for r in rows[0][keep]], [float(s) for s in scores[0][keep]]
 
 
-def read_chunk_index(bank_dir: str | os.PathLike) -> ChunkIndex:
-    return ChunkIndex.load(bank_dir)
-
-
 def read_test_documents(bank_dir: str | os.PathLike) -> list[Document]:
     """The held-out documents of a bank's split, full text."""
     return read_documents_jsonl(Path(bank_dir) / TEST_DOCUMENTS_NAME)
-
-
-def read_split(bank_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(bank_dir) / SPLIT_NAME).read_text())

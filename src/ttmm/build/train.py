@@ -9,13 +9,14 @@ calls it on the live model. The same seed, data and thread count give the same a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -363,8 +364,6 @@ def train_lora(
     padding positions (they are masked out of attention and loss; default: the model's pad or
     eos id, else 0).
     """
-    from tqdm.auto import tqdm
-
     config = config or LoraTrainConfig()
     chunks = [ids for ids in chunks_token_ids if len(ids) >= 2]
     if not chunks:
@@ -372,61 +371,20 @@ def train_lora(
     if pad_token_id is None:
         pad_token_id = _default_pad_id(model)
     batches = _batches(chunks, config, seed)
-    device = model_device(model)
 
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    threads = torch.get_num_threads()
-    peft_model = None
     started = time.perf_counter()
-    try:
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+    with _restored(model, config.num_threads):
         peft_model = wrap_model(model, config, seed, init)
-        val_before = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
-        train_started = time.perf_counter()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, len(batches), config)
-        )
-        # float16 activations underflow small gradients: scale the loss (a no-op otherwise;
-        # the LoRA weights themselves stay float32 under PEFT's adapter autocast).
-        scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
-        losses: list[float] = []
-        n_tokens = 0
-        bar = tqdm(
-            batches,
-            desc=progress if isinstance(progress, str) else "train LoRA",
-            disable=not progress,
-            unit="step",
-            leave=False,
-        )
-        for batch in bar:
-            inputs = {k: v.to(device) for k, v in _collate(batch, pad_token_id).items()}
-            loss = peft_model(**inputs).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            n_tokens += int(inputs["attention_mask"].sum())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        train_seconds = time.perf_counter() - train_started
-        val_after = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
-        adapter = adapter_of(peft_model)
-    finally:
-        unwrap_model(model, peft_model)
-        for name, param in model.named_parameters():
-            param.requires_grad_(requires_grad.get(name, False))
-        model.train(was_training)
-        torch.set_num_threads(threads)
+        try:
+            val_before = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
+            train_started = time.perf_counter()
+            fp16 = model.dtype == torch.float16
+            losses, n_tokens = _optimise(peft_model, batches, config, pad_token_id, progress, fp16)
+            train_seconds = time.perf_counter() - train_started
+            val_after = mean_nll(peft_model, validation, pad_token_id, config.max_seq_len)
+            adapter = adapter_of(peft_model)
+        finally:
+            unwrap_model(model, peft_model)
     seconds = time.perf_counter() - started
     logger.info(
         "trained LoRA r=%d on %d tokens in %.1f s (%.0f tok/s), loss %.3f -> %.3f",
@@ -446,6 +404,70 @@ def train_lora(
         val_before=val_before,
         val_after=val_after,
     )
+
+
+@contextlib.contextmanager
+def _restored(model: torch.nn.Module, num_threads: int | None) -> Iterator[None]:
+    """Run the block with ``num_threads`` torch threads, then put back the model's
+    ``requires_grad`` flags, its train/eval mode and the thread count, whatever happened."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    threads = torch.get_num_threads()
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        yield
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, False))
+        model.train(was_training)
+        torch.set_num_threads(threads)
+
+
+def _optimise(
+    peft_model,
+    batches: list,
+    config: LoraTrainConfig,
+    pad_token_id: int,
+    progress: bool | str,
+    scale_loss: bool,
+) -> tuple[list[float], int]:
+    """AdamW over the LoRA parameters, one step per batch; the losses and tokens seen."""
+    from tqdm.auto import tqdm
+
+    device = model_device(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, len(batches), config)
+    )
+    # float16 activations underflow small gradients: scale the loss (a no-op otherwise;
+    # the LoRA weights themselves stay float32 under PEFT's adapter autocast).
+    scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
+    losses: list[float] = []
+    n_tokens = 0
+    bar = tqdm(
+        batches,
+        desc=progress if isinstance(progress, str) else "train LoRA",
+        disable=not progress,
+        unit="step",
+        leave=False,
+    )
+    for batch in bar:
+        inputs = {k: v.to(device) for k, v in _collate(batch, pad_token_id).items()}
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        n_tokens += int(inputs["attention_mask"].sum())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses, n_tokens
 
 
 def _default_pad_id(model) -> int:

@@ -144,14 +144,46 @@ def demo(
     dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
     """Build a small bank on the default corpora (cached), then show TTMM at work."""
+    from ttmm.build.chunks import read_test_documents
+    from ttmm.eval.harness import evaluate, select_documents
+    from ttmm.eval.ttt import TTTConfig
+
+    console.rule("1. the expert bank")
+    engines, home = _demo_engines(corpus, experts, rebuild, device, dtype)
+    (engine,) = engines.values()
+    console.print(f"{engine.bank.num_experts} experts, routing {engine.routing.to_dict()}")
+
+    console.rule("2. routing held-out prompts")
+    config = EvalConfig(
+        methods=DEMO_METHODS,
+        docs=docs,
+        timing_prompts=0,
+        ttt=TTTConfig(neighbours=DEMO_NEIGHBOURS),
+    )
+    held_out = select_documents(read_test_documents(engine.bank.path), engine.tokenizer, config)
+    if not held_out:
+        raise EvalError("the demo bank holds no held-out document long enough to score")
+    shown = _spread(held_out, prompts)
+    _show_routing(engine, shown)
+
+    console.rule("3. perplexity on held-out documents")
+    console.print(
+        "(routed, or for TTT retrieved, on the first 50 tokens and scored on the rest; TTT "
+        f"trains on its {DEMO_NEIGHBOURS} nearest training chunks; results cached)"
+    )
+    report = evaluate(engines, home / "eval", config)
+    console.print(_results_table(report, "Perplexity (lower is better)"))
+
+    console.rule("4. a continuation, base model and TTMM")
+    _show_continuation(engine, shown[0], tokens)
+
+
+def _demo_engines(corpus, experts: int, rebuild: bool, device: str, dtype: str):
+    """Build (or reuse) the demo bank, cached per configuration; its engine and cache folder."""
     import shutil
 
     from ttmm.assets import ttmm_home
-    from ttmm.build.chunks import read_test_documents
     from ttmm.build.pipeline import BuildConfig, run_build
-    from ttmm.eval.harness import evaluate, select_documents
-    from ttmm.eval.ttt import TTTConfig
-    from ttmm.routing import RoutingPlan
 
     build = BuildConfig(
         corpora=tuple(corpus or DEMO_CORPORA),
@@ -166,55 +198,39 @@ def demo(
     bank_dir = home / "bank"
     if rebuild:
         shutil.rmtree(home, ignore_errors=True)
-    console.rule("1. the expert bank")
     console.print(
         f"{', '.join(build.corpora)} (Wikipedia text: CC BY-SA 4.0), K = {experts} "
         f"LoRA experts and a fine-tuning baseline, cached in {bank_dir}"
     )
     run_build(build, bank_dir, progress=True)
-    engines = _engines([bank_dir], build.device, build.dtype)
-    (engine,) = engines.values()
-    bank = engine.bank
-    console.print(f"{bank.num_experts} experts, routing {engine.routing.to_dict()}")
+    return _engines([bank_dir], build.device, build.dtype), home
 
-    console.rule("2. routing held-out prompts")
-    config = EvalConfig(
-        methods=DEMO_METHODS,
-        docs=docs,
-        timing_prompts=0,
-        ttt=TTTConfig(neighbours=DEMO_NEIGHBOURS),
-    )
-    held_out = select_documents(read_test_documents(bank.path), engine.tokenizer, config)
-    if not held_out:
-        raise EvalError("the demo bank holds no held-out document long enough to score")
-    shown = _spread(held_out, prompts)
-    for doc in shown:
+
+def _show_routing(engine, docs: list) -> None:
+    """Each document's routing query and the experts it is merged from, then the rule."""
+    for doc in docs:
         (query,) = engine.query_texts([doc.text])
         (plan,) = engine.route([doc.text])
         table = Table(title=escape(f"{doc.id}: “{query[:90]}…”"), title_justify="left")
         for column in ("expert", "label", "similarity z", "weight w"):
             table.add_column(column)
         for k, w, z in zip(plan.expert_ids, plan.weights, plan.similarities):
-            table.add_row(str(k), Text(bank.label(k)), f"{z:.3f}", f"{w:.3f}")
+            table.add_row(str(k), Text(engine.bank.label(k)), f"{z:.3f}", f"{w:.3f}")
         if plan.is_base:
             table.add_row("–", "no expert passed the threshold: base model", "", "")
         console.print(table)
+    routing = engine.routing
     console.print(
-        f"rule {engine.routing.rule}: p = softmax(z / β), β = {engine.routing.beta}; experts with "
-        f"p > τ = {engine.routing.tau} kept (at most {engine.routing.max_active}), weights "
+        f"rule {routing.rule}: p = softmax(z / β), β = {routing.beta}; experts with "
+        f"p > τ = {routing.tau} kept (at most {routing.max_active}), weights "
         "renormalised; the merge is ΔW = Σ w_k s_k B_k A_k."
     )
 
-    console.rule("3. perplexity on held-out documents")
-    console.print(
-        "(routed, or for TTT retrieved, on the first 50 tokens and scored on the rest; TTT "
-        f"trains on its {DEMO_NEIGHBOURS} nearest training chunks; results cached)"
-    )
-    report = evaluate(engines, home / "eval", config)
-    console.print(_results_table(report, "Perplexity (lower is better)"))
 
-    console.rule("4. a continuation, base model and TTMM")
-    doc = shown[0]
+def _show_continuation(engine, doc, tokens: int) -> None:
+    """The document's routing prefix continued by the base model and by TTMM, side by side."""
+    from ttmm.routing import RoutingPlan
+
     (prompt,) = engine.query_texts([doc.text])
     (plan,) = engine.route([prompt])
     base, merged = (
