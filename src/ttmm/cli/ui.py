@@ -15,6 +15,8 @@ from urllib.parse import quote
 import typer
 
 from ttmm.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     ApiKeyOption,
     BankOption,
     BaseModelOption,
@@ -69,8 +71,8 @@ def ui(
     port: PortOption = 8000,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
+    device: DeviceOption = DEFAULT_DEVICE,
+    dtype: DtypeOption = DEFAULT_DTYPE,
     api_key: ApiKeyOption = None,
     open_browser: Annotated[
         bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")
