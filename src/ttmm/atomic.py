@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,27 @@ from pathlib import Path
 def staging_path(path: Path) -> Path:
     """The hidden name a write to ``path`` is staged under (unique per process)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+STAGING_NAMES = re.compile(r"^\..+(\.\d+\.tmp|\.tmp-.+|\.old-\d+)$")
+"""Hidden names of the staging files and folders below (``.x.123.tmp``, ``.x.tmp-ab12``,
+``.x.old-123``): what a write killed halfway leaves behind."""
+
+
+def remove_staging(folder: str | os.PathLike) -> list[Path]:
+    """Delete the staging files and folders of interrupted writes anywhere under ``folder``;
+    the removed paths. Only for a folder no other process is writing to."""
+    found = [p for p in Path(folder).rglob(".*") if STAGING_NAMES.match(p.name)]
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts)):  # a folder before what is inside it
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def _fsync_file(path: Path) -> None:

@@ -22,6 +22,7 @@ from ttmm.atomic import atomic_write_json
 from ttmm.bank import FINETUNE_DIR
 from ttmm.build.budget import finetune_job, job_digest, planned
 from ttmm.build.executors import CONTINUED_JOB, TrainJob
+from ttmm.build.faults import checkpoint
 from ttmm.build.manifest import adapter_dir
 from ttmm.build.train import TrainResult
 
@@ -103,6 +104,7 @@ class AdapterTraining:
         self.bar.update(1)
         if self.on_saved is not None:
             self.on_saved(job.id)
+        checkpoint("adapter_saved")
 
 
 def train_adapters(config, training: AdapterTraining, experts: list[TrainJob], data) -> list:

@@ -3,15 +3,19 @@
 Stages, each timed: read → split → chunk → embed → cluster → write index → train experts (and
 the fine-tuning baseline) → manifest. The output folder holds a small build-state file
 (``.ttmm-build.json``, with the hash of the resolved configuration) from the moment the build
-writes anything, so a killed build resumes and keeps its finished adapters; ``manifest.json``
-is written last, so a half-built folder is never mistaken for a bank.
+writes anything, so a killed build resumes and keeps its finished adapters (and removes the
+staging files of writes the kill cut short); ``manifest.json`` is written last, so a half-built
+folder is never mistaken for a bank. ``tests/test_build_faults.py`` kills builds at every
+stage (:mod:`ttmm.build.faults`) and checks the resumed bank equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from safetensors import SafetensorError
 
 from ttmm.assets import load_base_model, ttmm_home
-from ttmm.atomic import atomic_write_json, atomic_write_text
+from ttmm.atomic import atomic_write_json, atomic_write_text, remove_staging
 from ttmm.bank import (
     MANIFEST_NAME,
     Bank,
@@ -56,6 +61,7 @@ from ttmm.build.corpus import (
 )
 from ttmm.build.dedup import drop_near_duplicates
 from ttmm.build.executors import make_executor
+from ttmm.build.faults import checkpoint
 from ttmm.build.manifest import build_manifest
 from ttmm.embed import Encoder
 
@@ -190,6 +196,7 @@ def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: b
             show_progress=progress,
         )
         embeddings, val_embeddings = embedded[: len(chunks)], embedded[len(chunks) :]
+        checkpoint("embed")
     with timer.stage("cluster"):
         assignments = cluster_embeddings(embeddings, config.experts, seed=config.seed)
         labels = label_clusters(
@@ -224,9 +231,57 @@ def run_build(
 ) -> BuildResult:
     """Build a bank from ``config`` into ``out``, resuming an interrupted build of the same config.
 
-    ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook).
+    ``on_saved(job_id)`` runs after each adapter folder is complete (a test hook). A write into
+    ``out`` that fails (full disk, read-only folder) raises :class:`BuildError` saying so; every
+    write is atomic and ``manifest.json`` comes last, so the folder is then no bank, and
+    rerunning the same build resumes it.
     """
+    try:
+        return _run_build(config, out, progress, on_saved)
+    except (OSError, SafetensorError) as err:
+        failure = write_failure(Path(out).expanduser(), err)
+        if failure is None:
+            raise
+        raise failure from err
 
+
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_failure(out: Path, err: Exception) -> BuildError | None:
+    """The error to show for ``err`` if it is a failed write into ``out``, else None.
+
+    safetensors reports I/O errors as ``SafetensorError`` with ``(os error N) at path "P"``.
+    """
+    text = str(err)
+    paths = [getattr(err, "filename", None), getattr(err, "filename2", None)]
+    paths += re.findall(r'at path "([^"]+)"', text)
+    root = out.resolve()
+    inside = [Path(os.fsdecode(p)).resolve().is_relative_to(root) for p in paths if p]
+    if not any(inside):
+        return None
+    code = getattr(err, "errno", None)
+    if code is None and (found := re.search(r"os error (\d+)", text)):
+        code = int(found.group(1))
+    reason = _REASONS.get(code, getattr(err, "strerror", None) or text)
+    return BuildError(
+        f"cannot write the bank into {out}: {reason}; free some space or make the folder "
+        "writable (or choose another --out), then rerun the same command to resume the build"
+    )
+
+
+def _run_build(
+    config: BuildConfig,
+    out: Path | str | os.PathLike,
+    progress: bool,
+    on_saved: Callable[[int], None] | None,
+) -> BuildResult:
     config = config.resolved()
     out = Path(out).expanduser()
     config_hash = config.content_hash()
@@ -247,6 +302,8 @@ def run_build(
 
     # Only now, with the input known to be usable, does the build write anything.
     out.mkdir(parents=True, exist_ok=True)
+    for path in remove_staging(out):  # what writes cut short by a killed build left behind
+        logger.info("removed %s, left by an interrupted write", path)
     _write_state(out, {"config_hash": config_hash, "status": "in_progress", "budget": budget_info})
     atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     with timer.stage("write_index"):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ttmm.adapter import LoraAdapter
+from ttmm.build.faults import checkpoint
 from ttmm.device import model_device
 
 logger = logging.getLogger(__name__)
@@ -467,6 +468,7 @@ def _optimise(
         losses.append(float(loss.detach()))
         n_tokens += int(inputs["attention_mask"].sum())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        checkpoint("train_step")
     return losses, n_tokens
 
 
