@@ -212,4 +212,7 @@ def base_model_name(name_or_path: str | os.PathLike | None) -> str:
     """The identity recorded in a bank's manifest for a base model argument."""
     if name_or_path is None:
         return DEFAULT_BASE_MODEL
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":  # a file: absolute, so the bank loads from anywhere
+        return str(path.resolve())
     return str(name_or_path)
