@@ -146,3 +146,89 @@ def test_bad_plans_are_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(MergeError, match="no expert"):
         export_merge(bank, RoutingPlan.base(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- the verb and the endpoint ------------------------------------------------------------------
+
+
+def test_export_verb_writes_given_experts_or_a_routed_prompt(tiny_engine, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ttmm.cli.app import app
+    from ttmm.cli.options import EngineArgs
+
+    bank = str(tiny_engine.bank.path)
+    runner = CliRunner()
+    args = ["export", "--bank", bank, "--experts", "1=0.25, 3=0.75", "--out", str(tmp_path / "e")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected = merged_adapter(tiny_engine.bank, RoutingPlan.explicit({1: 0.25, 3: 0.75}))
+    written = load_file(tmp_path / "e" / WEIGHTS_NAME)
+    assert all(torch.equal(written[k], v) for k, v in expected.adapter.state_dict().items())
+
+    monkeypatch.setattr(EngineArgs, "engine", lambda self: tiny_engine)  # no model to load
+    prompt = "The Roman Senate met in the Curia"
+    args = ["export", "--bank", bank, "--prompt", prompt, "--out", str(tmp_path / "p"), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [plan] = tiny_engine.route([prompt])
+    assert json.loads(result.output)["routing"] == tiny_engine.bank.describe_plan(plan)
+    config = json.loads((tmp_path / "p" / CONFIG_NAME).read_text())
+    assert config["r"] == sum(tiny_engine.bank.adapters()[k].rank for k in plan.expert_ids)
+
+    for bad, message in [
+        (["--experts", "1:0.5"], "is not ID=WEIGHT"),
+        (["--experts", "9=1"], "unknown expert"),
+        ([], "exactly one of --prompt"),
+    ]:
+        result = runner.invoke(app, ["export", "--bank", bank, "--out", str(tmp_path / "x"), *bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+CODE = "import os\nos.listdir('.')"
+
+
+def test_export_endpoint_sends_the_adapter_or_writes_it_to_its_folder(tiny_engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from ttmm.serve.app import ServerSettings, create_app
+
+    with TestClient(create_app(tiny_engine, ServerSettings(api_key="k"))) as client:
+        headers = {"Authorization": "Bearer k"}
+        body = {"experts": {"2": 0.6, "0": 0.4}}
+        assert client.post("/v1/ttmm/export", json=body).status_code == 401
+        answer = client.post("/v1/ttmm/export", json=body, headers=headers).json()
+        routed = client.post(
+            "/v1/ttmm/export",
+            json={"input": CODE, "routing": {"max_active": 2}},
+            headers=headers,
+        ).json()
+        errors = [
+            client.post("/v1/ttmm/export", json=bad, headers=headers)
+            for bad in (
+                {"experts": {"7": 1.0}},
+                {"experts": {}},
+                {"experts": {"1": 1.0}, "input": "text"},
+                {"experts": {"1": 1.0}, "path": "/tmp/x"},
+            )
+        ]
+    expected = merged_adapter(tiny_engine.bank, RoutingPlan.explicit({2: 0.6, 0: 0.4}))
+    assert answer["ttmm"]["experts"] == [{"id": 2, "weight": 0.6, "label": "topic 2"}] + [
+        {"id": 0, "weight": 0.4, "label": "topic 0"}
+    ]
+    assert answer["adapter_config"] == expected.adapter.config and answer["rank"] == expected.rank
+    assert base64.b64decode(answer["adapter_model"]) == expected.safetensors_bytes()
+    [plan] = tiny_engine.route([CODE], tiny_engine.routing_for(max_active=2))
+    assert routed["ttmm"] == tiny_engine.bank.describe_plan(plan)
+    assert [e.status_code for e in errors] == [400] * 4
+    assert [e.json()["error"]["code"] for e in errors[:2]] == ["invalid_experts", "no_experts"]
+
+    settings = ServerSettings(export_dir=str(tmp_path / "exports"))
+    with TestClient(create_app(tiny_engine, settings)) as client:
+        first = client.post("/v1/ttmm/export", json={"experts": {"2": 0.6, "0": 0.4}}).json()
+        again = client.post("/v1/ttmm/export", json={"experts": {"2": 0.6, "0": 0.4}}).json()
+    assert "adapter_model" not in first and first["path"] == again["path"]
+    folder = tmp_path / "exports" / first["path"].rsplit("/", 1)[-1]
+    assert str(folder.resolve()) == first["path"]
+    assert (folder / WEIGHTS_NAME).read_bytes() == expected.safetensors_bytes()
