@@ -125,6 +125,7 @@ def test_in_memory_files_match_the_folder(tmp_path):
     bank = make_bank(tmp_path / "bank", model, True)
     exported = merged_adapter(bank, PLANS[3])
     exported.save(tmp_path / "out")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # a runtime may run as another user
     from_memory = load(exported.safetensors_bytes())
     from_disk = load_file(tmp_path / "out" / WEIGHTS_NAME)
     assert from_memory.keys() == from_disk.keys()

@@ -70,6 +70,9 @@ class ExportedMerge:
             save_file(self.adapter.state_dict(), staging / WEIGHTS_NAME, metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(self.config_json())
             (staging / PROVENANCE_NAME).write_text(json.dumps(self.provenance(), indent=2))
+            for file in staging.iterdir():  # readable by a runtime running as another user
+                file.chmod(0o644)
+            staging.chmod(0o755)  # (the staging folder is created private)
         return out
 
 
