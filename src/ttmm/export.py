@@ -63,10 +63,11 @@ class ExportedMerge:
         """``adapter_model.safetensors``, in memory (what the server sends)."""
         return save(self.adapter.state_dict(), metadata={"format": "pt"})
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the PEFT folder atomically: a reader sees the old folder or the new one."""
+    def save(self, out: str | os.PathLike, replace: bool = True) -> Path:
+        """Write the PEFT folder atomically: a reader sees the old folder or the new one.
+        ``replace=False`` keeps an existing folder (when its name already identifies it)."""
         out = Path(out)
-        with atomic_directory(out) as staging:
+        with atomic_directory(out, replace=replace) as staging:
             save_file(self.adapter.state_dict(), staging / WEIGHTS_NAME, metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(self.config_json())
             (staging / PROVENANCE_NAME).write_text(json.dumps(self.provenance(), indent=2))

@@ -52,8 +52,16 @@ class ExportRequest(BaseModel):
 
 
 def export_folder_name(engine: TTMM, plan: RoutingPlan) -> str:
-    """The export folder of a plan: a digest of the bank and the exact ids and weights."""
-    identity = [str(engine.bank.path), list(plan.expert_ids), list(plan.weights)]
+    """The export folder of a plan: a digest of the bank (its path, creation time and file
+    checksums, so a rebuilt bank gets new folders) and the exact ids and weights."""
+    manifest = engine.bank.manifest
+    identity = [
+        str(engine.bank.path),
+        manifest.created,
+        sorted(manifest.files.items()),
+        list(plan.expert_ids),
+        list(plan.weights),
+    ]
     return "merge-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
@@ -102,7 +110,7 @@ def install_export(app: FastAPI, dependencies: Sequence, slots: Slots) -> None:
             }
             if settings.export_dir is not None:
                 folder = Path(settings.export_dir) / export_folder_name(engine, plan)
-                exported.save(folder)
+                exported.save(folder, replace=False)  # same name, same bytes: first one wins
                 return answer | {"path": str(folder.resolve())}
             return answer | {
                 "adapter_config": exported.adapter.config,
