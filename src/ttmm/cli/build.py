@@ -37,7 +37,7 @@ def build(
         Path | None, typer.Option("--config", help="TOML or YAML build configuration.")
     ] = None,
     base_model: Annotated[
-        str | None, typer.Option(help="Base model: smollm2-135m, a local folder or a hub id.")
+        str | None, typer.Option(help="Base model: smollm2-135m, a folder, a .gguf or a hub id.")
     ] = None,
     encoder: Annotated[str | None, typer.Option(help="Sentence encoder folder or id.")] = None,
     executor: Annotated[str | None, typer.Option(help="sequential or ray.")] = None,

@@ -30,7 +30,7 @@ USER_ERRORS = (AdapterError, AssetError, BankError, MergeError, RoutingError, Va
 
 BankOption = Annotated[Path, typer.Option("--bank", "-b", help="Expert bank folder.")]
 BaseModelOption = Annotated[
-    str | None, typer.Option(help="Base model folder or hub id (default: the bank's).")
+    str | None, typer.Option(help="Base model folder, .gguf file or hub id (default: the bank's).")
 ]
 EncoderOption = Annotated[
     str | None, typer.Option(help="Sentence encoder folder or hub id (default: the bank's).")

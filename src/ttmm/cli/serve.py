@@ -68,6 +68,10 @@ def serve(
     merge_cache_mb: Annotated[
         float, typer.Option(help="Memory for cached per-plan merge factors, in MiB (0: off).")
     ] = 1024.0,
+    export_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder where /v1/ttmm/export writes adapters (default: send them)."),
+    ] = None,
 ) -> None:
     """Serve the bank over an OpenAI-compatible HTTP API that routes and merges per request."""
     import uvicorn
@@ -89,6 +93,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_concurrent_streams=max_streams,
         rate_limit_per_minute=rate_limit,
+        export_dir=str(export_dir) if export_dir is not None else None,
     )
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(

@@ -33,6 +33,7 @@ from ttmm.serve.errors import (
     install_error_handlers,
     timeout_error,
 )
+from ttmm.serve.export import install_export
 from ttmm.serve.limits import BodySizeLimit, RateLimiter, Slots, request_slots
 from ttmm.serve.metrics import ServerMetrics
 from ttmm.serve.responses import Reply, stream_events
@@ -92,6 +93,9 @@ class ServerSettings:
     rate_limit_per_minute: int | None = None
     """Requests a minute per API key (or per client address without a key), bursts up to as
     many; None = no limit. More get a 429 with Retry-After."""
+    export_dir: str | None = None
+    """Folder where /v1/ttmm/export writes adapters and answers their path; None = answer
+    the files themselves (base64) and write nothing."""
 
     def __post_init__(self) -> None:
         positive_ints = ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens")
@@ -150,6 +154,7 @@ def create_app(engine: TTMM, settings: ServerSettings | None = None) -> FastAPI:
     guard = Depends(_authorizer(settings))
     _add_routes(app, service, guard)
     install_ui(app, [guard], service.slots, service.streams)  # the page at / and /v1/ttmm/*
+    install_export(app, [guard], service.slots)  # POST /v1/ttmm/export
     document_errors(app)
     return app
 

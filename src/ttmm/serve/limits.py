@@ -3,14 +3,18 @@ per-key rate limit. Each refusal is an OpenAI-style error (413 or 429), never a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
-from ttmm.serve.errors import APIError
+from ttmm.serve.errors import APIError, timeout_error
 from ttmm.serve.metrics import ServerMetrics
+
+T = TypeVar("T")
 
 
 class BodySizeLimit:
@@ -91,6 +95,17 @@ class Slots:
                 self._on_change(-1)
 
         return release
+
+    async def run(self, work: Callable[[], T], timeout_s: float) -> T:
+        """``work()`` in a worker thread, in one of these slots (429 when none is free) and
+        within ``timeout_s`` seconds (504 after)."""
+        release = self.take()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(work), timeout_s)
+        except TimeoutError:
+            raise timeout_error(timeout_s) from None
+        finally:
+            release()
 
 
 def request_slots(limit: int, metrics: ServerMetrics) -> Slots:

@@ -36,7 +36,7 @@ from ttmm.model import TTMM
 from ttmm.routing import RULES, RoutingConfig, RoutingError, RoutingPlan
 from ttmm.serve.bankmap import BankMap, build_map
 from ttmm.serve.batching import GenerationOptions
-from ttmm.serve.errors import APIError, error_responses, timeout_error
+from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.limits import Slots
 from ttmm.serve.responses import Reply, stream_events
 from ttmm.serve.schemas import CompletionRequest, RoutingOverride
@@ -124,14 +124,7 @@ class _UIState:
     async def run(self, work):
         """``work()`` in a worker thread, in one of the server's request slots (429 when
         none is free) and within its request time limit (504)."""
-        limit = self.settings.request_timeout_s
-        release = self.slots.take()
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(work), limit)
-        except TimeoutError:
-            raise timeout_error(limit) from None
-        finally:
-            release()
+        return await self.slots.run(work, self.settings.request_timeout_s)
 
 
 @contextlib.contextmanager
