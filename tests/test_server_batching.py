@@ -74,12 +74,13 @@ def test_a_row_whose_client_leaves_stops_alone(tiny_engine, monkeypatch):
     async def scenario() -> tuple[Served, int]:
         loop = asyncio.get_running_loop()
         whole = asyncio.ensure_future(batcher.submit(OTHER, MergeRequest(plan=plan), long))
-        pieces = batcher.stream(PROMPT, plan, long, RowStream(loop))
+        pieces = batcher.stream(PROMPT, MergeRequest(plan=plan), long, RowStream(loop))
+        assert (await anext(pieces)).key() == plan.key()  # a stream hears its plan first
         first = await anext(pieces)
         await pieces.aclose()  # the client leaves after its first piece
         served = await whole
-        lone = batcher.stream(PROMPT, plan, long, RowStream(loop))
-        await anext(lone)
+        lone = batcher.stream(PROMPT, MergeRequest(plan=plan), long, RowStream(loop))
+        await anext(lone), await anext(lone)  # its plan, then its first piece
         await lone.aclose()
         await asyncio.sleep(0.5)  # let the lone batch wind down
         await batcher.stop()

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -324,7 +323,7 @@ class Completions:
         try:
             if body.stream:
                 release = _both(release, self.streams.take())
-                response = await self._stream(body, rows, chat, release, echo, timing)
+                response = self._stream(body, rows, chat, release, echo, timing)
                 release = None  # the stream releases its slots when it ends
                 return response
             submitted = (self.batcher.submit(p, m, o, scored) for p, m, o in rows)
@@ -380,31 +379,28 @@ class Completions:
                 code="context_length_exceeded",
             )
 
-    async def _stream(self, body, rows, chat, release, echo, timing) -> StreamingResponse:
-        """Route each prompt now (its plan goes in the first chunk), then stream every row
-        through the batcher, alongside other requests' rows."""
-        n, loop = body.n, asyncio.get_running_loop()
-        start = time.perf_counter()
-        plans = await asyncio.gather(*(_resolve(self.engine, m) for _, m, _ in rows[::n]))
-        route_s = time.perf_counter() - start
+    def _stream(self, body, rows, chat, release, echo, timing) -> StreamingResponse:
+        """Stream every row through the batcher, alongside other requests' rows (each
+        row's first chunk names its plan once its batch routed it)."""
+        loop = asyncio.get_running_loop()
         streams = [RowStream(loop) for _ in rows]
         sources = [
-            self.batcher.stream(prompt, plans[i // n], options, stream, route_s)
-            for i, ((prompt, _, options), stream) in enumerate(zip(rows, streams))
+            self.batcher.stream(prompt, merge, options, stream)
+            for (prompt, merge, options), stream in zip(rows, streams)
         ]
-        reply = Reply(self.settings.model_id, self.engine.bank.describe_plan(plans[0]), chat)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = stream_events(
             sources,
             streams,
+            self.engine.bank.describe_plan,
             self.metrics,
             self.settings.request_timeout_s,
             body.stop_strings,
-            reply,
+            Reply(self.settings.model_id, {}, chat),
             include_usage,
             release,
             timing=timing,
-            prompt_counted=[i % n == 0 for i in range(len(rows))],
+            prompt_counted=[i % body.n == 0 for i in range(len(rows))],
             echoes=[prompt for prompt, _, _ in rows] if echo else None,
         )
         return StreamingResponse(events, media_type="text/event-stream")

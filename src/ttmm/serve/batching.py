@@ -159,7 +159,6 @@ class _Job:
     future: asyncio.Future
     stream: RowStream | None = None
     top_logprobs: int | None = None
-    route_s: float = 0.0
     serial: int = field(default_factory=itertools.count().__next__)
 
     def cancelled(self) -> bool:
@@ -174,7 +173,9 @@ class _Job:
         return (self.options,)
 
 
-async def follow(task: asyncio.Future, stream: RowStream) -> AsyncIterator[str | Served]:
+async def follow(
+    task: asyncio.Future, stream: RowStream
+) -> AsyncIterator[RoutingPlan | str | Served]:
     """The pieces ``task`` sends into ``stream`` as they come, then the task's result.
     Leaving early cancels the row and the task."""
     task.add_done_callback(lambda _: stream.queue.put_nowait(END))
@@ -222,29 +223,25 @@ class Batcher:
         options: GenerationOptions,
         top_logprobs: int | None = None,
         stream: RowStream | None = None,
-        route_s: float = 0.0,
     ) -> Served:
         """Queue one prompt; returns its generation (with the plan used) once its batch ran.
-        With ``stream``, its text also flows into ``stream.queue`` as it is decoded."""
+        With ``stream``, its plan (once routed), then its text flow into ``stream.queue``."""
         queue = self._ensure_running()
         future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs, route_s))
+        await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs))
         return await future
 
     async def stream(
         self,
         prompt: str,
-        plan: RoutingPlan,
+        merge: MergeRequest,
         options: GenerationOptions,
         stream: RowStream,
-        route_s: float = 0.0,
-    ) -> AsyncIterator[str | Served]:
-        """Yield the continuation of ``prompt`` piece by piece, then its :class:`Served`.
-        Leaving early (or setting ``stream.cancel``) stops the row, not its batch."""
-        merge = MergeRequest(plan=plan)
-        task = asyncio.ensure_future(
-            self.submit(prompt, merge, options, stream=stream, route_s=route_s)
-        )
+    ) -> AsyncIterator[RoutingPlan | str | Served]:
+        """Yield the plan of ``prompt`` once its batch routed it, its continuation piece by
+        piece, then its :class:`Served`. Leaving early (or setting ``stream.cancel``) stops
+        the row, not its batch."""
+        task = asyncio.ensure_future(self.submit(prompt, merge, options, stream=stream))
         async for item in follow(task, stream):
             yield item
 
@@ -307,7 +304,7 @@ class Batcher:
     def _generate(self, jobs: list[_Job]) -> list[Served]:
         """Route the rows that ask for it, then generate every row with its own plan."""
         plans = [job.merge.plan for job in jobs]
-        route_s = [job.route_s for job in jobs]
+        route_s = [0.0] * len(jobs)
         to_route: dict[RoutingConfig, list[int]] = {}
         for i, job in enumerate(jobs):
             if job.merge.plan is None:
@@ -318,6 +315,9 @@ class Batcher:
             for i, plan in zip(rows, routed):
                 plans[i], route_s[i] = plan, time.perf_counter() - start
         self._on_batch(plans)
+        for job, plan in zip(jobs, plans):
+            if job.stream is not None:
+                job.stream.send(plan)  # a stream's first chunk names its plan
         logger.debug(
             "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
         )

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ttmm.model import Generation
+from ttmm.routing import RoutingPlan
 from ttmm.serve.batching import Served
 from ttmm.serve.errors import server_error, timeout_error
 from ttmm.serve.metrics import ServerMetrics
@@ -89,7 +90,10 @@ class Reply:
         first: bool = False,
         index: int = 0,
         extra: dict | None = None,
+        plan: dict | None = None,
     ) -> dict:
+        """A chunk of choice ``index``; the first and last carry ``plan`` (or the reply's)
+        and ``extra`` in their ``ttmm`` field."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else {}
             if text:
@@ -102,7 +106,7 @@ class Reply:
             "choices": [choice],
         }
         if first or finish is not None:
-            body["ttmm"] = self.plan | (extra or {})
+            body["ttmm"] = (plan or self.plan) | (extra or {})
         return body
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -158,8 +162,9 @@ def chat_logprobs(tokenizer, generation: Generation, text_len: int, k: int) -> d
 
 
 async def stream_events(
-    sources: Sequence[AsyncIterator[str | Served]],
+    sources: Sequence[AsyncIterator[RoutingPlan | str | Served]],
     rows: Sequence[RowStream],
+    describe: Callable[[RoutingPlan], dict],
     metrics: ServerMetrics,
     timeout_s: float,
     stops: list[str],
@@ -171,12 +176,14 @@ async def stream_events(
     echoes: Sequence[str] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events of streamed choices (choice ``i`` from ``sources[i]``, which
-    yields text pieces, then its :class:`Served`), ending with ``data: [DONE]``.
+    yields its plan, text pieces, then its :class:`Served`), ending with ``data: [DONE]``.
+    ``describe`` writes a plan for the ``ttmm`` field.
     ``prompt_counted[i]``: whether choice i's prompt tokens count in the usage (once per
     prompt, not per sample); ``echoes[i]``: text sent before choice i's (its prompt)."""
     timed_out = threading.Event()
     merged: asyncio.Queue = asyncio.Queue()
     scanners = [StopScanner(stops) for _ in sources]
+    plans: dict[int, dict] = {}
 
     def expire() -> None:
         timed_out.set()
@@ -193,14 +200,17 @@ async def stream_events(
     timer = asyncio.get_running_loop().call_later(timeout_s, expire)
     pumps = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
     try:
-        for i in range(len(sources)):
-            yield _sse(reply.chunk(None, first=True, index=i))
-            if echoes:
-                yield _sse(reply.chunk(echoes[i], index=i))
         prompt_tokens = completion_tokens = 0
         for _ in sources:
             while not isinstance((item := await merged.get())[1], Served | Exception):
                 index, piece = item
+                if isinstance(piece, RoutingPlan):
+                    if index not in plans:  # not again when a failed batch is re-run
+                        plans[index] = describe(piece)
+                        yield _sse(reply.chunk(None, first=True, index=index, plan=plans[index]))
+                        if echoes:
+                            yield _sse(reply.chunk(echoes[index], index=index))
+                    continue
                 if text := scanners[index].feed(piece):
                     yield _sse(reply.chunk(text, index=index))
                 if scanners[index].stopped:
@@ -217,7 +227,8 @@ async def stream_events(
                 yield _sse(reply.chunk(rest, index=index))
             finish = "stop" if scanners[index].stopped else result.finish_reason
             extra = {"timing": served.timing.to_dict()} if timing else None
-            yield _sse(reply.chunk(None, finish=finish, index=index, extra=extra))
+            last = reply.chunk(None, finish=finish, index=index, extra=extra, plan=plans.get(index))
+            yield _sse(last)
             prompt_tokens += result.prompt_tokens if prompt_counted[index] else 0
             completion_tokens += result.completion_tokens
         else:

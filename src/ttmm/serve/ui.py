@@ -248,6 +248,8 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             """The fine-tuned model's continuation, alone (streamed into ``row`` if given)."""
             streamer = BatchStreamer(engine.tokenizer, [row])
             cancelled = RowsCancelled([row.cancel.is_set if row else lambda: False])
+            if row is not None:
+                row.send(RoutingPlan.base())  # the stream's first chunk: "finetune"
             start = time.perf_counter()
             with applied(engine, merger):
                 [result] = engine.generate(
@@ -272,6 +274,7 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             events = stream_events(
                 [source],
                 [row],
+                lambda plan: reply.plan,
                 app.state.metrics,
                 settings.request_timeout_s,
                 body.stop_strings,
