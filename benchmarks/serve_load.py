@@ -18,7 +18,7 @@ serving mixed batches without a merge cache.
 
 The bank is ``banks/default-k16`` when it has been built, otherwise a random 16-expert bank
 (r=8 on every linear layer) for the default model, written to a temporary folder.
-Writes ``benchmarks/results/serve_load.json``.
+Writes ``benchmarks/results/serve_load.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per request.")
     parser.add_argument("--rounds", type=int, default=2, help="Alternating on/off rounds.")
     parser.add_argument("--streaming", type=int, default=4, help="Clients that stream.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Where the JSON goes.")
     parser.add_argument("--max-batch-size", type=int, default=ServerSettings.max_batch_size)
     parser.add_argument("--batch-window-ms", type=float, default=ServerSettings.batch_window_ms)
     parser.add_argument("--bank", type=Path, default=None, help="Bank folder (default: see doc).")
@@ -366,7 +367,7 @@ def main() -> None:
         f"{mixed['decode_step_s'] * 1000:.1f} ms"
     )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python " + " ".join(sys.argv),
         "bank": bank_description,
@@ -386,8 +387,8 @@ def main() -> None:
         "summary": summary,
         "ratios_on_over_off": ratios,
     }
-    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("wrote %s", RESULTS)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":
