@@ -140,8 +140,10 @@ def test_streams_with_several_choices_and_usage(client, tiny_engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW
 
 
-def test_logprobs_with_a_stream_are_refused_by_name(client):
+def test_what_cannot_be_served_is_refused_by_name(client):
     with pytest.raises(openai.BadRequestError, match="logprobs cannot be combined"):
         client.completions.create(
             model="ttmm", prompt=PROMPT, max_tokens=2, logprobs=1, stream=True
         )
+    with pytest.raises(openai.BadRequestError, match="2 prompts × n=9 make more than 16"):
+        client.completions.create(model="ttmm", prompt=[PROMPT, OTHER], max_tokens=2, n=9)

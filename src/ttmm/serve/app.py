@@ -193,6 +193,8 @@ def _authorizer(settings: ServerSettings) -> Callable[[Request], None]:
     return authorize
 
 
+MAX_CHOICES = 16
+"""Most choices (prompts × n) one request may ask for."""
 ROUTE_ERRORS = (400, 401, 404, 413, 429)
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 504)
 STREAMED = {
@@ -306,6 +308,13 @@ class Completions:
         if scored is not None and (body.stream or echo):
             what = "stream: true" if body.stream else "echo: true"
             raise APIError(400, f"logprobs cannot be combined with {what}", param="logprobs")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts × n={body.n} make more than {MAX_CHOICES} choices; "
+                "send fewer prompts or a smaller n",
+                param="n",
+            )
         max_new = _max_new_tokens(max_tokens, settings)
         for prompt in prompts:
             self._check_prompt_length(prompt, param)

@@ -236,6 +236,10 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
         within(requested, settings.max_tokens_limit, f"max_tokens={requested}", "max_tokens")
         if not isinstance(body.prompt, str):
             raise APIError(400, "give one prompt (a string), not a list", param="prompt")
+        for name, default in (("n", 1), ("logprobs", None), ("echo", False)):
+            if getattr(body, name) != default:
+                message = f"the fine-tuning completion does not support {name}; leave it out"
+                raise APIError(400, message, param=name)
         prompt_tokens = len(engine.tokenizer(body.prompt)["input_ids"])
         what = f"the prompt ({prompt_tokens} tokens)"
         within(prompt_tokens, settings.max_prompt_tokens, what, "prompt", "context_length_exceeded")
