@@ -10,12 +10,13 @@ import asyncio
 import time
 
 import httpx
+import torch
 from test_server import GREEDY, NEW, PROMPT, engine_text, sse_events
 
 from ttmm.routing import RoutingPlan
 from ttmm.serve.app import ServerSettings, create_app
 from ttmm.serve.batching import Batcher, GenerationOptions, MergeRequest, Served
-from ttmm.serve.streaming import RowStream
+from ttmm.serve.streaming import BatchStreamer, RowStream
 
 OTHER = "def fibonacci(n): return n if n < 2 else"
 EXPERTS = {"ttmm": {"experts": {"2": 1.0}}}
@@ -140,3 +141,31 @@ def test_a_stop_string_ends_a_streamed_row_with_usage(tiny_engine):
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert 0 < chunks[-1]["usage"]["completion_tokens"] <= 16
     assert NEW < 16
+
+
+def test_the_batch_streamer_sends_each_row_its_text_whole_characters_only(smol_tokenizer):
+    texts = ["héllo\nwörld 日本語\n\nend 🙂 ok", "def f(x):\n    return x  # ünïcode"]
+    rows = [smol_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    length = max(map(len, rows))
+    eos = smol_tokenizer.eos_token_id
+    padded = [row + [eos] * (length - len(row)) for row in rows]  # row 1 ends early
+
+    async def scenario() -> tuple[list[str], BatchStreamer]:
+        loop = asyncio.get_running_loop()
+        streams = [RowStream(loop), None]
+        streamer = BatchStreamer(smol_tokenizer, streams)
+        streamer.put(torch.zeros(2, 3, dtype=torch.long))  # the prompts
+        for step in range(length):
+            streamer.put(torch.tensor([padded[0][step], padded[1][step]]))
+        streamer.end()
+        await asyncio.sleep(0)
+        pieces = []
+        while not streams[0].queue.empty():
+            pieces.append(streams[0].queue.get_nowait())
+        return pieces, streamer
+
+    pieces, streamer = asyncio.run(scenario())
+    assert "".join(pieces) == texts[0]
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+    assert streamer.tokens[1] == rows[1]  # nothing after its end of sequence
+    assert streamer.ended_at[1] < streamer.ended_at[0]

@@ -99,6 +99,9 @@ class BatchStreamer(BaseStreamer):
         self.tokenizer, self.streams, self.clock = tokenizer, list(streams), clock
         rows = len(self.streams)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self._settled: list[tuple[int, str]] = [(0, "")] * rows
+        """Per row: tokens whose text is settled (up to a line end) and that text, so each
+        step decodes only the tokens of the current line."""
         self.done = [False] * rows
         self.prompt_at: float | None = None
         """When the prompt went in (the merge is in place by then)."""
@@ -132,7 +135,12 @@ class BatchStreamer(BaseStreamer):
                 stream.offer(self._text(i), final=True)
 
     def _text(self, i: int) -> str:
-        return self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        """Row i's text so far (as one decode of all its tokens would give it)."""
+        cut, settled = self._settled[i]
+        line = self.tokenizer.decode(self.tokens[i][cut:], skip_special_tokens=True)
+        if line.endswith("\n"):
+            self._settled[i] = (len(self.tokens[i]), settled + line)
+        return settled + line
 
 
 class RowsCancelled(StoppingCriteria):
