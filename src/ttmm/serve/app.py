@@ -96,8 +96,8 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     """Largest request body, in bytes; a larger one gets a 413 before it is parsed."""
     max_concurrent_streams: int = 16
-    """Streamed completions served at once (each holds the model while it decodes); more
-    get a 429."""
+    """Streamed completions served at once (each holds rows in the batches while it
+    decodes, and an open connection); more get a 429."""
     rate_limit_per_minute: int | None = None
     """Requests a minute per API key (or per client address without a key), bursts up to as
     many; None = no limit. More get a 429 with Retry-After."""
