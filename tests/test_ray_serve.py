@@ -36,6 +36,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_autoscaling_options_pass_through_to_ray_serve():
+    settings = ServerSettings(max_concurrent_requests=12)
+    fixed = RayServeConfig(replicas=3).deployment_options(settings)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] == 12
+    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    config = RayServeConfig.from_options(
+        2,
+        "auto",
+        '{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}',
+        "cpu",
+        "0.0.0.0",
+        9000,
+    )
+    options = config.deployment_options(settings)
+    assert options["num_replicas"] == "auto" and options["autoscaling_config"] == scaling
+    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    assert RayServeConfig.from_options(1, None, None, "cuda", "h", 1).ray_actor_options == {
+        "num_cpus": 1,
+        "num_gpus": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    "scaling, message",
+    [
+        ("{min_replicas: 1}", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"min_replicas": 5, "max_replicas": 2}', "not a Ray Serve autoscaling config"),
+    ],
+)
+def test_bad_autoscaling_options_are_one_line_errors(scaling, message):
+    with pytest.raises(InputError, match=message) as caught:
+        RayServeConfig.from_options(1, None, scaling, "cpu", "h", 1).deployment_options(
+            ServerSettings()
+        )
+    assert "\n" not in str(caught.value)
+
+
+def test_replica_count_is_validated():
+    with pytest.raises(ValueError, match="RayServeConfig.replicas"):
+        RayServeConfig(replicas=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replicas", "2"], "need --ray"),
+        (["--ray", "--autoscaling-config", "{min_replicas"], "not valid JSON"),
+        (["--ray", "--autoscaling-config", '{"max_replicas": 0}'], "autoscaling config"),
+        (["--ray", "--replicas", "0"], "RayServeConfig.replicas"),
+    ],
+)
+def test_cli_refuses_bad_ray_options_before_starting_ray(tmp_path, args, message):
+    import ray
+    from typer.testing import CliRunner
+
+    from ttmm.cli import app
+
+    bank = write_random_bank(tmp_path / "bank", build_tiny_llama(64))
+    result = CliRunner().invoke(app, ["serve", "--bank", str(bank), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not ray.is_initialized()
+
+
+# Last in the file: the module-scoped Ray starts here, after the tests that check it is not.
+
+
 @pytest.fixture(scope="module")
 def bank_on_disk(tmp_path_factory, smol_tokenizer, encoder):
     """A tiny Llama and its tokenizer saved as a model folder, and a bank naming it."""
@@ -115,47 +184,3 @@ def test_openai_client_through_ray_serve_reaches_both_replicas(ray_app, bank_on_
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{ray_app}/v1", api_key="guess", max_retries=0).models.list()
-
-
-def test_autoscaling_options_pass_through_to_ray_serve():
-    settings = ServerSettings(max_concurrent_requests=12)
-    fixed = RayServeConfig(replicas=3).deployment_options(settings)
-    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    assert fixed["max_ongoing_requests"] == 12
-    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
-    config = RayServeConfig.from_options(
-        2,
-        "auto",
-        '{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}',
-        "cpu",
-        "0.0.0.0",
-        9000,
-    )
-    options = config.deployment_options(settings)
-    assert options["num_replicas"] == "auto" and options["autoscaling_config"] == scaling
-    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
-    assert RayServeConfig.from_options(1, None, None, "cuda", "h", 1).ray_actor_options == {
-        "num_cpus": 1,
-        "num_gpus": 1,
-    }
-
-
-@pytest.mark.parametrize(
-    "scaling, message",
-    [
-        ("{min_replicas: 1}", "not valid JSON"),
-        ("[1, 2]", "must be a JSON object"),
-        ('{"min_replicas": 5, "max_replicas": 2}', "not a Ray Serve autoscaling config"),
-    ],
-)
-def test_bad_autoscaling_options_are_one_line_errors(scaling, message):
-    with pytest.raises(InputError, match=message) as caught:
-        RayServeConfig.from_options(1, None, scaling, "cpu", "h", 1).deployment_options(
-            ServerSettings()
-        )
-    assert "\n" not in str(caught.value)
-
-
-def test_replica_count_is_validated():
-    with pytest.raises(ValueError, match="RayServeConfig.replicas"):
-        RayServeConfig(replicas=0)

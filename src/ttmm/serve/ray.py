@@ -173,14 +173,12 @@ def deploy(
     """
     from ray import serve
 
-    bank = _absolute(bank)
-    if not Path(bank, "manifest.json").exists():
-        raise InputError(f"{bank} is not a bank (no manifest.json); pass the bank's folder")
+    bank, options = _checked(bank, settings, config)
     engine_options = {
         name: _absolute(value) if name in ("base_model", "encoder") else value
         for name, value in engine_options.items()
     }
-    deployment = serve.deployment(_replica_class(), **config.deployment_options(settings))
+    deployment = serve.deployment(_replica_class(), **options)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(
         deployment.bind(bank, engine_options, settings),
@@ -200,6 +198,7 @@ def serve_until_interrupted(
     import ray
     from ray import serve
 
+    _checked(bank, settings, config)  # before Ray starts: a typo should not take a minute
     started_here = connect(config.address)
     try:
         url = deploy(bank, engine_options, settings, config)
@@ -214,6 +213,14 @@ def serve_until_interrupted(
             ray.shutdown()
         else:
             serve.delete(config.app_name)
+
+
+def _checked(bank, settings: ServerSettings, config: RayServeConfig) -> tuple[str, dict]:
+    """The bank's absolute path and the deployment's options, or a one-line InputError."""
+    bank = _absolute(bank)
+    if not Path(bank, "manifest.json").exists():
+        raise InputError(f"{bank} is not a bank (no manifest.json); pass the bank's folder")
+    return bank, config.deployment_options(settings)
 
 
 def _absolute(value):
