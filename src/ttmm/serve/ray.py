@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttmm.build.executors import _device_type
+from ttmm.device import device_type
 from ttmm.model import InputError
 from ttmm.serve.app import ServerSettings
 
@@ -86,7 +86,7 @@ class RayServeConfig:
                     "--autoscaling-config must be a JSON object, e.g. "
                     '\'{"min_replicas": 1, "max_replicas": 4}\''
                 )
-        gpus = 1 if _device_type(device) == "cuda" else 0
+        gpus = 1 if device_type(device) == "cuda" else 0
         return cls(
             replicas=replicas,
             address=address,
