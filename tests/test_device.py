@@ -243,13 +243,13 @@ def test_bfloat16_build_records_its_dtype_and_keeps_adapters_float32(
 
 def test_ray_resolves_auto_before_asking_for_resources(monkeypatch):
     """`--device auto` on a GPU host asks Ray for a GPU and trains on it; on a CPU host, none."""
-    import ttmm.build.executors as executors
+    import ttmm.device
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
     job = TrainJob(0, ((1, 2, 3),), 0, LoraTrainConfig(), "tiny", 0, device="auto")
-    monkeypatch.setattr(executors, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(ttmm.device, "resolve_device", lambda name: torch.device("cuda"))
     RayExecutor(gpus_per_task=1.0).run([job], lambda job, result: None)
-    monkeypatch.setattr(executors, "resolve_device", lambda name: torch.device("cpu"))
+    monkeypatch.setattr(ttmm.device, "resolve_device", lambda name: torch.device("cpu"))
     RayExecutor(gpus_per_task=1.0).run([job], lambda job, result: None)
     assert fake.requests == [(1.0, "cuda"), (0, "cpu")]

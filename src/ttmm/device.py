@@ -90,6 +90,12 @@ def resolve_dtype(
     return DTYPES[name]
 
 
+def device_type(name: str) -> str:
+    """``cuda`` for any CUDA device name (the driver need not have one), else the type that
+    the name resolves to on this machine (``auto`` becomes ``cuda``, ``mps`` or ``cpu``)."""
+    return "cuda" if name.startswith("cuda") else resolve_device(name).type
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: the name written into configs and reports."""
     return str(dtype).removeprefix("torch.")

@@ -17,7 +17,7 @@ import torch
 from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
 from ttmm.build.train import LoraTrainConfig, TrainResult, train_lora
-from ttmm.device import DEFAULT_DEVICE, resolve_device
+from ttmm.device import DEFAULT_DEVICE, device_type
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class RayExecutor:
 
     def gpus(self, job: TrainJob) -> float:
         """GPUs a job's task asks Ray for: ``gpus_per_task`` for a CUDA job, else none."""
-        return self.gpus_per_task if _device_type(job.device) == "cuda" else 0
+        return self.gpus_per_task if device_type(job.device) == "cuda" else 0
 
     @staticmethod
     def placed(job: TrainJob) -> TrainJob:
@@ -161,14 +161,8 @@ class RayExecutor:
         resolved here, on the driver: a task that asked for no GPU sees none, so it must not
         pick one itself. Ray hides all but the task's GPUs, so a CUDA job uses the worker's
         first visible device, whatever index the driver chose."""
-        kind = _device_type(job.device)
+        kind = device_type(job.device)
         return replace(job, device="cuda" if kind == "cuda" else kind)
-
-
-def _device_type(name: str) -> str:
-    """``cuda`` for any CUDA device name (the driver need not have one), else the type that
-    the name resolves to on this machine (``auto`` becomes ``cuda``, ``mps`` or ``cpu``)."""
-    return "cuda" if name.startswith("cuda") else resolve_device(name).type
 
 
 EXECUTORS = {"sequential": SequentialExecutor, "ray": RayExecutor}

@@ -1,4 +1,5 @@
-"""``ttmm serve``: the OpenAI-compatible server over a bank, run by uvicorn."""
+"""``ttmm serve``: the OpenAI-compatible server over a bank, run by uvicorn (or, with
+``--ray``, by Ray Serve as replicas that each hold an engine: :mod:`ttmm.serve.ray`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,21 @@ def serve(
         Path | None,
         typer.Option(help="Folder where /v1/ttmm/export writes adapters (default: send them)."),
     ] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve with Ray Serve, each replica its own engine.")
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join, e.g. 'auto' (default: start a local Ray)."),
+    ] = None,
+    autoscaling_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray Serve autoscaling options as JSON, e.g. "
+            '\'{"min_replicas": 1, "max_replicas": 4}\' (with --ray; replaces --replicas).'
+        ),
+    ] = None,
 ) -> None:
     """Serve the bank over an OpenAI-compatible HTTP API that routes and merges per request."""
     import uvicorn
@@ -95,14 +111,47 @@ def serve(
         rate_limit_per_minute=rate_limit,
         export_dir=str(export_dir) if export_dir is not None else None,
     )
+    if ray:
+        _serve_on_ray(
+            bank,
+            settings,
+            replicas,
+            ray_address,
+            autoscaling_config,
+            host,
+            port,
+            {"base_model": base_model, "encoder": encoder, "device": device, "dtype": dtype},
+        )
+        return
+    if replicas != 1 or ray_address is not None or autoscaling_config is not None:
+        raise ValueError("--replicas, --ray-address and --autoscaling-config need --ray")
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(
             Path(bank), base_model=base_model, encoder=encoder, device=device, dtype=dtype
         )
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach it may use it", host)
+    _warn_if_open(host, api_key)
     console.print(
         f"serving {settings.model_id!r} ({engine.bank.num_experts} experts, "
         f"{engine.device}, {engine.model.dtype}) on http://{host}:{port}"
     )
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
+
+
+def _warn_if_open(host: str, api_key: str | None) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach it may use it", host)
+
+
+def _serve_on_ray(bank, settings, replicas, address, autoscaling, host, port, engine_options):
+    from ttmm.serve.ray import RayServeConfig, serve_until_interrupted
+
+    config = RayServeConfig.from_options(
+        replicas, address, autoscaling, engine_options["device"], host, port
+    )
+    _warn_if_open(host, settings.api_key)
+    count = "autoscaled" if config.autoscaling_config is not None else str(config.replicas)
+    console.print(
+        f"serving {settings.model_id!r} on Ray Serve ({count} replicas, each loading the bank) "
+        f"on http://{host}:{port}; Ctrl-C stops it"
+    )
+    serve_until_interrupted(bank, engine_options, settings, config)
