@@ -6,13 +6,19 @@ round: with routing on (every prompt routed and merged, the server's default) an
 routing off (every request ``"ttmm": {"base": true}``, the base model alone). Rounds
 alternate the two so that a busy machine slows both alike; the table reports throughput
 (requests/s, generated tokens/s) and latency percentiles of each, and their ratios.
+The first ``--streaming`` clients stream their completions (server-sent events), batched
+with the others; their time to the first text is reported apart. Every request asks for
+its timing (route, merge, prefill, decode seconds), whose means are reported too. Before
+the load, the set-up of a mixed batch's low-rank merge (the per-batch union selection and
+row gathers) is timed against one decoding step of that batch: the measurement behind
+serving mixed batches without a merge cache.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 8] [--requests 4] [--tokens 32] \
-        [--threads 1]
+        [--streaming 4] [--threads 1]
 
 The bank is ``banks/default-k16`` when it has been built, otherwise a random 16-expert bank
 (r=8 on every linear layer) for the default model, written to a temporary folder.
-Writes ``benchmarks/results/serve_load.json``.
+Writes ``benchmarks/results/serve_load.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -111,9 +117,34 @@ class LiveServer:
         self.thread.join(timeout=60)
 
 
-async def run_phase(url: str, routed: bool, clients: int, requests: int, tokens: int) -> dict:
-    """``clients`` concurrent clients, each sending ``requests`` completions in turn."""
+async def streamed(http: httpx.AsyncClient, body: dict) -> tuple[dict, dict, float]:
+    """POST a streamed completion; its last choice chunk, its usage chunk and the seconds
+    to its first text."""
+    start, first_text, last, usage = time.perf_counter(), None, None, None
+    request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/completions", json=request) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("usage"):
+                usage = chunk
+            elif chunk["choices"][0]["text"] and first_text is None:
+                first_text = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                last = chunk
+    return last, usage, first_text if first_text is not None else time.perf_counter() - start
+
+
+async def run_phase(
+    url: str, routed: bool, clients: int, requests: int, tokens: int, streaming: int = 0
+) -> dict:
+    """``clients`` concurrent clients, each sending ``requests`` completions in turn; the
+    first ``streaming`` of them stream."""
     latencies: list[float] = []
+    first_text: list[float] = []
+    timings: list[dict] = []
     generated = 0
     experts: list[int] = []
 
@@ -125,26 +156,69 @@ async def run_phase(url: str, routed: bool, clients: int, requests: int, tokens:
                 "prompt": PROMPTS[(index * requests + r) % len(PROMPTS)],
                 "max_tokens": tokens,
                 "temperature": 0,
+                "ttmm": {"timing": True} if routed else {"base": True, "timing": True},
             }
-            if not routed:
-                body["ttmm"] = {"base": True}
             start = time.perf_counter()
-            response = await http.post("/v1/completions", json=body)
+            if index < streaming:
+                data, usage, ttft = await streamed(http, body)
+                first_text.append(ttft)
+            else:
+                response = await http.post("/v1/completions", json=body)
+                response.raise_for_status()
+                data = usage = response.json()
             latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
-            data = response.json()
-            generated += data["usage"]["completion_tokens"]
+            generated += usage["usage"]["completion_tokens"]
             experts.append(len(data["ttmm"]["experts"]))
+            timings.append(data["ttmm"]["timing"])
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "latencies": latencies, "tokens": generated, "experts": experts}
+    return {
+        "wall_s": wall,
+        "latencies": latencies,
+        "first_text": first_text,
+        "timings": timings,
+        "tokens": generated,
+        "experts": experts,
+    }
+
+
+def mixed_batch_setup(engine: TTMM, rows: int, repeats: int = 5) -> dict:
+    """Seconds to set up a mixed batch's low-rank merge (union selection, row gathers, hooks)
+    for ``rows`` routed prompts, against one decoding step of that batch (median of
+    ``repeats``): what a cache of mixed-batch set-ups could save at most."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(rows)]
+    plans = engine.route(prompts)
+    batch = engine.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = batch.to(engine.device)
+    setup, step = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with engine.merger.lowrank(plans):
+                setup.append(time.perf_counter() - start)
+                out = engine.model(**batch, use_cache=True)
+                start = time.perf_counter()
+                engine.model(
+                    input_ids=batch["input_ids"][:, -1:],
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                step.append(time.perf_counter() - start)
+    return {
+        "rows": rows,
+        "distinct_merges": len({p.key() for p in plans}),
+        "setup_s": statistics.median(setup),
+        "decode_step_s": statistics.median(step),
+    }
 
 
 def summarise(phases: list[dict]) -> dict:
     latencies = sorted(x for p in phases for x in p["latencies"])
+    first_text = [x for p in phases for x in p["first_text"]]
+    timings = [t for p in phases for t in p["timings"]]
     wall = sum(p["wall_s"] for p in phases)
     tokens = sum(p["tokens"] for p in phases)
     experts = [n for p in phases for n in p["experts"]]
@@ -163,6 +237,8 @@ def summarise(phases: list[dict]) -> dict:
         "latency_p99_s": pct(0.99),
         "mean_active_experts": statistics.mean(experts),
         "rows_per_batch": counters["rows"] / counters["batches"],
+        "stream_first_text_p50_s": statistics.median(first_text) if first_text else None,
+        "mean_timing_s": {k: statistics.mean(t[k] for t in timings) for k in timings[0]},
         **counters,
     }
 
@@ -185,6 +261,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="Requests per client per phase.")
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per request.")
     parser.add_argument("--rounds", type=int, default=2, help="Alternating on/off rounds.")
+    parser.add_argument("--streaming", type=int, default=4, help="Clients that stream.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Where the JSON goes.")
     parser.add_argument("--max-batch-size", type=int, default=ServerSettings.max_batch_size)
     parser.add_argument("--batch-window-ms", type=float, default=ServerSettings.batch_window_ms)
     parser.add_argument("--bank", type=Path, default=None, help="Bank folder (default: see doc).")
@@ -209,6 +287,8 @@ def main() -> None:
         batch_window_ms=args.batch_window_ms,
         max_tokens_limit=max(512, args.tokens),
     )
+    mixed = mixed_batch_setup(engine, args.max_batch_size)
+    logger.info("mixed batch set-up: %s", mixed)
     app = create_app(engine, settings)
     phases: dict[str, list[dict]] = {"routing on": [], "routing off": []}
     with LiveServer(app) as url:
@@ -223,8 +303,9 @@ def main() -> None:
             )
             for name in order:
                 before = server_counters(app)
+                routed = name == "routing on"
                 result = asyncio.run(
-                    run_phase(url, name == "routing on", args.clients, args.requests, args.tokens)
+                    run_phase(url, routed, args.clients, args.requests, args.tokens, args.streaming)
                 )
                 result["counters"] = {k: v - before[k] for k, v in server_counters(app).items()}
                 phases[name].append(result)
@@ -244,9 +325,11 @@ def main() -> None:
         title=f"ttmm serve: {args.clients} clients × {args.requests} requests × "
         f"{args.tokens} tokens, {args.rounds} rounds"
     )
-    for column in ("", "req/s", "tok/s", "p50 s", "p90 s", "p99 s", "experts/req", "rows/batch"):
+    columns = ("", "req/s", "tok/s", "p50 s", "p90 s", "p99 s", "stream 1st s")
+    for column in (*columns, "experts/req", "rows/batch"):
         table.add_column(column, justify="right")
     for name, s in summary.items():
+        first = s["stream_first_text_p50_s"]
         table.add_row(
             name,
             f"{s['requests_per_s']:.3f}",
@@ -254,6 +337,7 @@ def main() -> None:
             f"{s['latency_p50_s']:.2f}",
             f"{s['latency_p90_s']:.2f}",
             f"{s['latency_p99_s']:.2f}",
+            "-" if first is None else f"{first:.2f}",
             f"{s['mean_active_experts']:.1f}",
             f"{s['rows_per_batch']:.1f}",
         )
@@ -266,6 +350,7 @@ def main() -> None:
         f"{ratios['latency_p99']:.2f}",
         "",
         "",
+        "",
     )
     console = Console(width=120)
     console.print(table)
@@ -273,8 +358,16 @@ def main() -> None:
         f"merge cache (routing on): {on['merge_cache_hits']:.0f} hits, "
         f"{on['merge_cache_misses']:.0f} misses"
     )
+    for name, s in summary.items():
+        stages = ", ".join(f"{k} {v:.3f}" for k, v in s["mean_timing_s"].items())
+        console.print(f"mean seconds per request, {name}: {stages}")
+    console.print(
+        f"mixed batch of {mixed['rows']} rows ({mixed['distinct_merges']} merges): low-rank "
+        f"set-up {mixed['setup_s'] * 1000:.1f} ms, one decoding step "
+        f"{mixed['decode_step_s'] * 1000:.1f} ms"
+    )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python " + " ".join(sys.argv),
         "bank": bank_description,
@@ -290,11 +383,12 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
+        "mixed_batch_setup": mixed,
         "summary": summary,
         "ratios_on_over_off": ratios,
     }
-    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("wrote %s", RESULTS)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,35 @@ class Sampling:
 GREEDY = Sampling()
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of the generated tokens under the model's (merged) distribution:
+    log-softmax of the raw logits at each step, before temperature or nucleus cut."""
+
+    chosen: torch.Tensor
+    """(batch, new): log-probability of each generated token."""
+    top_ids: torch.Tensor
+    """(batch, new, k): the k most likely tokens at each step, most likely first."""
+    top_logprobs: torch.Tensor
+    """(batch, new, k): their log-probabilities."""
+
+    def row(self, i: int, length: int) -> TokenLogprobs:
+        """Row ``i``'s first ``length`` steps, as (1, length[, k]) tensors."""
+        return TokenLogprobs(
+            self.chosen[i : i + 1, :length],
+            self.top_ids[i : i + 1, :length],
+            self.top_logprobs[i : i + 1, :length],
+        )
+
+
+@dataclass(frozen=True)
+class Decoded:
+    tokens: torch.Tensor
+    """(batch, new): the new tokens only."""
+    logprobs: TokenLogprobs | None = None
+    """Present when ``decode`` was asked for ``top_logprobs``."""
+
+
 def decode(
     model: torch.nn.Module,
     tokenizer,
@@ -64,25 +93,38 @@ def decode(
     max_new_tokens: int,
     sampling: Sampling = GREEDY,
     min_new_tokens: int = 0,
+    top_logprobs: int | None = None,
     **extra,
-) -> torch.Tensor:
+) -> Decoded:
     """Run ``model.generate`` on a tokenised batch with the model as it stands (merged or not).
 
     Returns only the new tokens, (batch, new). ``min_new_tokens`` suppresses the
     end-of-sequence token until that many exist (timing runs decode a fixed length);
-    ``extra`` goes to ``generate`` as is (a streamer, stopping criteria).
+    ``top_logprobs`` (k >= 0) also returns each new token's log-probability and the k most
+    likely tokens at each step; ``extra`` goes to ``generate`` as is (a streamer, stopping
+    criteria).
     """
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    scored = top_logprobs is not None
     output = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         **sampling.generate_kwargs(),
+        **({"output_logits": True, "return_dict_in_generate": True} if scored else {}),
         **extra,
     )
-    return output[:, batch["input_ids"].shape[1] :]
+    sequences = output.sequences if scored else output
+    tokens = sequences[:, batch["input_ids"].shape[1] :]
+    if not scored:
+        return Decoded(tokens)
+    log_probs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), dim=-1)  # (b, new, V)
+    log_probs = log_probs[:, : tokens.shape[1]]
+    chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, new)
+    top = log_probs.topk(top_logprobs, dim=-1)  # (b, new, k)
+    return Decoded(tokens, TokenLogprobs(chosen, top.indices, top.values))
 
 
 def cut_at_eos(tokens: Sequence[int], eos_token_id: int | None) -> tuple[list[int], str]:

@@ -24,7 +24,7 @@ from ttmm.assets import load_base_model
 from ttmm.bank import Bank
 from ttmm.device import DEFAULT_DEVICE, model_device, resolve_device, resolve_dtype
 from ttmm.embed import Encoder
-from ttmm.generation import Sampling, cut_at_eos, decode
+from ttmm.generation import Sampling, TokenLogprobs, cut_at_eos, decode
 from ttmm.merge import ExpertMerger, MergeError
 from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route
 
@@ -44,6 +44,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence) or "length"
+    token_ids: tuple[int, ...] = ()
+    logprobs: TokenLogprobs | None = None  # this row's, cut to its tokens, when asked for
 
 
 @dataclass(frozen=True)
@@ -206,11 +208,14 @@ class TTMM:
         top_p: float = 1.0,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        top_logprobs: int | None = None,
+        **extra,
     ) -> list[Generation]:
         """Continue each prompt with its own merge; returns the text and the routing used.
 
         ``min_new_tokens`` suppresses the end-of-sequence token until that many tokens exist
         (timing runs set it to ``max_new_tokens`` so every method decodes the same length).
+        ``top_logprobs`` and ``extra`` (a streamer, stopping criteria) go to ``decode``.
         """
         prompts = _check_texts(prompts)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
@@ -224,11 +229,12 @@ class TTMM:
             )
         sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         with self.merged(plans, mode):
-            new_tokens = decode(
-                self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens
-            )
+            decoded = decode(
+                self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens,
+                top_logprobs, **extra,
+            )  # fmt: skip
         results = []
-        for row, plan, mask in zip(new_tokens, plans, batch["attention_mask"]):
+        for i, (row, plan, mask) in enumerate(zip(decoded.tokens, plans, batch["attention_mask"])):
             tokens, finish_reason = cut_at_eos(row.tolist(), self.tokenizer.eos_token_id)
             results.append(
                 Generation(
@@ -237,6 +243,8 @@ class TTMM:
                     prompt_tokens=int(mask.sum()),
                     completion_tokens=len(tokens),
                     finish_reason=finish_reason,
+                    token_ids=tuple(tokens),
+                    logprobs=decoded.logprobs and decoded.logprobs.row(i, len(tokens)),
                 )
             )
         return results

@@ -4,8 +4,10 @@
 ``/v1/chat/completions`` (both stream by server-sent events), ``/v1/models``, ``/v1/route``
 (the routing of a text, without generating), ``/health`` and ``/metrics`` (Prometheus).
 Each request may steer its merge in an extra ``ttmm`` field (see :mod:`ttmm.serve.schemas`)
-and every response reports the routing used in a top-level ``ttmm`` field. Non-streamed
-requests are batched (:mod:`ttmm.serve.batching`); every error is an OpenAI-style body
+and every response reports the routing used in a top-level ``ttmm`` field (and, asked
+with ``"ttmm": {"timing": true}``, the seconds of routing, merging, prefill and decoding;
+with several choices each choice carries its own plan and timing). Streamed and whole
+requests are batched together (:mod:`ttmm.serve.batching`); every error is an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -36,7 +38,13 @@ from ttmm.serve.errors import (
 from ttmm.serve.export import install_export
 from ttmm.serve.limits import BodySizeLimit, RateLimiter, Slots, request_slots
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.responses import Reply, stream_events
+from ttmm.serve.responses import (
+    Choice,
+    Reply,
+    chat_logprobs,
+    completion_logprobs,
+    stream_events,
+)
 from ttmm.serve.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -44,7 +52,7 @@ from ttmm.serve.schemas import (
     RouteRequest,
     TTMMControl,
 )
-from ttmm.serve.streaming import cut_at_stop
+from ttmm.serve.streaming import RowStream, cut_at_stop
 from ttmm.serve.ui import install_ui
 
 logger = logging.getLogger(__name__)
@@ -88,8 +96,8 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     """Largest request body, in bytes; a larger one gets a 413 before it is parsed."""
     max_concurrent_streams: int = 16
-    """Streamed completions served at once (each holds the model while it decodes); more
-    get a 429."""
+    """Streamed completions served at once (each holds rows in the batches while it
+    decodes, and an open connection); more get a 429."""
     rate_limit_per_minute: int | None = None
     """Requests a minute per API key (or per client address without a key), bursts up to as
     many; None = no limit. More get a 429 with Retry-After."""
@@ -185,6 +193,8 @@ def _authorizer(settings: ServerSettings) -> Callable[[Request], None]:
     return authorize
 
 
+MAX_CHOICES = 16
+"""Most choices (prompts × n) one request may ask for."""
 ROUTE_ERRORS = (400, 401, 404, 413, 429)
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 504)
 STREAMED = {
@@ -236,8 +246,9 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
         responses=STREAMED | error_responses(*GENERATION_ERRORS),
     )
     async def completions(body: CompletionRequest):
+        prompts = body.prompts
         return await service.complete(
-            body, body.prompt, body.prompt, body.max_tokens, chat=False, param="prompt"
+            body, prompts, prompts, body.max_tokens, chat=False, param="prompt"
         )
 
     @app.post(
@@ -249,7 +260,7 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
         prompt = _chat_prompt(engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
         return await service.complete(
-            body, prompt, users[-1], body.requested_tokens, chat=True, param="messages"
+            body, [prompt], [users[-1]], body.requested_tokens, chat=True, param="messages"
         )
 
 
@@ -282,43 +293,89 @@ class Completions:
     async def complete(
         self,
         body: GenerationRequest,
-        prompt: str,
-        query: str,
+        prompts: list[str],
+        queries: list[str],
         max_tokens: int | None,
         chat: bool,
         param: str,
     ):
-        """Check limits, route ``query``, then generate from ``prompt`` (batched or streamed)."""
+        """Check limits, route each of ``queries``, then generate ``n`` choices from each of
+        ``prompts`` (batched, streamed or not)."""
         engine, settings = self.engine, self.settings
         _check_model(body.model, settings)
-        options = GenerationOptions.from_request(
-            _max_new_tokens(max_tokens, settings), body.temperature, body.top_p, body.seed
-        )
-        self._check_prompt_length(prompt, param)
-        merge = _merge_for(engine, body.ttmm, query, param)
+        echo = getattr(body, "echo", False)
+        scored = body.logprob_count
+        if scored is not None and (body.stream or echo):
+            what = "stream: true" if body.stream else "echo: true"
+            raise APIError(400, f"logprobs cannot be combined with {what}", param="logprobs")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts × n={body.n} make more than {MAX_CHOICES} choices; "
+                "send fewer prompts or a smaller n",
+                param="n",
+            )
+        max_new = _max_new_tokens(max_tokens, settings)
+        for prompt in prompts:
+            self._check_prompt_length(prompt, param)
+        merges = [_merge_for(engine, body.ttmm, query, param) for query in queries]
+        n, seed = body.n, body.seed
+        options = [  # sample j of a seeded request draws with seed + j: n different samples
+            GenerationOptions.from_request(
+                max_new, body.temperature, body.top_p, None if seed is None else seed + j
+            )
+            for j in range(n)
+        ]
+        rows = [(p, m, options[j]) for p, m in zip(prompts, merges) for j in range(n)]
+        timing = body.ttmm is not None and body.ttmm.timing
         release = self.slots.take()
         try:
             if body.stream:
-                release_stream = self.streams.take()
-                release = _both(release, release_stream)
-                plan = await _resolve(engine, merge)
-                response = self._stream(body, prompt, plan, options, chat, release)
+                release = _both(release, self.streams.take())
+                response = self._stream(body, rows, chat, release, echo, timing)
                 release = None  # the stream releases its slots when it ends
                 return response
+            submitted = (self.batcher.submit(p, m, o, scored) for p, m, o in rows)
             try:
-                result = await asyncio.wait_for(
-                    self.batcher.submit(prompt, merge, options), settings.request_timeout_s
+                served = await asyncio.wait_for(
+                    asyncio.gather(*submitted), settings.request_timeout_s
                 )
             except TimeoutError:
                 raise timeout_error(settings.request_timeout_s) from None
         finally:
             if release is not None:
                 release()
-        reply = Reply(settings.model_id, engine.bank.describe_plan(result.plan), chat)
-        text, stopped = cut_at_stop(result.text, body.stop_strings)
-        self.metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
-        finish = "stop" if stopped else result.finish_reason
-        return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
+        return self._whole(body, rows, served, chat, echo, timing)
+
+    def _whole(self, body, rows, served, chat, echo, timing) -> dict:
+        """The response to a non-streamed request, from its rows' results."""
+        tokenizer, several = self.engine.tokenizer, len(rows) > body.n
+        plans = [self.engine.bank.describe_plan(s.generation.plan) for s in served]
+        choices = []
+        for (prompt, _, _), s, plan in zip(rows, served, plans):
+            result = s.generation
+            self.metrics.observe_timing(s.timing)
+            text, stopped = cut_at_stop(result.text, body.stop_strings)
+            logprobs = None
+            if body.logprob_count is not None and chat:
+                logprobs = chat_logprobs(tokenizer, result, len(text), body.logprob_count)
+            elif body.logprob_count is not None:
+                logprobs = completion_logprobs(tokenizer, result, len(text), 0)
+            own = plan | {"timing": s.timing.to_dict()} if timing else plan
+            choices.append(
+                Choice(
+                    prompt + text if echo else text,
+                    "stop" if stopped else result.finish_reason,
+                    logprobs,
+                    own if several or (timing and body.n > 1) else None,
+                )
+            )
+        prompt_tokens = sum(s.generation.prompt_tokens for s in served[:: body.n])
+        completion_tokens = sum(s.generation.completion_tokens for s in served)
+        self.metrics.observe_tokens(prompt_tokens, completion_tokens)
+        extra = {"timing": served[0].timing.to_dict()} if timing and len(rows) == 1 else None
+        reply = Reply(self.settings.model_id, plans[0], chat)
+        return reply.full(choices, prompt_tokens, completion_tokens, extra)
 
     def _check_prompt_length(self, prompt: str, param: str) -> None:
         prompt_tokens = len(self.engine.tokenizer(prompt)["input_ids"])
@@ -331,20 +388,29 @@ class Completions:
                 code="context_length_exceeded",
             )
 
-    def _stream(self, body, prompt, plan, options, chat, release) -> StreamingResponse:
-        reply = Reply(self.settings.model_id, self.engine.bank.describe_plan(plan), chat)
+    def _stream(self, body, rows, chat, release, echo, timing) -> StreamingResponse:
+        """Stream every row through the batcher, alongside other requests' rows (each
+        row's first chunk names its plan once its batch routed it)."""
+        loop = asyncio.get_running_loop()
+        streams = [RowStream(loop) for _ in rows]
+        sources = [
+            self.batcher.stream(prompt, merge, options, stream)
+            for (prompt, merge, options), stream in zip(rows, streams)
+        ]
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = stream_events(
-            self.engine,
+            sources,
+            streams,
+            self.engine.bank.describe_plan,
             self.metrics,
             self.settings.request_timeout_s,
-            prompt,
-            plan,
-            options,
             body.stop_strings,
-            reply,
+            Reply(self.settings.model_id, {}, chat),
             include_usage,
             release,
+            timing=timing,
+            prompt_counted=[i % body.n == 0 for i in range(len(rows))],
+            echoes=[prompt for prompt, _, _ in rows] if echo else None,
         )
         return StreamingResponse(events, media_type="text/event-stream")
 

@@ -13,6 +13,13 @@ if a batch fails, its rows are retried one by one so that one bad row fails alon
 :class:`MergeCache` holds each plan's merged factors (A', B' of every adapted layer) by
 ``plan.key()``, the expert ids and rounded weights, and evicts the least recently used
 entries beyond a memory budget; the engine's merger reads it before re-stacking factors.
+It serves batches whose rows share one merge (folded, or low-rank with shared factors).
+Mixed batches get no cache, on measurement: their low-rank set-up builds one union
+selection per layout and gathers the union's rows of the stacked factors, which took
+8.3 ms for 8 rows with 8 different merges on SmolLM2-135M with 16 experts (r = 8 on
+every linear layer), against 196 ms for one decoding step of that batch
+(``benchmarks/serve_load.py``, 2026-11-29, one thread, loaded machine): 0.3 % of a
+16-token request, while a key (the set of a batch's plans) would rarely repeat.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+
+from transformers import StoppingCriteriaList
 
 from ttmm.generation import GREEDY, Sampling
 from ttmm.merge import PlanFactors
 from ttmm.model import TTMM, Generation
 from ttmm.routing import RoutingConfig, RoutingPlan
+from ttmm.serve.streaming import END, BatchStreamer, RowsCancelled, RowStream
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +135,42 @@ class MergeRequest:
             raise ValueError("give either a plan, or a query and a routing configuration")
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where one request's seconds went (each stage of its batch, as that row saw it)."""
+
+    route_s: float
+    """Embedding the routing query and choosing experts (0 for a fixed plan)."""
+    merge_s: float
+    """Putting the batch's merges in place (folding, or stacking low-rank factors)."""
+    prefill_s: float
+    """From the prompt going in to the first new token."""
+    decode_s: float
+    """From the first new token to the row's last."""
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Served:
+    generation: Generation
+    timing: Timing
+
+
 @dataclass
 class _Job:
     prompt: str
     merge: MergeRequest
     options: GenerationOptions
     future: asyncio.Future
+    stream: RowStream | None = None
+    top_logprobs: int | None = None
     serial: int = field(default_factory=itertools.count().__next__)
+
+    def cancelled(self) -> bool:
+        """The client has gone (or timed out): the row's output would be dropped."""
+        return self.future.done() or (self.stream is not None and self.stream.cancel.is_set())
 
     @property
     def group(self) -> tuple:
@@ -138,6 +178,31 @@ class _Job:
         if self.options.sampling.do_sample and self.options.sampling.seed is not None:
             return (self.options, self.serial)
         return (self.options,)
+
+
+async def follow(
+    task: asyncio.Future, stream: RowStream
+) -> AsyncIterator[RoutingPlan | str | Served]:
+    """The pieces ``task`` sends into ``stream`` as they come, then the task's result.
+    Leaving early cancels the row and the task."""
+    task.add_done_callback(lambda _: stream.queue.put_nowait(END))
+    try:
+        while (item := await stream.queue.get()) is not END:
+            yield item
+        yield await task
+    finally:
+        stream.cancel.set()
+        task.cancel()
+
+
+def timings(streamer: BatchStreamer, start: float, route_s: list[float]) -> list[Timing]:
+    """Each row's timing, from when ``generate`` was called (``start``) and what the
+    batch's streamer saw."""
+    first, prompt_at = streamer.first_token_at, streamer.prompt_at
+    return [
+        Timing(route, prompt_at - start, first - prompt_at, end - first)
+        for route, end in zip(route_s, streamer.ended_at)
+    ]
 
 
 class Batcher:
@@ -159,13 +224,33 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     async def submit(
-        self, prompt: str, merge: MergeRequest, options: GenerationOptions
-    ) -> Generation:
-        """Queue one prompt; returns its generation (with the plan used) once its batch ran."""
+        self,
+        prompt: str,
+        merge: MergeRequest,
+        options: GenerationOptions,
+        top_logprobs: int | None = None,
+        stream: RowStream | None = None,
+    ) -> Served:
+        """Queue one prompt; returns its generation (with the plan used) once its batch ran.
+        With ``stream``, its plan (once routed), then its text flow into ``stream.queue``."""
         queue = self._ensure_running()
         future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(prompt, merge, options, future))
+        await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs))
         return await future
+
+    async def stream(
+        self,
+        prompt: str,
+        merge: MergeRequest,
+        options: GenerationOptions,
+        stream: RowStream,
+    ) -> AsyncIterator[RoutingPlan | str | Served]:
+        """Yield the plan of ``prompt`` once its batch routed it, its continuation piece by
+        piece, then its :class:`Served`. Leaving early (or setting ``stream.cancel``) stops
+        the row, not its batch."""
+        task = asyncio.ensure_future(self.submit(prompt, merge, options, stream=stream))
+        async for item in follow(task, stream):
+            yield item
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -223,24 +308,36 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(result)
 
-    def _generate(self, jobs: list[_Job]) -> list[Generation]:
+    def _generate(self, jobs: list[_Job]) -> list[Served]:
         """Route the rows that ask for it, then generate every row with its own plan."""
         plans = [job.merge.plan for job in jobs]
+        route_s = [0.0] * len(jobs)
         to_route: dict[RoutingConfig, list[int]] = {}
         for i, job in enumerate(jobs):
             if job.merge.plan is None:
                 to_route.setdefault(job.merge.routing, []).append(i)
         for routing, rows in to_route.items():
+            start = time.perf_counter()
             routed = self.engine.route([jobs[i].merge.query for i in rows], routing)
             for i, plan in zip(rows, routed):
-                plans[i] = plan
+                plans[i], route_s[i] = plan, time.perf_counter() - start
         self._on_batch(plans)
+        for job, plan in zip(jobs, plans):
+            if job.stream is not None:
+                job.stream.send(plan)  # a stream's first chunk names its plan
         logger.debug(
             "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
         )
-        return self.engine.generate(
+        streamer = BatchStreamer(self.engine.tokenizer, [job.stream for job in jobs])
+        asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
+        start = time.perf_counter()
+        generations = self.engine.generate(
             [job.prompt for job in jobs],
             plans=plans,
             mode="auto",
+            top_logprobs=max(asked) if asked else None,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([RowsCancelled([j.cancelled for j in jobs])]),
             **jobs[0].options.generate_kwargs(),
         )
+        return list(map(Served, generations, timings(streamer, start, route_s)))

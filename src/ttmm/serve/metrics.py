@@ -67,6 +67,14 @@ class ServerMetrics:
         self.cache_misses = Counter(
             "ttmm_merge_cache_misses", "Merges whose factors were stacked anew.", registry=r
         )
+        self.stage_seconds = Histogram(
+            "ttmm_request_stage_seconds",
+            "Seconds of one generated row in each stage: route, merge, prefill (to the first "
+            "new token) and decode.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter(
             "ttmm_tokens", "Prompt and completion tokens served.", ["kind"], registry=r
         )
@@ -79,6 +87,11 @@ class ServerMetrics:
             self.active_experts.observe(len(plan.expert_ids))
             for k in plan.expert_ids:
                 self.expert_uses.labels(expert=str(k)).inc()
+
+    def observe_timing(self, timing) -> None:
+        """Record a row's :class:`ttmm.serve.batching.Timing`."""
+        for name, seconds in timing.to_dict().items():
+            self.stage_seconds.labels(stage=name.removesuffix("_s")).observe(seconds)
 
     def observe_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.tokens.labels(kind="prompt").inc(prompt_tokens)

@@ -1,7 +1,10 @@
 """OpenAI response bodies, whole or as server-sent event chunks, with the routing used.
 
 Every body carries a top-level ``ttmm`` field: the plan that ran (rule, fallback, and each
-expert's id, label, weight and similarity). A stream sends it in its first and last chunk.
+expert's id, label, weight and similarity), and the request's timing when it asked for it.
+A stream sends it in its first chunk and in each choice's last. Log-probabilities follow
+OpenAI's two shapes: ``{tokens, token_logprobs, top_logprobs, text_offset}`` for
+completions, ``{content: [{token, logprob, bytes, top_logprobs}]}`` for chat.
 """
 
 from __future__ import annotations
@@ -12,17 +15,28 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from ttmm.model import TTMM
+from ttmm.model import Generation
 from ttmm.routing import RoutingPlan
-from ttmm.serve.batching import GenerationOptions
+from ttmm.serve.batching import Served
 from ttmm.serve.errors import server_error, timeout_error
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.streaming import StopScanner, StreamResult, stream_generation
+from ttmm.serve.streaming import RowStream, StopScanner
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One finished choice of a whole (non-streamed) response."""
+
+    text: str
+    finish: str
+    logprobs: dict | None = None
+    ttmm: dict | None = None
+    """The choice's own plan, when a request's prompts were routed apart."""
 
 
 @dataclass
@@ -45,37 +59,54 @@ class Reply:
             "model": self.model_id,
         }
 
-    def full(self, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def full(
+        self,
+        choices: Sequence[Choice],
+        prompt_tokens: int,
+        completion_tokens: int,
+        extra: dict | None = None,
+    ) -> dict:
+        """The whole response; ``extra`` joins the top-level ``ttmm`` field (timing)."""
+        bodies = []
+        for index, c in enumerate(choices):
+            if self.chat:
+                message = {"role": "assistant", "content": c.text}
+                body = {"index": index, "message": message, "logprobs": c.logprobs}
+            else:
+                body = {"index": index, "text": c.text, "logprobs": c.logprobs}
+            body["finish_reason"] = c.finish
+            bodies.append(body | ({"ttmm": c.ttmm} if c.ttmm is not None else {}))
         return {
             **self._head("chat.completion" if self.chat else "text_completion"),
-            "choices": [choice],
+            "choices": bodies,
             "usage": _usage(prompt_tokens, completion_tokens),
-            "ttmm": self.plan,
+            "ttmm": self.plan | (extra or {}),
         }
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+    def chunk(
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        index: int = 0,
+        extra: dict | None = None,
+        plan: dict | None = None,
+    ) -> dict:
+        """A chunk of choice ``index``; the first and last carry ``plan`` (or the reply's)
+        and ``extra`` in their ``ttmm`` field."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         body = {
             **self._head("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [choice],
         }
         if first or finish is not None:
-            body["ttmm"] = self.plan
+            body["ttmm"] = (plan or self.plan) | (extra or {})
         return body
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -86,50 +117,124 @@ class Reply:
         }
 
 
+def _scored_tokens(tokenizer, generation: Generation, text_len: int):
+    """(token text, log-probability, [(top token text, log-probability)]) of each token
+    whose text starts within the first ``text_len`` characters (the rest were cut by a
+    stop string), and the offset of each token in the text."""
+    lp = generation.logprobs
+    offset, rows = 0, []
+    for step, token in enumerate(generation.token_ids):
+        if offset >= text_len and step > 0:
+            break
+        piece = tokenizer.decode([token], skip_special_tokens=True)
+        top = zip(lp.top_ids[0, step].tolist(), lp.top_logprobs[0, step].tolist())
+        top = [(tokenizer.decode([t]), v) for t, v in top]
+        rows.append((piece, float(lp.chosen[0, step]), top, offset))
+        offset += len(piece)
+    return rows if text_len else []
+
+
+def completion_logprobs(tokenizer, generation: Generation, text_len: int, start: int) -> dict:
+    """Completions' shape; ``start`` is where the completion begins in the returned text."""
+    rows = _scored_tokens(tokenizer, generation, text_len)
+    return {
+        "tokens": [piece for piece, *_ in rows],
+        "token_logprobs": [value for _, value, *_ in rows],
+        "top_logprobs": [dict(top) for _, _, top, _ in rows],
+        "text_offset": [start + offset for *_, offset in rows],
+    }
+
+
+def chat_logprobs(tokenizer, generation: Generation, text_len: int, k: int) -> dict:
+    """Chat's shape: one entry per token with its ``k`` most likely alternatives."""
+
+    def entry(piece: str, value: float) -> dict:
+        return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
+
+    rows = _scored_tokens(tokenizer, generation, text_len)
+    return {
+        "content": [
+            entry(piece, value) | {"top_logprobs": [entry(t, v) for t, v in top[:k]]}
+            for piece, value, top, _ in rows
+        ],
+        "refusal": None,
+    }
+
+
 async def stream_events(
-    engine: TTMM,
+    sources: Sequence[AsyncIterator[RoutingPlan | str | Served]],
+    rows: Sequence[RowStream],
+    describe: Callable[[RoutingPlan], dict],
     metrics: ServerMetrics,
     timeout_s: float,
-    prompt: str,
-    plan: RoutingPlan,
-    options: GenerationOptions,
     stops: list[str],
     reply: Reply,
     include_usage: bool,
     release: Callable[[], None],
+    timing: bool = False,
+    prompt_counted: Sequence[bool] = (True,),
+    echoes: Sequence[str] | None = None,
 ) -> AsyncIterator[str]:
-    """Server-sent events of one streamed generation, ending with ``data: [DONE]``."""
-    cancel, timed_out = threading.Event(), threading.Event()
-    result = StreamResult()
-    scanner = StopScanner(stops)
-    metrics.observe_rows([plan])
+    """Server-sent events of streamed choices (choice ``i`` from ``sources[i]``, which
+    yields its plan, text pieces, then its :class:`Served`), ending with ``data: [DONE]``.
+    ``describe`` writes a plan for the ``ttmm`` field.
+    ``prompt_counted[i]``: whether choice i's prompt tokens count in the usage (once per
+    prompt, not per sample); ``echoes[i]``: text sent before choice i's (its prompt)."""
+    timed_out = threading.Event()
+    merged: asyncio.Queue = asyncio.Queue()
+    scanners = [StopScanner(stops) for _ in sources]
+    plans: dict[int, dict] = {}
 
     def expire() -> None:
         timed_out.set()
-        cancel.set()
+        for row in rows:
+            row.cancel.set()
+
+    async def pump(index: int, source: AsyncIterator) -> None:
+        try:
+            async for item in source:
+                await merged.put((index, item))
+        except Exception as err:
+            await merged.put((index, err))
 
     timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    pumps = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
     try:
-        yield _sse(reply.chunk(None, first=True))
-        pieces = stream_generation(engine, prompt, plan, options, result, cancel)
-        try:
-            async for piece in pieces:
-                if text := scanner.feed(piece):
-                    yield _sse(reply.chunk(text))
-                if scanner.stopped:
-                    break
-        finally:
-            await pieces.aclose()
-        if timed_out.is_set() and not scanner.stopped:
-            yield _sse({"error": timeout_error(timeout_s).body()})
+        prompt_tokens = completion_tokens = 0
+        for _ in sources:
+            while not isinstance((item := await merged.get())[1], Served | Exception):
+                index, piece = item
+                if isinstance(piece, RoutingPlan):
+                    if index not in plans:  # not again when a failed batch is re-run
+                        plans[index] = describe(piece)
+                        yield _sse(reply.chunk(None, first=True, index=index, plan=plans[index]))
+                        if echoes:
+                            yield _sse(reply.chunk(echoes[index], index=index))
+                    continue
+                if text := scanners[index].feed(piece):
+                    yield _sse(reply.chunk(text, index=index))
+                if scanners[index].stopped:
+                    rows[index].cancel.set()  # the rest would be dropped: stop the row
+            index, served = item
+            if isinstance(served, Exception):
+                raise served
+            if timed_out.is_set() and not scanners[index].stopped:
+                yield _sse({"error": timeout_error(timeout_s).body()})
+                break
+            result = served.generation
+            metrics.observe_timing(served.timing)
+            if rest := scanners[index].flush():
+                yield _sse(reply.chunk(rest, index=index))
+            finish = "stop" if scanners[index].stopped else result.finish_reason
+            extra = {"timing": served.timing.to_dict()} if timing else None
+            last = reply.chunk(None, finish=finish, index=index, extra=extra, plan=plans.get(index))
+            yield _sse(last)
+            prompt_tokens += result.prompt_tokens if prompt_counted[index] else 0
+            completion_tokens += result.completion_tokens
         else:
-            if rest := scanner.flush():
-                yield _sse(reply.chunk(rest))
-            finish = "stop" if scanner.stopped else result.finish_reason
-            yield _sse(reply.chunk(None, finish=finish))
-            metrics.observe_tokens(result.prompt_tokens, result.completion_tokens)
+            metrics.observe_tokens(prompt_tokens, completion_tokens)
             if include_usage:
-                yield _sse(reply.usage_chunk(result.prompt_tokens, result.completion_tokens))
+                yield _sse(reply.usage_chunk(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream failed")
@@ -137,7 +242,10 @@ async def stream_events(
         yield "data: [DONE]\n\n"
     finally:
         timer.cancel()
-        cancel.set()
+        for row in rows:
+            row.cancel.set()
+        for task in pumps:
+            task.cancel()
         release()
 
 

@@ -9,15 +9,20 @@ Per-request routing control lives in the extra ``ttmm`` field, exactly one of:
   prompt with these settings (missing ones keep the server's defaults);
 - ``{"experts": {"3": 0.7, "5": 0.3}}``: merge these experts with these weights, no routing;
 - ``{"base": true}``: the base model alone.
+
+and, with any of them, ``{"timing": true}``: report the request's seconds of routing,
+merging, prefill and decoding in the response's ``ttmm`` field.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ttmm.routing import RULES
+
+Text = Annotated[str, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -39,6 +44,8 @@ class TTMMControl(_Strict):
     routing: RoutingOverride | None = None
     experts: dict[int, float] | None = None
     base: bool = False
+    timing: bool = False
+    """Report route, merge, prefill and decode seconds in the response's ``ttmm`` field."""
 
     @model_validator(mode="after")
     def _one_choice(self) -> TTMMControl:
@@ -65,12 +72,11 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    logprobs: Literal[False, None] = None
     ttmm: TTMMControl | None = None
 
     @property
@@ -84,8 +90,20 @@ class GenerationRequest(BaseModel):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: str = Field(min_length=1)
-    echo: Literal[False] = False
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
+    """One prompt or a list of up to 16; each is routed on its own."""
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Return the log-probability of each token and this many most likely alternatives."""
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives to list per token; None = no log-probabilities."""
+        return self.logprobs
 
 
 class TextPart(_Strict):
@@ -111,6 +129,14 @@ class ChatRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With ``logprobs``: this many most likely alternatives of each token."""
+
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives to list per token; None = no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_tokens(self) -> int | None:

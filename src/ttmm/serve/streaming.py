@@ -1,25 +1,25 @@
-"""Streaming one generation token by token, and cutting text at stop strings.
+"""Streaming rows of a batch token by token, and cutting text at stop strings.
 
-transformers' streamers take a batch of one row, so a streamed request runs alone: the
-engine applies its merge (folded, under the engine lock) in a worker thread while the
-decoded text flows back to the event loop through an asyncio queue. Setting the cancel
-event (client gone, timeout) stops generation after the current token.
+Streamed and non-streamed requests share ``engine.generate`` batches (see
+:mod:`ttmm.serve.batching`). One :class:`BatchStreamer` watches a whole batch: transformers
+hands it every step's new tokens for all rows; it decodes each streaming row incrementally
+and hands the row's new text to that row's asyncio queue (holding back a trailing
+incomplete character), and it notes when the prompt went in, the first new token came out
+and each row ended, for the per-request timing. :class:`RowsCancelled` stops a row whose
+client left or timed out; the batch stops early only once every row is done or cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-from ttmm.generation import cut_at_eos, decode
-from ttmm.model import TTMM
-from ttmm.routing import RoutingPlan
-from ttmm.serve.batching import GenerationOptions
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -55,95 +55,100 @@ class StopScanner:
         return rest
 
 
+END = object()
+"""The last item of a row's queue."""
+
+
 @dataclass
-class StreamResult:
-    """Counts known once a stream has ended."""
+class RowStream:
+    """Where one streamed row's text goes: an asyncio queue on the server's event loop."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "length"
-
-
-class _QueueStreamer(TextStreamer):
-    """Pushes each finalised piece of text into an asyncio queue from the generating thread."""
-
-    def __init__(self, tokenizer, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.loop, self.queue = loop, queue
-        self.token_ids: list[int] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if not (self.skip_prompt and self.next_tokens_are_prompt):
-            self.token_ids.extend(value.flatten().tolist())
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.send(text)
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    """Set when the client left or timed out: the row stops after the current token."""
+    sent: int = 0
+    """Characters handed over so far (a batch that is re-run sends only what is new)."""
 
     def send(self, item: object) -> None:
-        """Hand an item to the event loop, unless the loop is gone (the client left)."""
+        """Hand an item to the event loop (from any thread), unless the loop is gone."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # event loop closed: nobody is listening any more
             pass
 
+    def offer(self, text: str, final: bool) -> None:
+        """Send the part of the row's ``text`` so far that is new; hold back a trailing
+        replacement character (half of a multi-byte character) unless ``final``."""
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self.send(text[self.sent :])
+            self.sent = len(text)
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+
+class BatchStreamer(BaseStreamer):
+    """Receives a batch's tokens step by step: streams rows' text, times every row."""
+
+    def __init__(
+        self,
+        tokenizer,
+        streams: Sequence[RowStream | None],
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.tokenizer, self.streams, self.clock = tokenizer, list(streams), clock
+        rows = len(self.streams)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self._settled: list[tuple[int, str]] = [(0, "")] * rows
+        """Per row: tokens whose text is settled (up to a line end) and that text, so each
+        step decodes only the tokens of the current line."""
+        self.done = [False] * rows
+        self.prompt_at: float | None = None
+        """When the prompt went in (the merge is in place by then)."""
+        self.first_token_at: float | None = None
+        self.ended_at: list[float | None] = [None] * rows
+
+    def put(self, value: torch.Tensor) -> None:
+        now = self.clock()
+        if self.prompt_at is None:  # the first call carries the prompts
+            self.prompt_at = now
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+        eos = self.tokenizer.eos_token_id
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            if token == eos:
+                self.done[i], self.ended_at[i] = True, now
+                continue
+            self.tokens[i].append(token)
+            if self.streams[i] is not None:
+                self.streams[i].offer(self._text(i), final=False)
+
+    def end(self) -> None:
+        now = self.clock()
+        self.first_token_at = self.first_token_at or now
+        for i, stream in enumerate(self.streams):
+            self.ended_at[i] = self.ended_at[i] or now
+            if stream is not None:
+                stream.offer(self._text(i), final=True)
+
+    def _text(self, i: int) -> str:
+        """Row i's text so far (as one decode of all its tokens would give it)."""
+        cut, settled = self._settled[i]
+        line = self.tokenizer.decode(self.tokens[i][cut:], skip_special_tokens=True)
+        if line.endswith("\n"):
+            self._settled[i] = (len(self.tokens[i]), settled + line)
+        return settled + line
+
+
+class RowsCancelled(StoppingCriteria):
+    """Stops each row whose ``cancelled()`` turned true; the others go on."""
+
+    def __init__(self, cancelled: Sequence[Callable[[], bool]]):
+        self.cancelled = list(cancelled)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
-
-
-_END = object()
-
-
-async def stream_generation(
-    engine: TTMM,
-    prompt: str,
-    plan: RoutingPlan,
-    options: GenerationOptions,
-    result: StreamResult,
-    cancel: threading.Event,
-) -> AsyncIterator[str]:
-    """Yield the continuation of ``prompt`` piece by piece; ``result`` is filled at the end."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    tokenizer = engine.tokenizer
-    batch = tokenizer([prompt], return_tensors="pt").to(engine.device)
-    result.prompt_tokens = int(batch["input_ids"].shape[1])
-    streamer = _QueueStreamer(tokenizer, loop, queue)
-
-    def generate() -> None:
-        outcome: object = _END
-        try:
-            with torch.no_grad(), engine.merged([plan], mode="auto"):
-                decode(
-                    engine.model,
-                    tokenizer,
-                    batch,
-                    options.max_new_tokens,
-                    options.sampling,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-                )
-        except Exception as err:  # handed to the event loop, raised there
-            outcome = err
-        finally:
-            streamer.send(outcome)
-
-    worker = threading.Thread(target=generate, name="ttmm-stream", daemon=True)
-    worker.start()
-    try:
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        cancel.set()
-    tokens, result.finish_reason = cut_at_eos(streamer.token_ids, tokenizer.eos_token_id)
-    result.completion_tokens = len(tokens)
+        flags = [check() for check in self.cancelled]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)

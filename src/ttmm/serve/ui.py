@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -30,17 +31,18 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import StoppingCriteriaList
 
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM
 from ttmm.routing import RULES, RoutingConfig, RoutingError, RoutingPlan
 from ttmm.serve.bankmap import BankMap, build_map
-from ttmm.serve.batching import GenerationOptions
+from ttmm.serve.batching import GenerationOptions, Served, follow, timings
 from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.limits import Slots
-from ttmm.serve.responses import Reply, stream_events
+from ttmm.serve.responses import Choice, Reply, stream_events
 from ttmm.serve.schemas import CompletionRequest, RoutingOverride
-from ttmm.serve.streaming import cut_at_stop
+from ttmm.serve.streaming import BatchStreamer, RowsCancelled, RowStream, cut_at_stop
 
 STATIC_DIR = Path(__file__).with_name("static")
 READ_ERRORS = error_responses(401, 413, 429, 504)
@@ -133,21 +135,6 @@ def applied(engine: TTMM, merger: ExpertMerger) -> Iterator[None]:
     with engine.lock:
         with merger.lowrank([FINETUNE]) if merger.tied_layers else merger.fold(FINETUNE):
             yield
-
-
-class _FinetuneView:
-    """The engine as :func:`stream_events` sees it, with ``merged`` applying fine-tuning."""
-
-    def __init__(self, engine: TTMM, merger: ExpertMerger):
-        self.engine, self.merger = engine, merger
-        self.model, self.tokenizer = engine.model, engine.tokenizer
-
-    @property
-    def device(self):
-        return self.engine.device
-
-    def merged(self, plans: Sequence[RoutingPlan], mode: str = "auto"):
-        return applied(self.engine, self.merger)
 
 
 def bank_json(engine: TTMM, bank_map: BankMap) -> dict:
@@ -247,6 +234,12 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
         merger = await asyncio.to_thread(state.finetune)  # read from disk once
         requested = body.max_tokens or settings.default_max_tokens
         within(requested, settings.max_tokens_limit, f"max_tokens={requested}", "max_tokens")
+        if not isinstance(body.prompt, str):
+            raise APIError(400, "give one prompt (a string), not a list", param="prompt")
+        for name, default in (("n", 1), ("logprobs", None), ("echo", False)):
+            if getattr(body, name) != default:
+                message = f"the fine-tuning completion does not support {name}; leave it out"
+                raise APIError(400, message, param=name)
         prompt_tokens = len(engine.tokenizer(body.prompt)["input_ids"])
         what = f"the prompt ({prompt_tokens} tokens)"
         within(prompt_tokens, settings.max_prompt_tokens, what, "prompt", "context_length_exceeded")
@@ -254,7 +247,24 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
         reply = Reply(
             settings.model_id, {"rule": "finetune", "fallback": None, "experts": []}, False
         )
-        view = _FinetuneView(engine, merger)
+
+        def generate(row: RowStream | None) -> Served:
+            """The fine-tuned model's continuation, alone (streamed into ``row`` if given)."""
+            streamer = BatchStreamer(engine.tokenizer, [row])
+            cancelled = RowsCancelled([row.cancel.is_set if row else lambda: False])
+            if row is not None:
+                row.send(RoutingPlan.base())  # the stream's first chunk: "finetune"
+            start = time.perf_counter()
+            with applied(engine, merger):
+                [result] = engine.generate(
+                    [body.prompt],
+                    plans=[RoutingPlan.base()],
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([cancelled]),
+                    **options.generate_kwargs(),
+                )
+            return Served(result, timings(streamer, start, [0.0])[0])
+
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             release_request = slots.take()
@@ -263,13 +273,14 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             except APIError:
                 release_request()
                 raise
+            row = RowStream(asyncio.get_running_loop())
+            source = follow(asyncio.ensure_future(asyncio.to_thread(generate, row)), row)
             events = stream_events(
-                view,
+                [source],
+                [row],
+                lambda plan: reply.plan,
                 app.state.metrics,
                 settings.request_timeout_s,
-                body.prompt,
-                RoutingPlan.base(),
-                options,
                 body.stop_strings,
                 reply,
                 include_usage,
@@ -277,17 +288,10 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             )
             return StreamingResponse(events, media_type="text/event-stream")
 
-        def work():
-            with applied(engine, merger):
-                [result] = engine.generate(
-                    [body.prompt], plans=[RoutingPlan.base()], **options.generate_kwargs()
-                )
-            return result
-
-        result = await state.run(work)
+        result = (await state.run(lambda: generate(None))).generation
         text, stopped = cut_at_stop(result.text, body.stop_strings)
         finish = "stop" if stopped else result.finish_reason
-        return reply.full(text, finish, result.prompt_tokens, result.completion_tokens)
+        return reply.full([Choice(text, finish)], result.prompt_tokens, result.completion_tokens)
 
     app.include_router(router)
 

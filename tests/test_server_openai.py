@@ -1,0 +1,149 @@
+"""The OpenAI API as vLLM serves it, through the official ``openai`` client: prompt lists,
+``n``, log-probabilities, ``echo``, ``seed``, ``max_completion_tokens`` and usage in streams."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+from conftest import ATOL
+from test_server import NEW, PROMPT, engine_text, live_server, plan_of  # noqa: F401
+
+from ttmm.routing import RoutingPlan
+
+OTHER = "def fibonacci(n): return n if n < 2 else"
+EXPERT = {"ttmm": {"experts": {"1": 1.0}}}
+
+
+@pytest.fixture
+def client(live_server):  # noqa: F811
+    return openai.OpenAI(base_url=live_server, api_key="sesame", max_retries=0)
+
+
+def first_token_logprobs(engine, prompt: str, plan: RoutingPlan) -> torch.Tensor:
+    """log p(next token | prompt) under the plan's merge, from one forward pass, (V,)."""
+    batch = engine.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad(), engine.merged([plan]):
+        logits = engine.model(**batch).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_prompt_lists_route_each_prompt_and_n_gives_n_choices(client, tiny_engine):
+    completion = client.completions.create(
+        model="ttmm", prompt=[PROMPT, OTHER], n=2, max_tokens=NEW, temperature=0
+    )
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    routed = tiny_engine.route([PROMPT, OTHER])
+    for choice, prompt, plan in zip(
+        completion.choices, [PROMPT, PROMPT, OTHER, OTHER], [routed[0]] * 2 + [routed[1]] * 2
+    ):
+        assert plan_of(choice.model_extra).key() == plan.key()
+        assert choice.text == engine_text(tiny_engine, prompt, plan)
+    prompt_tokens = sum(len(tiny_engine.tokenizer(p)["input_ids"]) for p in (PROMPT, OTHER))
+    assert completion.usage.prompt_tokens == prompt_tokens  # each prompt once, not per sample
+    assert completion.usage.completion_tokens == 4 * NEW
+
+
+def test_completion_logprobs_have_openai_shape_and_the_merged_models_values(client, tiny_engine):
+    completion = client.completions.create(
+        model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=0, logprobs=3, extra_body=EXPERT
+    )
+    [choice] = completion.choices
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == NEW
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(NEW)]
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3
+        assert value == pytest.approx(max(top.values()), abs=ATOL)  # greedy takes the best
+    expected = first_token_logprobs(tiny_engine, PROMPT, RoutingPlan.explicit({1: 1.0}))
+    assert lp.token_logprobs[0] == pytest.approx(float(expected.max()), abs=ATOL)
+    assert sorted(lp.top_logprobs[0].values(), reverse=True) == pytest.approx(
+        expected.topk(3).values.tolist(), abs=ATOL
+    )
+
+
+def test_chat_logprobs_and_max_completion_tokens(client):
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(
+        model="ttmm",
+        messages=messages,
+        max_completion_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    [choice] = chat.choices
+    assert chat.usage.completion_tokens == 5
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert [t.logprob for t in entry.top_logprobs][0] == pytest.approx(entry.logprob, abs=ATOL)
+        assert len(entry.top_logprobs) == 2
+    plain = client.chat.completions.create(
+        model="ttmm", messages=messages, max_completion_tokens=5, temperature=0
+    )
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == choice.message.content
+
+
+def test_echo_and_seed(client):
+    echoed = client.completions.create(
+        model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=0, echo=True, extra_body=EXPERT
+    )
+    plain = client.completions.create(
+        model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=0, extra_body=EXPERT
+    )
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+
+    def sample(seed: int) -> list[str]:
+        drawn = client.completions.create(
+            model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=1.0, seed=seed, n=2
+        )
+        return [c.text for c in drawn.choices]
+
+    first = sample(7)
+    assert sample(7) == first  # the same seed draws the same samples
+    assert first[0] != first[1]  # sample j draws with seed + j
+    assert sample(8) != first
+
+
+def test_streams_with_several_choices_and_usage(client, tiny_engine):
+    stream = client.completions.create(
+        model="ttmm",
+        prompt=[PROMPT, OTHER],
+        n=2,
+        max_tokens=NEW,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, usage = ["", "", "", ""], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+        usage = chunk.usage or usage
+    routed = tiny_engine.route([PROMPT, OTHER])
+    expected = [engine_text(tiny_engine, p, plan) for p, plan in zip([PROMPT, OTHER], routed)]
+    assert texts == [expected[0], expected[0], expected[1], expected[1]]
+    assert usage.completion_tokens == 4 * NEW
+
+    chat = client.chat.completions.create(
+        model="ttmm",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_completion_tokens=NEW,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(chat)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW
+
+
+def test_what_cannot_be_served_is_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError, match="logprobs cannot be combined"):
+        client.completions.create(
+            model="ttmm", prompt=PROMPT, max_tokens=2, logprobs=1, stream=True
+        )
+    with pytest.raises(openai.BadRequestError, match="2 prompts × n=9 make more than 16"):
+        client.completions.create(model="ttmm", prompt=[PROMPT, OTHER], max_tokens=2, n=9)
