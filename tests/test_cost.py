@@ -17,7 +17,7 @@ from ttmm.cost import (
 from ttmm.routing import RoutingPlan
 
 # SmolLM2-135M's 210 adapted linear layers
-SMOL = AdaptedShape(layers=210, weights=106_168_320, fan_sum=155_520)
+SMOL = AdaptedShape(layers=210, weights=106_168_320, fan_sum=305_280)
 COSTS = ModeCosts(
     fold_seconds_per_weight=5e-10,
     fold_seconds_per_flop=1e-11,
@@ -40,15 +40,15 @@ def test_auto_folds_from_the_crossover_on(rank):
 
 def test_crossover_formula_by_hand():
     # rank 8: fold = W (5e-10 + 16e-11) = 0.0701 s; low-rank = 4.2 ms a call (210 * 2e-5)
-    # + 24.9 us a token position (2 * 8 * 155520 * 1e-11), n new tokens: 4.2249 ms n + 1.219 ms
-    # (49 + n positions), >= 0.0701 s from n = 16.3, so 17
+    # + 48.8 us a token position (2 * 8 * 305280 * 1e-11); n new tokens: 4.2488 ms n + 2.393 ms
+    # (49 + n positions), >= 0.0701 s from n = 15.9, so 16
     fold = SMOL.weights * (5e-10 + 2 * 8 * 1e-11)
     assert fold_seconds(8, SMOL, COSTS) == pytest.approx(fold)
     work = Workload.generation(rows=1, prompt_tokens=50, new_tokens=10)
     assert work == Workload(forward_calls=10, token_rows=59)
-    expected = 10 * 210 * 2e-5 + 2 * 8 * 155_520 * 59 * 1e-11
+    expected = 10 * 210 * 2e-5 + 2 * 8 * 305_280 * 59 * 1e-11
     assert lowrank_seconds(8, work, SMOL, COSTS) == pytest.approx(expected)
-    assert crossover_tokens(8, SMOL, COSTS) == 17
+    assert crossover_tokens(8, SMOL, COSTS) == 16
 
 
 def test_long_texts_to_score_fold_and_short_ones_do_not():
@@ -104,3 +104,17 @@ def test_auto_gives_the_same_tokens_either_way(tiny_engine):
         tiny_engine.mode_costs = costs
         outputs.append(tiny_engine.generate(["hello world"], max_new_tokens=4, plans=plan)[0])
     assert outputs[0].text == outputs[1].text
+
+
+def test_merger_reports_the_shape_and_rank_the_costs_need():
+    from conftest import build_tiny_llama, random_adapter
+
+    from ttmm.merge import ExpertMerger
+
+    model = build_tiny_llama(512)
+    adapters = [random_adapter(model, rank=r, seed=r) for r in (2, 4, 6)]
+    merger = ExpertMerger(model, adapters)
+    # per block: q, o 64x64; k, v 32x64; gate, up 96x64; down 64x96; two blocks
+    assert merger.adapted_shape == AdaptedShape(layers=14, weights=61_440, fan_sum=1_856)
+    assert merger.plan_rank(RoutingPlan.explicit({0: 0.3, 2: 0.7})) == 8
+    assert merger.plan_rank(RoutingPlan.base()) == 0

@@ -30,7 +30,7 @@ from torch import nn
 
 from ttmm.adapter import LoraAdapter
 from ttmm.cost import AdaptedShape
-from ttmm.fold import MEMORY_POLICIES, FoldOutputs, default_memory, fold_product
+from ttmm.fold import MEMORY_POLICIES, FoldGroup, FoldOutputs, default_memory, fold_product
 from ttmm.routing import RoutingPlan
 
 try:  # GPT-2 style models store linear weights transposed in a Conv1D
@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 PlanFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""A plan's merged (A', B') by layer path, for the layers it adapts."""
+"""A plan's merged (A', B') by layer path, for the layers it adapts (or, for a fold, stacked
+by group of layers)."""
 
 
 class MergeError(ValueError):
@@ -162,34 +163,6 @@ class _StackedLayer:
         )
 
 
-@dataclass(eq=False)
-class _FoldGroup:
-    """Adapted layers of one weight shape and one layout, folded by one batched product.
-
-    Its stacks are the only copy of the factors: each layer's ``A_all`` and ``B_t_all`` are
-    views of one row of them.
-    """
-
-    modules: list[nn.Module]
-    transposed: bool
-    A_all: torch.Tensor  # (L, Σ_k r_k, d_in)
-    B_t_all: torch.Tensor  # (L, Σ_k r_k, d_out)
-    layout: _Layout
-
-    @classmethod
-    def stack(cls, layers: list[_StackedLayer]) -> _FoldGroup:
-        group = cls(
-            modules=[layer.module for layer in layers],
-            transposed=layers[0].transposed,
-            A_all=torch.stack([layer.A_all for layer in layers]),
-            B_t_all=torch.stack([layer.B_t_all for layer in layers]),
-            layout=layers[0].layout,
-        )
-        for i, layer in enumerate(layers):
-            layer.A_all, layer.B_t_all = group.A_all[i], group.B_t_all[i]
-        return group
-
-
 class ExpertMerger:
     """Holds a bank's adapters stacked per layer and executes routing plans on one model.
 
@@ -254,7 +227,7 @@ class ExpertMerger:
             weight = stacked.module.weight
             key = (id(stacked.layout), stacked.transposed, weight.shape, weight.dtype)
             members.setdefault(key if grouped else (name,), []).append(stacked)
-        self.groups = [_FoldGroup.stack(layers) for layers in members.values()]
+        self.groups = [FoldGroup.stack(layers) for layers in members.values()]
         if memory == "auto":
             weights = [stacked.module.weight for stacked in self.layers.values()]
             adapted_bytes = sum(w.numel() * w.element_size() for w in weights)
@@ -326,6 +299,30 @@ class ExpertMerger:
             cache[key] = factors
         return factors
 
+    def _group_factors(self, plan: RoutingPlan) -> PlanFactors:
+        """(A', B') stacked per group of layers ("group i"), B' contiguous, from
+        ``factor_cache`` when it holds the plan."""
+        cache, key = self.factor_cache, ("fold groups", *plan.key())
+        if cache is not None and (hit := cache.get(key)) is not None:
+            return hit
+        selections = self._selections(plan)
+        factors = {}
+        for number, group in enumerate(self.groups):
+            if (selection := selections[id(group.layout)]) is None:
+                continue
+            rows, row_scale = selection
+            A, B = merged_factors(
+                group.A_all,
+                group.B_t_all,
+                rows,
+                row_scale.to(group.A_all.device, group.A_all.dtype),
+            )
+            # B' (L, d_out, Σr) contiguous: faster in the batched product than a view
+            factors[f"group {number}"] = (A, B.contiguous())
+        if cache is not None:
+            cache[key] = factors
+        return factors
+
     @contextlib.contextmanager
     def fold(self, plan: RoutingPlan) -> Iterator[None]:
         """W ← W + ΔW inside the block; the original weights, never written, are back on exit.
@@ -347,24 +344,17 @@ class ExpertMerger:
                 "this merger's buffers already hold a fold: leave that block first, or use "
                 "another ExpertMerger (or memory='swap') for a fold inside a fold"
             )
-        selections = self._selections(plan)
         set_aside: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._open_folds += 1
         try:
             with torch.no_grad():
+                factors = self._group_factors(plan)
                 for number, group in enumerate(self.groups):
-                    if (selection := selections[id(group.layout)]) is None:
+                    if (pair := factors.get(f"group {number}")) is None:
                         continue
-                    rows, row_scale = selection
-                    A, B = merged_factors(  # (L, Σr, d_in), (L, d_out, Σr)
-                        group.A_all,
-                        group.B_t_all,
-                        rows,
-                        row_scale.to(group.A_all.device, group.A_all.dtype),
-                    )
+                    A, B = pair  # (L, Σr, d_in), (L, d_out, Σr)
                     weights = [module.weight for module in group.modules]
                     out = self._outputs.get(number, (len(weights), *weights[0].shape), A)
-                    B = B.contiguous()  # (L, d_out, Σr): faster in the product than a view
                     fold_product(out, [w.data for w in weights], A, B, group.transposed)
                     for weight, merged in zip(weights, out):
                         set_aside.append((weight, weight.data))
