@@ -1,19 +1,26 @@
-"""Test-time overhead of TTMM on the default model (issue 2 benchmark, design notes §6).
+"""Test-time overhead of TTMM on the default model, side by side with the reference code.
 
 Table 1: for 1, 3 and 10 active experts of a 16-expert bank (r=8, all linear layers), the
-time of route + merge + restore and of generating 100 tokens, as ratios to the base model
-measured in the same run, plus weight memory at rest and the peak during a merge.
-Table 2: a batch of 8 prompts with 8 different merges (3 or 10 experts each) in low-rank mode
-against the base model on the same batch (throughput ratio).
+merge + restore of the paper's reference code (``ttmerge`` 0.0.4, ``keep_in_memory=True``,
+given the same bank written in its layout) and ours under the ``buffer`` and ``swap`` memory
+policies, with the same plan, in the same process, methods interleaved over rounds (medians);
+weight memory at rest and the peak a merge + restore adds; route + merge + restore as % of the
+base model's time to 100 tokens; the merge against its FLOPs at the machine's GEMM rate for the
+same products. Table 2: a batch of 8 prompts with 8 different merges in low-rank mode against
+the base model. Last, the fold/low-rank cost constants of ``ttmm.cost`` measured on this machine.
 
-    .venv/bin/python benchmarks/merge_overhead.py [--tokens 100] [--repeats 3] [--threads N]
+    pip install --no-deps ttmerge==0.0.4          # the reference, for this benchmark only
+    .venv/bin/python benchmarks/merge_overhead.py [--repeats 5] [--threads N]
+    .venv/bin/python benchmarks/merge_overhead.py --calibrate   # only re-measure ttmm.cost
 
-Prints both tables and writes ``benchmarks/results/merge_overhead.json``.
+Prints the tables and writes ``benchmarks/results/merge_overhead.json`` (``mode_costs.json``
+with ``--calibrate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -29,10 +36,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_random_bank  # noqa: E402  (the same random-bank writer the tests use)
 
+from ttmm.adapter import save_adapter  # noqa: E402
 from ttmm.assets import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
 from ttmm.bank import Bank  # noqa: E402
+from ttmm.cost import ModeCosts, crossover_tokens  # noqa: E402
 from ttmm.device import describe, resolve_device, synchronize  # noqa: E402
 from ttmm.embed import Encoder  # noqa: E402
+from ttmm.merge import ExpertMerger  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
 from ttmm.routing import RoutingConfig, RoutingPlan  # noqa: E402
 
@@ -46,15 +56,39 @@ PROMPTS = [
     "The mitochondrion is an organelle found in the cells of most eukaryotes, such as animals",
     "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]",
 ]
+ACTIVE = (1, 3, 10)
+RANK = 8
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+def export_reference_layout(bank: Bank, dst: Path) -> Path:
+    """Write ``bank`` in the reference code's layout: PEFT folders ``0/ … K-1/`` and the
+    centroids as ``embeddings.pt`` (the inverse of ``ttmm.build.reference``'s import)."""
+    for k, adapter in enumerate(bank.adapters()):
+        save_adapter(adapter, dst / str(k))
+    torch.save(bank.centroids.clone(), dst / "embeddings.pt")
+    return dst
+
+
+def reference_model(engine: TTMM, bank_dir: Path):
+    """The reference code's merging model over the engine's model, reading only local files."""
+    try:
+        from ttmerge import TestTimeMergingModel
+    except ImportError:
+        return None
+    return TestTimeMergingModel(
+        expert_embeddings=torch.load(bank_dir / "embeddings.pt", weights_only=True),
+        tokenizer=engine.tokenizer,
+        encoder=engine.encoder.model,  # its SentenceTransformer
+        base_model=engine.model,
+        adapter_location=str(bank_dir),
+        device=engine.device,
+        keep_in_memory=True,
+        keep_on_device=True,
+    )
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -69,50 +103,85 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(samples)
 
 
-def adaptation_seconds(engine: TTMM, n_active: int, repeats: int) -> tuple[float, int]:
-    """Median seconds of route + fold + restore, and the bytes the merge holds while folded.
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
-    Inside the block each adapted weight has a merged twin (the originals are set aside,
-    unwritten): that is the peak's only extra allocation beyond transient per-layer factors;
-    after the block, nothing.
-    """
-    routing = RoutingConfig(rule="top_n", max_active=n_active)
 
-    def once():
-        [plan] = engine.route(PROMPTS[:1], routing)
-        with engine.merger.fold(plan):
-            pass
+def peak_added_bytes(fn) -> int | None:
+    """Resident memory ``fn`` adds at its peak (Linux: the high-water mark, reset before the
+    call, after freed memory is handed back to the OS), or None where that cannot be read."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        fn()
+        return 1024 * (_status_kib("VmHWM") - before)
+    except (OSError, AttributeError):
+        return None
 
-    once()  # warm-up
-    seconds = timed(once, repeats, engine.device)
-    [plan] = engine.route(PROMPTS[:1], routing)
-    layers = engine.merger.layers
-    merged_bytes = sum(
-        layers[name].module.weight.numel() * layers[name].module.weight.element_size()
-        for name in engine.merger.plan_factors(plan)
+
+def gemm_seconds(merger: ExpertMerger, rank: int, repeats: int, device) -> float:
+    """The bare products (d_out x R) @ (R x d_in) of every adapted layer, each into its own
+    preallocated output, as a merge writes them: the machine's GEMM rate for these shapes."""
+    shapes = [s.module.weight.shape for s in merger.layers.values()]
+    like = next(iter(merger.layers.values())).A_all
+    B = [torch.randn(shape[0], rank, dtype=like.dtype, device=device) for shape in shapes]
+    A = [torch.randn(rank, shape[1], dtype=like.dtype, device=device) for shape in shapes]
+    out = [torch.zeros(shape, dtype=like.dtype, device=device) for shape in shapes]
+
+    def products():
+        for b, a, o in zip(B, A, out):
+            torch.mm(b, a, out=o)
+
+    products()
+    return timed(products, repeats, device)
+
+
+def lowrank_forward_costs(engine: TTMM, plan: RoutingPlan, repeats: int) -> dict[str, float]:
+    """Seconds one forward adds in low-rank mode, on 1 and on 256 token positions: medians of
+    paired differences (each low-rank run right after a plain one)."""
+    ids = engine.tokenizer(" ".join(PROMPTS) * 8, return_tensors="pt")["input_ids"][:, :256]
+    ids = ids.to(engine.device)
+    calls = {1: 8, 256: 1}  # forwards per sample
+    extra: dict[int, list[float]] = {1: [], 256: []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for length, n in calls.items():
+                x = ids[:, :length]
+                run = lambda x=x, n=n: [engine.model(x) for _ in range(n)]  # noqa: E731
+                plain = timed(run, 1, engine.device)
+                with engine.merger.lowrank([plan]):
+                    extra[length].append((timed(run, 1, engine.device) - plain) / n)
+    return {f"extra{length}": statistics.median(v) for length, v in extra.items()}
+
+
+def fit_mode_costs(engine: TTMM, fold_s: dict[int, float], extra: dict, rank: int) -> ModeCosts:
+    """ModeCosts from fold times at R = 8n (a line in R) and low-rank extras at 1 and 256
+    positions (a line in positions), clamped at 0 where noise makes a slope negative."""
+    shape = engine.merger.adapted_shape
+    ranks = [RANK * n for n in fold_s]
+    times = list(fold_s.values())
+    mean_r, mean_t = statistics.mean(ranks), statistics.mean(times)
+    slope = sum((r - mean_r) * (t - mean_t) for r, t in zip(ranks, times)) / sum(
+        (r - mean_r) ** 2 for r in ranks
     )
-    return seconds, merged_bytes
+    slope = max(slope, 0.0)
+    intercept = max(mean_t - slope * mean_r, 0.0)
+    per_position = max((extra["extra256"] - extra["extra1"]) / 255, 0.0)
+    flop_s = per_position / (2 * rank * shape.fan_sum)
+    call_s = max(extra["extra1"] - per_position, 0.0) / shape.layers
+    return ModeCosts(
+        fold_seconds_per_weight=intercept / shape.weights,
+        fold_seconds_per_flop=slope / (2 * shape.weights),
+        lowrank_seconds_per_layer_call=call_s,
+        lowrank_seconds_per_flop=flop_s,
+    )
 
 
-def generation_seconds(engine: TTMM, tokens: int, repeats: int, n_active: int | None) -> float:
-    """Median seconds to generate ``tokens`` from a prompt, everything included."""
-    routing = RoutingConfig(rule="top_n", max_active=n_active) if n_active else None
-    plans = None if n_active else [RoutingPlan.base()]
-
-    def once():
-        engine.generate(
-            PROMPTS[:1],
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,  # every method decodes the same length
-            routing=routing,
-            plans=plans,
-            mode="fold",
-        )
-
-    return timed(once, repeats, engine.device)
-
-
-def batch_throughput(engine: TTMM, tokens: int, repeats: int, active: int) -> float:
+def batch_throughput(engine: TTMM, tokens: int, active: int) -> float:
     """Generated tokens per second for the 8-prompt batch; row i merges ``active`` experts
     starting at expert i (8 different merges), or none for the base model."""
     K = engine.bank.num_experts
@@ -130,7 +199,7 @@ def batch_throughput(engine: TTMM, tokens: int, repeats: int, active: int) -> fl
             plans=plans,
             mode="lowrank" if active else "auto",
         ),
-        repeats,
+        1,
         engine.device,
     )
     return 8 * tokens / seconds
@@ -140,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--batch-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
@@ -148,9 +217,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json"
+        "--calibrate", action="store_true", help="only re-measure the ttmm.cost constants"
     )
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args()
+    name = "mode_costs.json" if args.calibrate else "merge_overhead.json"
+    args.out = args.out or Path(__file__).parent / "results" / name
     device = resolve_device(args.device)
     console = Console()
     torch.manual_seed(0)
@@ -159,96 +231,178 @@ def main() -> None:
 
     model, tokenizer = load_base_model(dtype=args.dtype, device=device)
     encoder = Encoder(device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        with console.status(
-            f"writing a {args.experts}-expert random bank (r=8, all linear layers)"
-        ):
-            path = write_random_bank(
-                Path(tmp) / "bank",
-                model,
-                encoder.dim,
-                args.experts,
-                ranks=[8] * args.experts,
-                base_model_name=DEFAULT_BASE_MODEL,
-                magnitude=0.02,
-            )
-        engine = TTMM(model, tokenizer, encoder, Bank.load(path))
-        base_bytes = weight_bytes(model)
-        # Every method once per round, rounds interleaved, medians at the end: a machine
-        # that gets busier or quieter during the run then slows every method alike.
-        samples: dict[str, list[float]] = {}
-        peaks = {}
-        for round_ in range(args.repeats):
-            with console.status(f"round {round_ + 1}/{args.repeats}: single prompts"):
+    tmp = tempfile.TemporaryDirectory()
+    with console.status(f"writing a {args.experts}-expert random bank (r=8, all linear layers)"):
+        path = write_random_bank(
+            Path(tmp.name) / "bank",
+            model,
+            encoder.dim,
+            args.experts,
+            ranks=[RANK] * args.experts,
+            base_model_name=DEFAULT_BASE_MODEL,
+            magnitude=0.02,
+        )
+        bank = Bank.load(path)
+        ref_dir = export_reference_layout(bank, Path(tmp.name) / "reference")
+    engine = TTMM(model, tokenizer, encoder, bank, memory="buffer")
+    adapters = bank.adapters()
+    ours = {
+        "buffer": engine.merger,
+        "swap": ExpertMerger(model, adapters, memory="swap"),
+        "perlayer": ExpertMerger(model, adapters, memory="buffer", grouped=False),  # no baddbmm
+    }
+    reference = None if args.calibrate else reference_model(engine, ref_dir)
+    if reference is None and not args.calibrate:
+        console.print("[yellow]ttmerge is not installed: the reference column stays empty")
+    plans = {}
+    for n in ACTIVE:
+        [plans[n]] = engine.route(PROMPTS[:1], RoutingConfig(rule="top_n", max_active=n))
+    routing10 = RoutingConfig(rule="top_n", max_active=10)
+
+    def reference_fold(plan: RoutingPlan) -> None:
+        names = reference._efficient_merge_adapters(list(plan.expert_ids), list(plan.weights))
+        reference._restore_original_weights(names)
+
+    def our_fold(memory: str, plan: RoutingPlan) -> None:
+        with ours[memory].fold(plan):
+            pass
+
+    if reference is not None:  # the same merge, both ways
+        names = reference._efficient_merge_adapters(
+            list(plans[3].expert_ids), list(plans[3].weights)
+        )
+        theirs = {n: engine.model.get_parameter(n).detach().clone() for n in names[:8]}
+        reference._restore_original_weights(names)
+        with ours["buffer"].fold(plans[3]):
+            for n, tensor in theirs.items():
+                torch.testing.assert_close(engine.model.get_parameter(n), tensor)
+    methods = {f"{m}{n}": (lambda m=m, n=n: our_fold(m, plans[n])) for m in ours for n in ACTIVE}
+    if reference is not None:
+        methods |= {f"ref{n}": (lambda n=n: reference_fold(plans[n])) for n in ACTIVE}
+    for fn in methods.values():  # warm-up: buffers allocated, the reference's adapters cached
+        fn()
+
+    # Every method once per round, rounds interleaved, medians at the end: a machine that
+    # gets busier or quieter during the run then slows every method alike.
+    samples: dict[str, list[float]] = {}
+    for round_ in range(args.repeats):
+        with console.status(f"round {round_ + 1}/{args.repeats}"):
+            if not args.calibrate:
                 samples.setdefault("base", []).append(
-                    generation_seconds(engine, args.tokens, 1, None)
-                )
-                for n in (1, 3, 10):
-                    adapt, peaks[n] = adaptation_seconds(engine, n, 3)
-                    samples.setdefault(f"adapt{n}", []).append(adapt)
-                    samples.setdefault(f"gen{n}", []).append(
-                        generation_seconds(engine, args.tokens, 1, n)
+                    timed(
+                        lambda: engine.generate(
+                            PROMPTS[:1],
+                            max_new_tokens=args.tokens,
+                            min_new_tokens=args.tokens,  # every run decodes the same length
+                            plans=[RoutingPlan.base()],
+                        ),
+                        1,
+                        device,
                     )
-            with console.status(f"round {round_ + 1}/{args.repeats}: batches of 8"):
+                )
+                samples.setdefault("route", []).append(
+                    timed(lambda: engine.route(PROMPTS[:1], routing10), 3, device)
+                )
+            for key, fn in methods.items():
+                samples.setdefault(key, []).append(timed(fn, 3, device))
+            for n in ACTIVE:
+                samples.setdefault(f"gemm{n}", []).append(
+                    gemm_seconds(engine.merger, RANK * n, 3, device)
+                )
+            if not args.calibrate:
                 for active in (0, 3, 10):
                     samples.setdefault(f"batch{active}", []).append(
-                        batch_throughput(engine, args.batch_tokens, 1, active)
+                        batch_throughput(engine, args.batch_tokens, active)
                     )
-        median = {key: statistics.median(values) for key, values in samples.items()}
-        base_gen = median["base"]
-        rows = [
-            {
-                "active_experts": n,
-                "merged_rank": 8 * n,
-                "route_merge_restore_s": median[f"adapt{n}"],
-                "overhead_ratio": median[f"adapt{n}"] / base_gen,
-                "generate_s": median[f"gen{n}"],
-                "generate_ratio": median[f"gen{n}"] / base_gen,
-                "weights_at_rest_ratio": weight_bytes(model) / base_bytes,
-                "peak_during_merge_ratio": (base_bytes + peaks[n]) / base_bytes,
-            }
-            for n in (1, 3, 10)
-        ]
-        base_tps = median["batch0"]
-        merged_tps = {active: median[f"batch{active}"] for active in (3, 10)}
-        adapter_bytes = 4 * engine.merger.n_parameters
+    median = {key: statistics.median(values) for key, values in samples.items()}
 
-    table = Table(title=f"TTMM overhead, {args.experts} experts r=8, {args.tokens} new tokens")
-    for col in (
-        "active",
-        "route+merge+restore",
-        "÷ base 100-token time",
-        "generate ÷ base",
-        "weights at rest",
-        "peak in merge",
-    ):
+    def ratio(a: str, b: str) -> float:
+        """Median over rounds of a / b, each round's pair measured seconds apart."""
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+    with console.status("low-rank forward costs"):
+        extra = lowrank_forward_costs(engine, plans[10], 4 * args.repeats + 3)
+    costs = fit_mode_costs(engine, {n: median[f"buffer{n}"] for n in ACTIVE}, extra, RANK * 10)
+    shape = engine.merger.adapted_shape
+    crossovers = {n: crossover_tokens(RANK * n, shape, costs) for n in ACTIVE}
+    console.print(f"measured fold/low-rank costs (paste into ttmm.cost.MEASURED_COSTS):\n{costs}")
+    console.print(f"crossover (new tokens from which auto folds): {crossovers}")
+
+    weight_bytes = tensor_bytes({p.data_ptr(): p for p in model.parameters()}.values())
+    peaks = {}
+    for key, fn in methods.items():
+        peaks[key] = peak_added_bytes(fn)
+    at_rest = {"buffer": ours["buffer"].buffer_bytes, "swap": ours["swap"].buffer_bytes}
+    adapters_at_rest = {m: 4 * ours[m].n_parameters for m in ours}
+    if reference is not None:
+        at_rest["ref"] = tensor_bytes(reference.original_weights.values())
+        adapters_at_rest["ref"] = sum(
+            tensor_bytes(state.values()) for state in reference.adapter_state_dicts.values()
+        )
+    rows = []
+    for n in ACTIVE:
+        R = RANK * n
+        flops = 2 * R * shape.weights
+        row = {
+            "active_experts": n,
+            "merged_rank": R,
+            "reference_s": median.get(f"ref{n}"),
+            "buffer_s": median[f"buffer{n}"],
+            "swap_s": median[f"swap{n}"],
+            "buffer_per_layer_s": median[f"perlayer{n}"],
+            "merge_gflop": flops / 1e9,
+            "gemm_s": median[f"gemm{n}"],
+            "gemm_gflop_per_s": flops / median[f"gemm{n}"] / 1e9,
+            "buffer_vs_gemm": ratio(f"buffer{n}", f"gemm{n}"),
+            "peak_added_bytes": {m: peaks.get(f"{m}{n}") for m in ("ref", "buffer", "swap")},
+            "crossover_new_tokens": crossovers[n],
+        }
+        if reference is not None:
+            row["buffer_vs_reference"] = ratio(f"buffer{n}", f"ref{n}")
+            row["swap_vs_reference"] = ratio(f"swap{n}", f"ref{n}")
+        if not args.calibrate:
+            row["route_merge_restore_s"] = median["route"] + row["buffer_s"]
+            row["route_merge_restore_pct_of_base"] = (
+                100 * row["route_merge_restore_s"] / median["base"]
+            )
+        rows.append(row)
+
+    mib = 2**20
+    table = Table(title=f"merge + restore, {args.experts} experts r={RANK}, medians")
+    columns = ["active", "reference", "ours buffer", "ours swap", "buffer ÷ ref", "swap ÷ ref"]
+    columns += ["route+merge+restore ÷ base 100 tok", "merge ÷ GEMM of its FLOPs"]
+    for col in columns:
         table.add_column(col)
     for r in rows:
+        ref_s = r["reference_s"]
         table.add_row(
             str(r["active_experts"]),
-            f"{r['route_merge_restore_s']:.3f} s",
-            f"{100 * r['overhead_ratio']:.1f} %",
-            f"{r['generate_ratio']:.3f}",
-            f"{r['weights_at_rest_ratio']:.2f}×",
-            f"{r['peak_during_merge_ratio']:.2f}×",
+            f"{ref_s:.3f} s" if ref_s else "-",
+            f"{r['buffer_s']:.3f} s",
+            f"{r['swap_s']:.3f} s",
+            f"{r['buffer_vs_reference']:.2f}" if ref_s else "-",
+            f"{r['swap_vs_reference']:.2f}" if ref_s else "-",
+            f"{r['route_merge_restore_pct_of_base']:.1f} %" if not args.calibrate else "-",
+            f"{r['buffer_vs_gemm']:.2f} ({r['gemm_gflop_per_s']:.0f} GFLOP/s)",
         )
     console.print(table)
+    memory = Table(title="memory (MiB): weight copies at rest, adapters at rest, peak added")
+    for col in ("", "weights at rest", "adapters at rest", *(f"peak, {n}" for n in ACTIVE)):
+        memory.add_column(col)
+    for m in ("ref", "buffer", "swap"):
+        if m in at_rest:
+            peak = [peaks.get(f"{m}{n}") for n in ACTIVE]
+            memory.add_row(
+                m,
+                f"{at_rest[m] / mib:.0f}",
+                f"{adapters_at_rest[m] / mib:.0f}",
+                *(f"{p / mib:.0f}" if p is not None else "-" for p in peak),
+            )
+    console.print(memory)
     console.print(
-        f"base model: {base_gen:.2f} s for {args.tokens} tokens, "
-        f"{weight_bytes(model) / 2**20:.0f} MiB of weights"
+        "buffer, one product per layer instead of one baddbmm per shape: "
+        + ", ".join(f"{r['buffer_per_layer_s']:.3f} s" for r in rows)
     )
-    batch = Table(title=f"batch of 8 prompts, {args.batch_tokens} new tokens each")
-    for col in ("", "tokens/s", "÷ base"):
-        batch.add_column(col)
-    batch.add_row("base model", f"{base_tps:.1f}", "1.00")
-    for active, tps in merged_tps.items():
-        batch.add_row(
-            f"8 different merges of {active} experts (low-rank)",
-            f"{tps:.1f}",
-            f"{tps / base_tps:.2f}",
-        )
-    console.print(batch)
-
     result = {
         "benchmark": "merge_overhead",
         "command": " ".join(sys.argv),
@@ -261,26 +415,48 @@ def main() -> None:
         },
         "base_model": DEFAULT_BASE_MODEL,
         "experts": args.experts,
-        "rank": 8,
-        "tokens": args.tokens,
-        "base_generate_s": base_gen,
-        "base_weight_bytes": base_bytes,
-        "adapter_bytes_in_memory": adapter_bytes,
-        "samples": samples,
+        "rank": RANK,
+        "base_weight_bytes": weight_bytes,
+        "adapted_weights": shape.weights,
+        "weights_at_rest_bytes": at_rest,
+        "adapters_at_rest_bytes": adapters_at_rest,
         "single_prompt": rows,
-        "batch": {
-            "prompts": 8,
-            "new_tokens": args.batch_tokens,
-            "base_tokens_per_s": base_tps,
-            "merged": [
-                {"active_experts": a, "tokens_per_s": tps, "throughput_ratio": tps / base_tps}
-                for a, tps in merged_tps.items()
-            ],
-        },
+        "mode_costs": vars(costs),
+        "lowrank_forward_extra_s": extra,
+        "samples": samples,
     }
+    if not args.calibrate:
+        base_gen, base_tps = median["base"], median["batch0"]
+        console.print(f"base model: {base_gen:.2f} s for {args.tokens} tokens")
+        merged_tps = {active: median[f"batch{active}"] for active in (3, 10)}
+        batch = Table(title=f"batch of 8 prompts, {args.batch_tokens} new tokens each")
+        for col in ("", "tokens/s", "÷ base"):
+            batch.add_column(col)
+        batch.add_row("base model", f"{base_tps:.1f}", "1.00")
+        for active, tps in merged_tps.items():
+            batch.add_row(
+                f"8 different merges of {active} experts (low-rank)",
+                f"{tps:.1f}",
+                f"{tps / base_tps:.2f}",
+            )
+        console.print(batch)
+        result |= {
+            "tokens": args.tokens,
+            "base_generate_s": base_gen,
+            "batch": {
+                "prompts": 8,
+                "new_tokens": args.batch_tokens,
+                "base_tokens_per_s": base_tps,
+                "merged": [
+                    {"active_experts": a, "tokens_per_s": tps, "throughput_ratio": tps / base_tps}
+                    for a, tps in merged_tps.items()
+                ],
+            },
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -253,3 +253,47 @@ def test_ray_resolves_auto_before_asking_for_resources(monkeypatch):
     monkeypatch.setattr(ttmm.device, "resolve_device", lambda name: torch.device("cpu"))
     RayExecutor(gpus_per_task=1.0).run([job], lambda job, result: None)
     assert fake.requests == [(1.0, "cuda"), (0, "cpu")]
+
+
+def test_auto_keeps_small_updates_that_a_bfloat16_fold_would_round_away(smol_tokenizer):
+    """An update far below bfloat16's rounding step of the weights vanishes in a fold
+    (W + ΔW rounds back to W); ``fold_keeps_update`` sees it coming, and low-rank mode, which
+    never writes W, still adds it."""
+    model = build_tiny_llama(len(smol_tokenizer)).to(torch.bfloat16)
+    # |ΔW| <= 2 * (2 * 0.0005)^2 ≈ 2e-6 against weights ~0.016: half a bf16 step is ~6e-5
+    small = random_adapter(model, rank=4, alpha=8.0, magnitude=0.0005, seed=1)
+    large = random_adapter(model, rank=4, alpha=8.0, magnitude=0.05, seed=2)
+    merger = ExpertMerger(model, [small, large])
+    only_small, only_large = RoutingPlan.explicit({0: 1.0}), RoutingPlan.explicit({1: 1.0})
+    assert not merger.fold_keeps_update(only_small)
+    assert merger.fold_keeps_update(only_large)
+    weights = [stacked.module.weight for stacked in merger.layers.values()]
+    before = [w.detach().clone() for w in weights]
+
+    def changed_share(plan) -> float:
+        with merger.fold(plan):
+            changed = sum(int((w != b).sum()) for w, b in zip(weights, before))
+        return changed / sum(b.numel() for b in before)
+
+    assert changed_share(only_small) < 0.1  # most of the small update was rounded away
+    assert changed_share(only_large) > 0.5  # the large one was not
+    ids = torch.tensor([smol_tokenizer("The committee met in the old town hall.")["input_ids"]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with merger.lowrank([only_small]):
+            assert not torch.equal(model(input_ids=ids).logits, base)  # low-rank adds it
+
+
+def test_engine_auto_mode_runs_low_rank_for_updates_a_fold_would_lose(bf16_engine, monkeypatch):
+    engine = bf16_engine
+    calls = []
+    monkeypatch.setattr(engine.merger, "fold_keeps_update", lambda plan: False)
+    original = engine.merger.lowrank
+
+    def counting(plans):
+        calls.append(len(plans))
+        return original(plans)
+
+    monkeypatch.setattr(engine.merger, "lowrank", counting)
+    engine.score(["The committee met in the old town hall. " * 3], prefix_tokens=4)
+    assert calls == [1]

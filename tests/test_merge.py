@@ -161,15 +161,30 @@ def test_restore_is_bitwise_after_an_error_inside_the_block():
     assert all(not m._forward_hooks for m in model.modules()), "hooks left behind"
 
 
-def test_restore_is_bitwise_after_a_failure_half_way_through_the_merge():
+@pytest.mark.parametrize("memory", ["buffer", "swap"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_restore_is_bitwise_after_a_failure_half_way_through_the_merge(
+    memory, grouped, monkeypatch
+):
+    import ttmm.merge
+
     model = build_tiny_llama(VOCAB)
-    merger = ExpertMerger(model, [random_adapter(model, seed=1)])
+    merger = ExpertMerger(model, [random_adapter(model, seed=1)], memory=memory, grouped=grouped)
     before = snapshot(model)
-    fifth = list(merger.layers.values())[4]
-    rank, d_out = fifth.B_t_all.shape
-    fifth.B_t_all = torch.ones(rank, d_out + 1)  # the fifth layer's addmm fails on shapes
-    with pytest.raises(RuntimeError), merger.fold(RoutingPlan.explicit({0: 1.0})):
-        pass
+    calls = []
+    real_product = ttmm.merge.fold_product
+
+    def fails_third_time(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        real_product(*args)
+
+    monkeypatch.setattr(ttmm.merge, "fold_product", fails_third_time)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with merger.fold(RoutingPlan.explicit({0: 1.0})):
+            pass
+    assert len(calls) == 3  # two groups were already swapped in when the third failed
     assert_bitwise_unchanged(model, before)
 
 

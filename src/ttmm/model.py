@@ -22,6 +22,7 @@ import torch
 
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
+from ttmm.cost import Workload, choose_mode, measured_costs
 from ttmm.device import DEFAULT_DEVICE, model_device, resolve_device, resolve_dtype
 from ttmm.embed import Encoder
 from ttmm.generation import Sampling, TokenLogprobs, cut_at_eos, decode
@@ -71,14 +72,19 @@ class TTMM:
         encoder: Encoder,
         bank: Bank,
         routing: RoutingConfig | None = None,
+        memory: str = "auto",
     ):
+        """``memory`` is the fold's memory policy: ``"buffer"``, ``"swap"`` or ``"auto"``
+        (see :mod:`ttmm.fold`)."""
         bank.check_compatible(model, encoder.dim)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.bank = bank
         self.routing = routing or bank.routing
-        self.merger = ExpertMerger(model, bank.adapters())
+        self.merger = ExpertMerger(model, bank.adapters(), memory=memory)
+        self.mode_costs = measured_costs(self.device)
+        """The constants ``mode="auto"`` weighs fold against low-rank with (:mod:`ttmm.cost`)."""
 
     @classmethod
     def from_bank(
@@ -89,10 +95,12 @@ class TTMM:
         routing: RoutingConfig | None = None,
         device: str | torch.device | None = DEFAULT_DEVICE,
         dtype: str | torch.dtype | None = None,
+        memory: str = "auto",
     ) -> TTMM:
         """Load the bank, then its base model and encoder (the ones it names, unless given).
 
-        ``device`` and ``dtype`` place the base model and the encoder (see :mod:`ttmm.device`).
+        ``device`` and ``dtype`` place the base model and the encoder (see :mod:`ttmm.device`);
+        ``memory`` is the fold's memory policy (see :mod:`ttmm.fold`).
         """
         bank = bank if isinstance(bank, Bank) else Bank.load(bank)
         device = resolve_device(device)
@@ -102,7 +110,7 @@ class TTMM:
         )
         if not isinstance(encoder, Encoder):
             encoder = Encoder(encoder or bank.manifest.encoder["name"], device=device)
-        return cls(model, tokenizer, encoder, bank, routing)
+        return cls(model, tokenizer, encoder, bank, routing, memory)
 
     @classmethod
     def from_banks(
@@ -177,8 +185,15 @@ class TTMM:
     # -- running merges --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def merged(self, plans: Sequence[RoutingPlan], mode: str = "auto") -> Iterator[None]:
-        """Hold the lock and run the block with the given per-row merges applied."""
+    def merged(
+        self, plans: Sequence[RoutingPlan], mode: str = "auto", work: Workload | None = None
+    ) -> Iterator[None]:
+        """Hold the lock and run the block with the given per-row merges applied.
+
+        ``auto`` folds one shared merge, unless ``work`` (what the block will run) makes
+        low-rank cheaper by :func:`ttmm.cost.choose_mode`; a batch of different merges runs
+        low-rank.
+        """
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is unknown; choose one of {MODES}")
         plans = list(plans)
@@ -188,12 +203,23 @@ class TTMM:
         with self.lock:
             if same and plans[0].is_base:
                 yield
-            elif mode == "fold" or (mode == "auto" and same and not self.merger.tied_layers):
+            elif mode == "fold" or (
+                mode == "auto" and same and not self.merger.tied_layers and self._folds(plans, work)
+            ):
                 with self.merger.fold(plans[0]):
                     yield
             else:
                 with self.merger.lowrank(plans):
                     yield
+
+    def _folds(self, plans: list[RoutingPlan], work: Workload | None) -> bool:
+        """Whether ``auto`` folds the batch's one merge: by predicted cost, and never when the
+        fold would round the update away (half-precision weights, tiny updates)."""
+        if not self.merger.fold_keeps_update(plans[0]):
+            return False
+        rank = self.merger.plan_rank(plans[0])
+        shape = self.merger.adapted_shape
+        return choose_mode(1, rank, work, shape, self.mode_costs) == "fold"
 
     @torch.no_grad()
     def generate(
@@ -228,7 +254,8 @@ class TTMM:
                 f"min_new_tokens must lie in [0, max_new_tokens], got {min_new_tokens!r}"
             )
         sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
-        with self.merged(plans, mode):
+        work = Workload.generation(len(plans), batch["input_ids"].shape[1], max_new_tokens)
+        with self.merged(plans, mode, work):
             decoded = decode(
                 self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens,
                 top_logprobs, **extra,
@@ -273,7 +300,8 @@ class TTMM:
         routing = self.routing_for(routing, prefix_tokens=prefix_tokens)
         plans = self._plans(texts, routing, plans)
         input_ids, attention = right_pad(ids, self.tokenizer.pad_token_id, self.device)
-        with self.merged(plans, mode):
+        work = Workload.scoring(len(plans), input_ids.shape[1])
+        with self.merged(plans, mode, work):
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         return [
             Score(nll=nll, n_tokens=n, plan=plan)
