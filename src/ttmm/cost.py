@@ -73,14 +73,14 @@ class Workload:
 
 
 MEASURED_COSTS: dict[str, ModeCosts] = {
-    # benchmarks/merge_overhead.py --repeats 5 --threads 2, 2026-11-29: 2-core AMD EPYC
-    # (AVX-512), torch 2.13, SmolLM2-135M fp32, while other jobs loaded the machine (load 4-10):
-    # crossover 36-37 new tokens at 1, 3 and 10 experts
+    # benchmarks/merge_overhead.py --repeats 5 --threads 2, 2026-11-29 11:20 UTC: 2-core AMD
+    # EPYC (AVX-512), torch 2.13, SmolLM2-135M fp32, the machine otherwise idle: crossover 5, 8
+    # and 15 new tokens at 1, 3 and 10 experts
     "cpu": ModeCosts(
-        fold_seconds_per_weight=1.0158e-08,
-        fold_seconds_per_flop=1.2264e-11,
-        lowrank_seconds_per_layer_call=1.3912e-04,
-        lowrank_seconds_per_flop=5.7603e-11,
+        fold_seconds_per_weight=2.1774e-10,
+        fold_seconds_per_flop=5.0098e-12,
+        lowrank_seconds_per_layer_call=3.0016e-05,
+        lowrank_seconds_per_flop=5.3034e-12,
     ),
 }
 
