@@ -1,8 +1,7 @@
 """Merging LoRA experts into a model: ΔW = Σ_k w_k s_k B_k A_k (design notes §2, step 3).
 
 The merge of n experts is one LoRA of rank Σ r_k with B' = [B_1 … B_n] and
-A' = [w_1 s_1 A_1; …; w_n s_n A_n]; :func:`merged_factors` is the only place that
-formula is written. Two ways to run it:
+A' = [w_1 s_1 A_1; …; w_n s_n A_n] (:mod:`ttmm.factors`). Two ways to run it:
 
 - :meth:`ExpertMerger.fold`: W ← W + B'A' for the duration of a ``with`` block. Each merged
   weight is computed into an output tensor and swapped into the parameter; the original tensor
@@ -10,8 +9,8 @@ formula is written. Two ways to run it:
   construction (subtracting ΔW is not) and costs nothing. The outputs are kept buffers or
   fresh tensors, by memory policy (:mod:`ttmm.fold`). Layers of one shape adapted by the same
   experts are merged by one batched product.
-- :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks add x A'ᵀ B'ᵀ, and every
-  row of a batch may carry its own merge.
+- :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks (:mod:`ttmm.lowrank`) add
+  x A'ᵀ B'ᵀ, and every row of a batch may carry its own merge.
 
 Adapters are stacked per layer in memory when the merger is built, so a merge reads no disk.
 Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
@@ -30,7 +29,9 @@ from torch import nn
 
 from ttmm.adapter import LoraAdapter
 from ttmm.cost import AdaptedShape
+from ttmm.factors import MergeError, merged_factors, row_selection, union_selection
 from ttmm.fold import MEMORY_POLICIES, FoldGroup, FoldOutputs, default_memory, fold_product
+from ttmm.lowrank import per_row_hook, shared_hook
 from ttmm.routing import RoutingPlan
 
 try:  # GPT-2 style models store linear weights transposed in a Conv1D
@@ -44,53 +45,7 @@ PlanFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """A plan's merged (A', B') by layer path, for the layers it adapts (or, for a fold, stacked
 by group of layers)."""
 
-
-class MergeError(ValueError):
-    """Adapters that do not fit the model, or a plan that cannot be executed."""
-
-
-def merged_factors(
-    A_stack: torch.Tensor, B_t_stack: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A' = [w_k s_k A_k] on rows, B' = [B_k] on columns, so that B'A' = Σ w_k s_k B_k A_k.
-
-    The stacks hold every expert's factors with one row per rank, so picking experts is a
-    contiguous row gather: ``A_stack`` (…, Σ_all r, d_in) and ``B_t_stack`` (…, Σ_all r, d_out),
-    i.e. B transposed, with optional leading layer dimensions. ``rows`` picks the chosen
-    experts' rows (Σr,) and ``row_scale`` (Σr,) is w_k s_k on each of expert k's rows. Returns
-    A' (…, Σr, d_in) and B' (…, d_out, Σr), the latter a transposed view of a contiguous
-    (…, Σr, d_out) tensor.
-    """
-    A = _gather_rows(A_stack, rows) * row_scale.unsqueeze(-1)  # (…, Σr, d_in)
-    B_t = _gather_rows(B_t_stack, rows)  # (…, Σr, d_out)
-    return A, B_t.transpose(-1, -2)
-
-
-def _gather_rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``stack[..., rows, :]``, without a copy when ``rows`` is every row in order.
-
-    ``rows`` stays on the CPU (the check costs no device sync); it moves to the stack's device
-    only for the gather.
-    """
-    rows = rows.cpu()
-    if len(rows) == stack.shape[-2] and bool((rows == torch.arange(len(rows))).all()):
-        return stack
-    return stack.index_select(stack.ndim - 2, rows.to(stack.device))
-
-
-def row_selection(
-    spans: dict[int, tuple[int, int]], scales: dict[int, float], plan: RoutingPlan
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows of the plan's experts in stacked factors, and w_k s_k for each row (None if
-    no expert of the plan is among ``spans``)."""
-    chosen = [(k, w) for k, w in zip(plan.expert_ids, plan.weights) if k in spans]
-    if not chosen:
-        return None
-    rows = torch.cat([torch.arange(*spans[k]) for k, _ in chosen])
-    row_scale = torch.cat(
-        [torch.full((spans[k][1] - spans[k][0],), w * scales[k]) for k, w in chosen]
-    )
-    return rows, row_scale
+__all__ = ["ExpertMerger", "MergeError", "PlanFactors", "linear_modules", "merged_factors"]
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -426,7 +381,7 @@ class ExpertMerger:
             self.check_plan(plan)
         if len({plan.key() for plan in plans}) == 1:  # one merge for every row
             factors = self.plan_factors(plans[0])
-            hooks = {name: _shared_hook(*pair) for name, pair in factors.items()}
+            hooks = {name: shared_hook(*pair) for name, pair in factors.items()}
         else:
             per_row = [self._selections(plan) for plan in plans]
             unions = {  # one union of experts and row-scale matrix S per layout
@@ -434,7 +389,7 @@ class ExpertMerger:
                 for layout in per_row[0]
             }
             hooks = {
-                name: _per_row_hook(stacked, *unions[id(stacked.layout)])
+                name: per_row_hook(stacked, *unions[id(stacked.layout)])
                 for name, stacked in self.layers.items()
                 if unions[id(stacked.layout)] is not None
             }
@@ -454,64 +409,3 @@ def _tied_weights(model: nn.Module) -> set[int]:
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     return {pid for pid, count in seen.items() if count > 1}
-
-
-def _add_lowrank(output: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
-    """output + z B_t, in place when no gradient is recorded (one fused addmm)."""
-    if torch.is_grad_enabled():
-        return output + (z @ B_t).reshape(output.shape)
-    output.view(-1, output.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B_t)
-    return output
-
-
-def _shared_hook(A: torch.Tensor, B: torch.Tensor):
-    """Forward hook adding x A'ᵀ B'ᵀ, the same merge for every row."""
-    A_t, B_t = A.T, B.T  # (d_in, R) view, (R, d_out) contiguous: see merged_factors
-
-    def hook(module, inputs, output):
-        return _add_lowrank(output, inputs[0].to(A_t.dtype) @ A_t, B_t)
-
-    return hook
-
-
-def union_selection(
-    selections: list[tuple[torch.Tensor, torch.Tensor] | None],
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows U of all experts any batch row uses, and S (b, 1, |U|): w_k s_k on row i's
-    experts' rows and 0 elsewhere, so that row i's merge is ΔW_i = B_U diag(S_i) A_U.
-
-    None if no row adapts the layout.
-    """
-    chosen = [sel for sel in selections if sel is not None]
-    if not chosen:
-        return None
-    union = torch.unique(torch.cat([rows for rows, _ in chosen]))  # sorted rows of U
-    S = torch.zeros(len(selections), 1, len(union))  # (b, 1, R_U)
-    for i, sel in enumerate(selections):
-        if sel is not None:
-            rows, row_scale = sel
-            S[i, 0, torch.searchsorted(union, rows)] = row_scale
-    return union, S
-
-
-def _per_row_hook(stacked: _StackedLayer, union: torch.Tensor, S: torch.Tensor):
-    """Forward hook giving row i of the batch its own merge ΔW_i = B_U diag(S_i) A_U.
-
-    A_U and B_U are read once per forward whatever the batch size, instead of one A', B'
-    pair per row (the merge formula with the row scale moved between A and B).
-    """
-    A_t = _gather_rows(stacked.A_all, union).T  # (d_in, R_U) view
-    B_t = _gather_rows(stacked.B_t_all, union)  # (R_U, d_out)
-    S = S.to(A_t.device, A_t.dtype)  # built on the CPU
-    batch = S.shape[0]
-
-    def hook(module, inputs, output):
-        x = inputs[0]
-        if x.shape[0] != batch:
-            raise MergeError(
-                f"low-rank merge was set up for a batch of {batch} rows but got {x.shape[0]}"
-            )
-        z = x.to(A_t.dtype).reshape(batch, -1, A_t.shape[0]) @ A_t  # (b, s, R_U)
-        return _add_lowrank(output, z.mul_(S), B_t)
-
-    return hook

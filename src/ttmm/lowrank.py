@@ -1,0 +1,54 @@
+"""Low-rank execution of merges: forward hooks that add x A'ᵀ B'ᵀ to a linear layer's output,
+the weights never written (the other way to run a merge is the fold, :mod:`ttmm.fold`).
+
+One merge for the whole batch uses :func:`shared_hook`; a batch whose rows carry different
+merges uses :func:`per_row_hook`, which reads the union of the rows' experts once per forward
+(ΔW_i = B_U diag(S_i) A_U, see :func:`ttmm.factors.union_selection`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttmm.factors import MergeError, gather_rows
+
+
+def add_lowrank(output: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    """output + z B_t, in place when no gradient is recorded (one fused addmm)."""
+    if torch.is_grad_enabled():
+        return output + (z @ B_t).reshape(output.shape)
+    output.view(-1, output.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B_t)
+    return output
+
+
+def shared_hook(A: torch.Tensor, B: torch.Tensor):
+    """Forward hook adding x A'ᵀ B'ᵀ, the same merge for every row."""
+    A_t, B_t = A.T, B.T  # (d_in, R) view, (R, d_out) contiguous: see merged_factors
+
+    def hook(module, inputs, output):
+        return add_lowrank(output, inputs[0].to(A_t.dtype) @ A_t, B_t)
+
+    return hook
+
+
+def per_row_hook(stacked, union: torch.Tensor, S: torch.Tensor):
+    """Forward hook giving row i of the batch its own merge ΔW_i = B_U diag(S_i) A_U.
+
+    A_U and B_U are read once per forward whatever the batch size, instead of one A', B'
+    pair per row (the merge formula with the row scale moved between A and B).
+    """
+    A_t = gather_rows(stacked.A_all, union).T  # (d_in, R_U) view
+    B_t = gather_rows(stacked.B_t_all, union)  # (R_U, d_out)
+    S = S.to(A_t.device, A_t.dtype)  # built on the CPU
+    batch = S.shape[0]
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        if x.shape[0] != batch:
+            raise MergeError(
+                f"low-rank merge was set up for a batch of {batch} rows but got {x.shape[0]}"
+            )
+        z = x.to(A_t.dtype).reshape(batch, -1, A_t.shape[0]) @ A_t  # (b, s, R_U)
+        return add_lowrank(output, z.mul_(S), B_t)
+
+    return hook
