@@ -15,7 +15,11 @@ tokens each) with 15% of documents held out:
   all (the fine-tuning baseline gets the same 250k);
 - ``k16-branched``: K = 16 experts branched from the fine-tuning adapter (Branch-Train-Merge's
   seed phase), 250k tokens, and the fine-tuning adapter continued for as many tokens as the
-  experts took (the equal-compute control, method ``finetune_continued``).
+  experts took (the equal-compute control, method ``finetune_continued``);
+- ``k4`` and ``k64``: K = 4 and 64 at the same 250k tokens, scored on the merges only.
+
+Every bank's fine-tuning baseline is the same job (same chunks, same budget), so a bank whose
+folder already holds it reuses it: copy ``k16/finetune`` into a new bank's folder to skip it.
 
 The evaluation (design notes §3 and §7) takes 60 held-out documents per domain in a seeded
 order; TTT-NN and the hybrids TTMM->TTT run on the first 30 of them, all-weights TTT on the
@@ -62,6 +66,10 @@ class BankSpec:
     """Also continue the fine-tuning adapter for the experts' tokens (``--continue-finetune``)."""
     with_finetune: bool = True
     """Train the fine-tuning baseline (needed by the ``finetune`` method)."""
+    methods: tuple[str, ...] | None = None
+    """The methods scored on this bank (None: all the run's). The costly ones (TTT-NN on all
+    weights, ensembles, hybrids) need only run on the main bank; base and TTT read no experts,
+    so their records are shared by every bank of the same corpus anyway."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,9 @@ class Preset:
     timing_prompts: int
 
 
+MERGES = ("base", "finetune", "top1", "top3", "top10", "ttmm", "ttt")
+"""What a bank of another K is compared on: the merges, against base, fine-tuning and TTT."""
+
 BANKS = {
     "small": (
         BankSpec("k16", 16, budget_tokens=250_000),
@@ -85,7 +96,10 @@ BANKS = {
             budget_tokens=250_000,
             branch_from="finetune",
             continue_finetune=True,
+            methods=(*MERGES, "finetune_continued", "hybrid5"),
         ),
+        BankSpec("k4", 4, budget_tokens=250_000, methods=MERGES),
+        BankSpec("k64", 64, budget_tokens=250_000, methods=MERGES),
     ),
     "full": (
         BankSpec("k16", 16),
@@ -184,6 +198,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def narrowed(specs: dict[str, BankSpec], methods: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each bank's own methods (those of the run it lists), for banks that narrow them."""
+    return {
+        name: [m for m in methods if m in spec.methods]
+        for name, spec in specs.items()
+        if spec.methods is not None
+    }
+
+
 def eval_config(preset: Preset, args):
     from ttmm.eval.harness import METHODS, EvalConfig
 
@@ -247,12 +270,19 @@ def main(argv: list[str] | None = None) -> int:
             run_build(build_config(preset, spec, args), path, progress=True)
             engine = TTMM(model, tokenizer, encoder, Bank.load(path))
             scoring = dataclasses.replace(config, timing_prompts=0)
-            evaluate({spec.name: engine}, args.out, scoring)
+            evaluate(
+                {spec.name: engine},
+                args.out,
+                scoring,
+                methods=narrowed({spec.name: spec}, config.methods),
+            )
             logging.info(
                 "%s built and scored after %.0f s", spec.name, time.perf_counter() - started
             )
     engines = {name: TTMM(model, tokenizer, encoder, Bank.load(p)) for name, p in paths.items()}
-    report = evaluate(engines, args.out, config)  # everything scored: times all, interleaved
+    specs = {spec.name: spec for spec in preset.banks if spec.name in engines}
+    # everything scored: times all, interleaved
+    report = evaluate(engines, args.out, config, methods=narrowed(specs, config.methods))
     logging.info(
         "done in %.0f s with torch on %d threads; see %s",
         time.perf_counter() - started,

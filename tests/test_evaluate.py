@@ -312,3 +312,34 @@ def test_eval_command_writes_results(eval_bank_path, tmp_path):  # noqa: F811
     validate(json.loads((out / "results.json").read_text()))
     bad = CliRunner().invoke(app, ["eval", "--bank", str(eval_bank_path), "--methods", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_methods_narrowed_per_bank(engine, tmp_path, monkeypatch):
+    """A bank given its own methods runs only those; the others run the whole list. The copy
+    has the same content, so its records are the main bank's: nothing is scored twice."""
+    import shutil
+
+    from ttmm.bank import Bank
+    from ttmm.model import TTMM
+
+    shutil.copytree(engine.bank.path, tmp_path / "other")
+    engines = {
+        "main": engine,
+        "other": TTMM(
+            engine.model, engine.tokenizer, engine.encoder, Bank.load(tmp_path / "other")
+        ),
+    }
+    config = small_config(methods=("base", "top1", "finetune"), docs=1, timing_prompts=0)
+    scored = count_scoring(monkeypatch)
+    report = evaluate(engines, tmp_path / "out", config, False, {"other": ["base", "top1"]})
+    assert sorted(scored) == ["base"] * 2 + ["finetune"] * 2 + ["top1"] * 2
+    ran = {(r["bank"], r["method"]) for r in report["results"]}
+    assert ran == {("main", "base"), ("main", "top1"), ("main", "finetune")} | {
+        ("other", "base"),
+        ("other", "top1"),
+    }
+    assert set(report["banks"]["other"]["keys"]) == {"base", "top1"}
+    with pytest.raises(EvalError, match="not in the run's methods"):
+        evaluate(engines, tmp_path / "out", config, False, {"other": ["ttt"]})
+    with pytest.raises(EvalError, match="not among the banks"):
+        evaluate(engines, tmp_path / "out", config, False, {"nope": ["base"]})

@@ -46,3 +46,21 @@ def test_bank_rows_become_build_options(reproduce):
     else:  # says which option is missing, and where to change the table
         with pytest.raises(SystemExit, match="budget_tokens.*BANKS"):
             reproduce.build_config(preset, branched, args)
+
+
+def test_banks_of_other_k_run_the_merges_only(reproduce):
+    """The costly methods run on the main bank; the other rows list theirs, in run order."""
+    preset = reproduce.PRESETS["small"]
+    specs = {spec.name: spec for spec in preset.banks}
+    assert specs["k16"].methods is None  # everything
+    assert {specs["k4"].experts, specs["k64"].experts} == {4, 64}
+    config = reproduce.eval_config(preset, reproduce.parse_args([]))
+    chosen = reproduce.narrowed(specs, config.methods)
+    assert set(chosen) == {"k16-branched", "k4", "k64"}
+    assert chosen["k4"] == ["base", "finetune", "top1", "top3", "top10", "ttmm", "ttt"]
+    assert (
+        "finetune_continued" in chosen["k16-branched"]
+        and "ensemble10" not in chosen["k16-branched"]
+    )
+    only = reproduce.narrowed(specs, ("base", "top10"))  # a narrower run narrows every bank
+    assert only["k64"] == ["base", "top10"]

@@ -363,13 +363,27 @@ def evaluate(
     out_dir: str | os.PathLike,
     config: EvalConfig | None = None,
     progress: bool = True,
+    methods: dict[str, Sequence[str]] | None = None,
 ) -> dict:
     """Score and time every method on every bank; write the JSON, table and plots; return it.
 
     ``engines`` maps a bank name to an engine (they may share one base model and encoder).
+    ``methods`` optionally narrows ``config.methods`` for some banks (by bank name), e.g. to
+    run the costly methods on one bank of several; the others run all of them.
     """
 
     config = config or EvalConfig()
+    narrowed = methods or {}
+    unknown = sorted(set(narrowed) - set(engines))
+    if unknown:
+        raise EvalError(
+            f"methods given for {unknown}, which are not among the banks {list(engines)}"
+        )
+    for name, chosen in narrowed.items():
+        if extra := [m for m in chosen if m not in config.methods]:
+            raise EvalError(
+                f"bank {name}: methods {extra} are not in the run's methods {list(config.methods)}"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config.to_dict())
@@ -379,7 +393,11 @@ def evaluate(
         for name, e in engines.items()
     }
     keys = {  # computed before any merge is folded in: they hash the base weights
-        name: {m: runner.key(m) for m in config.methods if available(runner.engine.bank, m)}
+        name: {
+            m: runner.key(m)
+            for m in config.methods
+            if m in narrowed.get(name, config.methods) and available(runner.engine.bank, m)
+        }
         for name, runner in runners.items()
     }
     _score_all(runners, documents, keys, out / DOCUMENTS_FILE, config, progress)
