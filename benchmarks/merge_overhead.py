@@ -303,7 +303,10 @@ def main() -> None:
                 samples.setdefault("route", []).append(
                     timed(lambda: engine.route(PROMPTS[:1], routing10), 3, device)
                 )
-            for key, fn in methods.items():
+            # the methods' order turns by one each round: none always follows the same one
+            order = list(methods.items())
+            shift = round_ % len(order)
+            for key, fn in order[shift:] + order[:shift]:
                 samples.setdefault(key, []).append(timed(fn, 3, device))
             for n in ACTIVE:
                 samples.setdefault(f"gemm{n}", []).append(

@@ -73,14 +73,14 @@ class Workload:
 
 
 MEASURED_COSTS: dict[str, ModeCosts] = {
-    # benchmarks/merge_overhead.py --repeats 5 --threads 2, 2026-11-29 11:20 UTC: 2-core AMD
-    # EPYC (AVX-512), torch 2.13, SmolLM2-135M fp32, the machine otherwise idle: crossover 5, 8
-    # and 15 new tokens at 1, 3 and 10 experts
+    # benchmarks/merge_overhead.py --repeats 5 --threads 2, 2026-11-29 11:43 UTC: 2-core AMD
+    # EPYC (AVX-512), torch 2.13, SmolLM2-135M fp32, the machine otherwise idle: crossover 5, 6
+    # and 12 new tokens at 1, 3 and 10 experts
     "cpu": ModeCosts(
-        fold_seconds_per_weight=2.1774e-10,
-        fold_seconds_per_flop=5.0098e-12,
-        lowrank_seconds_per_layer_call=3.0016e-05,
-        lowrank_seconds_per_flop=5.3034e-12,
+        fold_seconds_per_weight=2.4635e-10,
+        fold_seconds_per_flop=5.1033e-12,
+        lowrank_seconds_per_layer_call=3.7871e-05,
+        lowrank_seconds_per_flop=5.8896e-12,
     ),
 }
 
