@@ -8,6 +8,7 @@ that both replicas served.
 
 from __future__ import annotations
 
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,29 @@ def test_cli_refuses_bad_ray_options_before_starting_ray(tmp_path, args, message
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not ray.is_initialized()
+
+
+def test_local_ray_gets_proxy_timeouts_a_busy_machine_survives(monkeypatch):
+    """Serve killed its proxy after three 5 s readiness checks on a loaded machine: the Ray
+    connect starts carries longer ones to its processes, and a value the user set wins."""
+    import ray
+
+    from ttmm.serve.ray import LOCAL_PROXY_TIMEOUTS, connect
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "90")
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    assert connect(num_cpus=2)
+    env_vars = started["runtime_env"]["env_vars"]
+    assert env_vars["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "60"
+    assert env_vars["RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"] == "90"
+    assert float(LOCAL_PROXY_TIMEOUTS["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5
+    assert os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "60"  # inherited by raylet
+    started.clear()
+    assert connect(address="auto")  # a cluster we join keeps its own settings
+    assert "env_vars" not in started["runtime_env"]
 
 
 # Last in the file: the module-scoped Ray starts here, after the tests that check it is not.

@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-ttmm-replica"
 
+LOCAL_PROXY_TIMEOUTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+"""Ray Serve's proxy checks for a Ray that ``connect`` starts on this machine (Ray's defaults:
+5 and 10 s). Serve kills a proxy that fails its check three times; on a machine busy with
+other work (a build, the tests) the default 5 s readiness check failed that way and the
+deployment never came up. A value set in the environment wins."""
+
 
 @dataclass(frozen=True)
 class RayServeConfig:
@@ -150,7 +159,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1])]}
     if address is not None:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
+    else:  # our own Ray: its processes inherit this environment, and the job's env_vars
+        timeouts = {
+            name: os.environ.get(name, value) for name, value in LOCAL_PROXY_TIMEOUTS.items()
+        }
+        os.environ.update(timeouts)
+        runtime_env["env_vars"] = timeouts
         ray.init(
             num_cpus=num_cpus,
             runtime_env=runtime_env,
