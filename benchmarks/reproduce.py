@@ -15,8 +15,12 @@ tokens each) with 15% of documents held out:
   all (the fine-tuning baseline gets the same 250k);
 - ``k16-branched``: K = 16 experts branched from the fine-tuning adapter (Branch-Train-Merge's
   seed phase), 250k tokens, and the fine-tuning adapter continued for as many tokens as the
-  experts took (the equal-compute control, method ``finetune_continued``);
+  experts took (the equal-compute control, method ``finetune_continued``), scored on the
+  merges and both fine-tuning adapters;
 - ``k4`` and ``k64``: K = 4 and 64 at the same 250k tokens, scored on the merges only.
+
+The costly methods (ensembles, TTT on all weights, the hybrids) run on ``k16`` only; base and
+TTT read no experts, so every bank of the corpus shares their records.
 
 Every bank's fine-tuning baseline is the same job (same chunks, same budget), so a bank whose
 folder already holds it reuses it: copy ``k16/finetune`` into a new bank's folder to skip it.
@@ -96,7 +100,7 @@ BANKS = {
             budget_tokens=250_000,
             branch_from="finetune",
             continue_finetune=True,
-            methods=(*MERGES, "finetune_continued", "hybrid5"),
+            methods=(*MERGES, "finetune_continued"),
         ),
         BankSpec("k4", 4, budget_tokens=250_000, methods=MERGES),
         BankSpec("k64", 64, budget_tokens=250_000, methods=MERGES),
