@@ -152,7 +152,7 @@ def build_config(preset: Preset, spec: BankSpec, args):
         device=args.device,
         dtype=args.dtype,
         train=LoraTrainConfig(
-            num_threads=args.threads, epochs=args.epochs, batch_size=args.batch_size
+            num_threads=args.build_threads, epochs=args.epochs, batch_size=args.batch_size
         ),
         **options,
     )
@@ -184,7 +184,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: the 2-core machine is shared)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for scoring and timing (1: the 2-core machine is shared)",
+    )
+    parser.add_argument(
+        "--build-threads",
+        type=int,
+        default=1,
+        help="torch threads for training; part of each bank's configuration, so a bank built "
+        "with one count is resumed or evaluated with the same (default 1, as the committed run)",
     )
     parser.add_argument(
         "--banks", type=Path, default=None, help="where banks are built (default: TTMM_HOME)"

@@ -61,3 +61,16 @@ def test_banks_of_other_k_run_the_merges_only(reproduce):
     assert chosen["k16-branched"] == [*chosen["k4"][:2], "finetune_continued", *chosen["k4"][2:]]
     only = reproduce.narrowed(specs, ("base", "top10"))  # a narrower run narrows every bank
     assert only["k64"] == ["base", "top10"]
+
+
+def test_scoring_threads_leave_the_banks_identity_alone(reproduce):
+    """Evaluating the committed banks on more threads must not turn them into "a different
+    configuration"; training on more threads is one (its numbers may differ)."""
+    preset = reproduce.PRESETS["small"]
+    spec = preset.banks[0]
+
+    def config_hash(*argv):
+        return reproduce.build_config(preset, spec, reproduce.parse_args(list(argv))).content_hash()
+
+    assert config_hash("--threads", "2") == config_hash()
+    assert config_hash("--build-threads", "2") != config_hash()
