@@ -343,3 +343,14 @@ def test_methods_narrowed_per_bank(engine, tmp_path, monkeypatch):
         evaluate(engines, tmp_path / "out", config, False, {"other": ["ttt"]})
     with pytest.raises(EvalError, match="not among the banks"):
         evaluate(engines, tmp_path / "out", config, False, {"nope": ["base"]})
+
+
+def test_tradeoff_panel_range_follows_the_points_not_a_wild_interval():
+    """Code's TTT is close to base, so one normalised interval spanned -24..+28 and flattened
+    every point: the range holds the points and both reference lines, with room, and no more."""
+    from ttmm.eval.plots import y_limits
+
+    low, high = y_limits([-1.4, -2.5, 0.0, 1.0, -1.9])
+    assert low < -2.5 and high > 1.0  # every point and the base and TTT lines are inside
+    assert high - low == pytest.approx(2 * (1.0 + 2.5))  # half the span of room on each side
+    assert y_limits([0.5]) == (-0.5, 1.5)  # no points outside [0, 1]: the lines set the range

@@ -27,6 +27,16 @@ def _plain_log_axis(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def y_limits(values: list[float], margin: float = 0.5) -> tuple[float, float]:
+    """Vertical range of a normalised-perplexity panel: the point estimates and both reference
+    lines (0 = TTT, 1 = base), widened by ``margin`` of that span on each side. Intervals are
+    not used: where base and TTT are close, a ratio's interval can span tens of units and would
+    flatten every point; bars beyond the range are cut at the axis."""
+    low, high = min([0.0, *values]), max([1.0, *values])
+    pad = margin * (high - low)
+    return low - pad, high + pad
+
+
 def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
     """Normalised perplexity (1 = base, 0 = TTT) with its 95% interval against test-time seconds
     to generate (median, everything included, log scale); one panel per domain, every method in
@@ -40,12 +50,14 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
     markers = "osD^v<>px*h"
     fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 5), squeeze=False)
     for ax, domain in zip(axes[0], domains):
+        shown_values = []
         for r in report["results"]:
             x = seconds.get((r["bank"], r["method"]))
             y = r["normalised_perplexity"]
             if r["domain"] != domain or x is None or y is None:
                 continue
             low, high = r["normalised_ci_low"], r["normalised_ci_high"]
+            shown_values.append(y)
             ax.errorbar(
                 x,
                 y,
@@ -57,11 +69,12 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
                 linestyle="",
             )
         _plain_log_axis(ax)
+        ax.set_ylim(*y_limits(shown_values))
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("test-time seconds per prompt (median, log scale)")
         ax.set_ylabel("normalised perplexity (1 = base, 0 = TTT)")
-        ax.set_title(domain)
+        ax.set_title(f"{domain} (95% intervals, cut at the axis)")
     shown = {r["method"] for r in report["results"]}
     handles = [
         plt.Line2D([], [], color=colours(i % 20), marker="o", ls="", label=info["label"])
@@ -106,4 +119,4 @@ def plot_experts(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["plot_experts", "plot_tradeoff"]
+__all__ = ["plot_experts", "plot_tradeoff", "y_limits"]
