@@ -90,6 +90,19 @@ def resolve_dtype(
     return DTYPES[name]
 
 
+LORA_DTYPE_HELP = "auto (the base model's dtype), float32, bfloat16 or float16"
+
+
+def resolve_lora_dtype(name: str | torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype the experts' factors are kept in, for a name (``auto``/None: the weights')."""
+    if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
+        return None
+    try:
+        return resolve_dtype(name)
+    except DeviceError:
+        raise DeviceError(f"LoRA dtype {name!r} is unknown; use {LORA_DTYPE_HELP}") from None
+
+
 def device_type(name: str) -> str:
     """``cuda`` for any CUDA device name (the driver need not have one), else the type that
     the name resolves to on this machine (``auto`` becomes ``cuda``, ``mps`` or ``cpu``)."""

@@ -127,7 +127,18 @@ def fold_product(
 
     ``out`` (L, *W.shape); ``A`` (L, Σr, d_in); ``B`` (L, d_out, Σr). A Conv1D weight is
     (d_in, d_out), so it gets (B'A')ᵀ = A'ᵀ B'ᵀ. The weights are only read.
+
+    Factors in another dtype than the weights (``lora_dtype``) are multiplied in theirs, one
+    layer at a time into a layer-sized scratch that stays in cache, and added to W in W's
+    dtype: the products run at the factors' GEMM rate and only the update is rounded.
     """
+    if A.dtype != out.dtype:
+        scratch = torch.empty(out.shape[1:], dtype=A.dtype, device=A.device)
+        for i, weight in enumerate(weights):
+            first, second = (A[i].T, B[i].T) if transposed else (B[i], A[i])
+            torch.mm(first, second, out=scratch)
+            torch.add(weight, scratch, out=out[i])
+        return
     if len(weights) == 1:  # one layer: a plain addmm, no stacking
         first, second = (A[0].T, B[0].T) if transposed else (B[0], A[0])
         torch.addmm(weights[0], first, second, out=out[0])

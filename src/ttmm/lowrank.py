@@ -14,10 +14,18 @@ from ttmm.factors import MergeError, gather_rows
 
 
 def add_lowrank(output: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
-    """output + z B_t, in place when no gradient is recorded (one fused addmm)."""
+    """output + z B_t, in place when no gradient is recorded (one fused addmm).
+
+    Factors in another dtype than the layer's output (``lora_dtype``) multiply in theirs and
+    the product is added in the output's dtype.
+    """
     if torch.is_grad_enabled():
         return output + (z @ B_t).reshape(output.shape)
-    output.view(-1, output.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B_t)
+    flat = output.view(-1, output.shape[-1])
+    if B_t.dtype != output.dtype:
+        flat.add_(z.reshape(-1, z.shape[-1]) @ B_t)
+    else:
+        flat.addmm_(z.reshape(-1, z.shape[-1]), B_t)
     return output
 
 

@@ -12,6 +12,12 @@ A' = [w_1 s_1 A_1; …; w_n s_n A_n] (:mod:`ttmm.factors`). Two ways to run it:
 - :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks (:mod:`ttmm.lowrank`) add
   x A'ᵀ B'ᵀ, and every row of a batch may carry its own merge.
 
+The factors are kept in ``lora_dtype``, the weights' dtype unless told otherwise (as vLLM's
+``lora_dtype``). bfloat16 factors over float32 weights halve the factors' memory and what
+low-rank mode reads per step, and the products B'A' and x A'ᵀ B'ᵀ run at the bfloat16 GEMM
+rate; the products are then added to the float32 weights or outputs, so only the update is
+rounded (benchmarks/half_precision.py measures what of its effect remains).
+
 Adapters are stacked per layer in memory when the merger is built, so a merge reads no disk.
 Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
 linear) and by module path; nothing depends on an architecture's parameter names.
@@ -45,7 +51,17 @@ PlanFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """A plan's merged (A', B') by layer path, for the layers it adapts (or, for a fold, stacked
 by group of layers)."""
 
-__all__ = ["ExpertMerger", "MergeError", "PlanFactors", "linear_modules", "merged_factors"]
+LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the factors may be kept in (``lora_dtype``)."""
+
+__all__ = [
+    "LORA_DTYPES",
+    "ExpertMerger",
+    "MergeError",
+    "PlanFactors",
+    "linear_modules",
+    "merged_factors",
+]
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -126,7 +142,8 @@ class ExpertMerger:
     ``memory`` is the fold's memory policy, ``"buffer"``, ``"swap"`` or ``"auto"`` (see
     :mod:`ttmm.fold`); :attr:`memory` says which one runs. ``grouped`` merges layers of one
     shape with one batched product (faster on the measured machine; ``False`` runs one product
-    per layer).
+    per layer). ``lora_dtype`` is the dtype the factors are kept and multiplied in (None: the
+    weights' dtype; see the module docstring).
     """
 
     def __init__(
@@ -135,11 +152,17 @@ class ExpertMerger:
         adapters: Sequence[LoraAdapter],
         memory: str = "auto",
         grouped: bool = True,
+        lora_dtype: torch.dtype | None = None,
     ):
         if not adapters:
             raise MergeError("no adapters to merge")
         if memory not in MEMORY_POLICIES:
             raise MergeError(f"memory={memory!r} is unknown; choose one of {MEMORY_POLICIES}")
+        if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
+            raise MergeError(
+                f"lora_dtype={lora_dtype} is not supported; use one of "
+                f"{', '.join(str(d) for d in LORA_DTYPES)}, or None for the weights' dtype"
+            )
         self.model = model
         self.num_experts = len(adapters)
         modules = linear_modules(model)
@@ -169,13 +192,14 @@ class ExpertMerger:
             layout = layouts.setdefault(layout_key, _Layout(spans=spans, scales=scales))
             module = modules[name]
             weight = module.weight  # the stacks live where the layer's weight does
+            dtype = lora_dtype or weight.dtype
             self.layers[name] = _StackedLayer(
                 module=module,
                 transposed=not isinstance(module, nn.Linear),
-                A_all=torch.cat([A for _, A, _, _ in entries]).to(weight.device, weight.dtype),
+                A_all=torch.cat([A for _, A, _, _ in entries]).to(weight.device, dtype),
                 B_t_all=torch.cat([B for _, _, B, _ in entries], dim=1)
                 .T.contiguous()
-                .to(weight.device, weight.dtype),
+                .to(weight.device, dtype),
                 layout=layout,
             )
         self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
@@ -200,6 +224,16 @@ class ExpertMerger:
     @property
     def n_parameters(self) -> int:
         return sum(s.A_all.numel() + s.B_t_all.numel() for s in self.layers.values())
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """The dtype the factors are kept and multiplied in."""
+        return next(iter(self.layers.values())).A_all.dtype
+
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes of the stacked factors (every expert's A and B), held for the merger's life."""
+        return self.n_parameters * self.lora_dtype.itemsize
 
     @property
     def buffer_bytes(self) -> int:
@@ -357,7 +391,7 @@ class ExpertMerger:
                         continue
                     A, B = pair  # (L, Σr, d_in), (L, d_out, Σr)
                     weights = [module.weight for module in group.modules]
-                    out = self._outputs.get(number, (len(weights), *weights[0].shape), A)
+                    out = self._outputs.get(number, (len(weights), *weights[0].shape), weights[0])
                     fold_product(out, [w.data for w in weights], A, B, group.transposed)
                     for weight, merged in zip(weights, out):
                         set_aside.append((weight, weight.data))

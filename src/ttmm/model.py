@@ -23,7 +23,13 @@ import torch
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
 from ttmm.cost import Workload, choose_mode, measured_costs
-from ttmm.device import DEFAULT_DEVICE, model_device, resolve_device, resolve_dtype
+from ttmm.device import (
+    DEFAULT_DEVICE,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    resolve_lora_dtype,
+)
 from ttmm.embed import Encoder
 from ttmm.generation import Sampling, TokenLogprobs, cut_at_eos, decode
 from ttmm.merge import ExpertMerger, MergeError
@@ -73,16 +79,20 @@ class TTMM:
         bank: Bank,
         routing: RoutingConfig | None = None,
         memory: str = "auto",
+        lora_dtype: str | torch.dtype | None = "auto",
     ):
         """``memory`` is the fold's memory policy: ``"buffer"``, ``"swap"`` or ``"auto"``
-        (see :mod:`ttmm.fold`)."""
+        (see :mod:`ttmm.fold`); ``lora_dtype`` the dtype the experts' factors are kept and
+        multiplied in, ``"auto"`` for the base model's (see :mod:`ttmm.merge`)."""
         bank.check_compatible(model, encoder.dim)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.bank = bank
         self.routing = routing or bank.routing
-        self.merger = ExpertMerger(model, bank.adapters(), memory=memory)
+        self.merger = ExpertMerger(
+            model, bank.adapters(), memory=memory, lora_dtype=resolve_lora_dtype(lora_dtype)
+        )
         self.mode_costs = measured_costs(self.device)
         """The constants ``mode="auto"`` weighs fold against low-rank with (:mod:`ttmm.cost`)."""
 
@@ -96,21 +106,24 @@ class TTMM:
         device: str | torch.device | None = DEFAULT_DEVICE,
         dtype: str | torch.dtype | None = None,
         memory: str = "auto",
+        lora_dtype: str | torch.dtype | None = "auto",
     ) -> TTMM:
         """Load the bank, then its base model and encoder (the ones it names, unless given).
 
         ``device`` and ``dtype`` place the base model and the encoder (see :mod:`ttmm.device`);
-        ``memory`` is the fold's memory policy (see :mod:`ttmm.fold`).
+        ``memory`` is the fold's memory policy (see :mod:`ttmm.fold`); ``lora_dtype`` the
+        experts' factors' dtype (``"auto"``: the base model's; see :mod:`ttmm.merge`).
         """
         bank = bank if isinstance(bank, Bank) else Bank.load(bank)
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)  # both checked before the bank's adapters load
+        dtype = resolve_dtype(dtype, device)  # all checked before the bank's adapters load
+        resolve_lora_dtype(lora_dtype)
         model, tokenizer = load_base_model(
             base_model or bank.manifest.base_model["name"], dtype=dtype, device=device
         )
         if not isinstance(encoder, Encoder):
             encoder = Encoder(encoder or bank.manifest.encoder["name"], device=device)
-        return cls(model, tokenizer, encoder, bank, routing, memory)
+        return cls(model, tokenizer, encoder, bank, routing, memory, lora_dtype)
 
     @classmethod
     def from_banks(
@@ -121,14 +134,20 @@ class TTMM:
         routing: RoutingConfig | None = None,
         device: str | torch.device | None = DEFAULT_DEVICE,
         dtype: str | torch.dtype | None = None,
+        lora_dtype: str | torch.dtype | None = "auto",
     ) -> list[TTMM]:
         """Engines over several banks built on one base model, sharing that model and the
         encoder (loaded once, the first bank's unless given); e.g. banks of several K."""
         if not banks:
             raise InputError("no banks given")
         loaded = [bank if isinstance(bank, Bank) else Bank.load(bank) for bank in banks]
-        first = cls.from_bank(loaded[0], base_model, encoder, routing, device, dtype)
-        rest = [cls(first.model, first.tokenizer, first.encoder, b, routing) for b in loaded[1:]]
+        first = cls.from_bank(
+            loaded[0], base_model, encoder, routing, device, dtype, lora_dtype=lora_dtype
+        )
+        rest = [
+            cls(first.model, first.tokenizer, first.encoder, b, routing, lora_dtype=lora_dtype)
+            for b in loaded[1:]
+        ]
         return [first, *rest]
 
     @property

@@ -19,6 +19,7 @@ from ttmm.cli.options import (
     DtypeOption,
     EncoderOption,
     HostOption,
+    LoraDtypeOption,
     PortOption,
     console,
     user_errors,
@@ -36,6 +37,7 @@ def serve(
     encoder: EncoderOption = None,
     device: DeviceOption = DEFAULT_DEVICE,
     dtype: DtypeOption = DEFAULT_DTYPE,
+    lora_dtype: LoraDtypeOption = "auto",
     api_key: ApiKeyOption = None,
     model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
@@ -120,14 +122,25 @@ def serve(
             autoscaling_config,
             host,
             port,
-            {"base_model": base_model, "encoder": encoder, "device": device, "dtype": dtype},
+            {
+                "base_model": base_model,
+                "encoder": encoder,
+                "device": device,
+                "dtype": dtype,
+                "lora_dtype": lora_dtype,
+            },
         )
         return
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:
         raise ValueError("--replicas, --ray-address and --autoscaling-config need --ray")
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(
-            Path(bank), base_model=base_model, encoder=encoder, device=device, dtype=dtype
+            Path(bank),
+            base_model=base_model,
+            encoder=encoder,
+            device=device,
+            dtype=dtype,
+            lora_dtype=lora_dtype,
         )
     _warn_if_open(host, api_key)
     console.print(

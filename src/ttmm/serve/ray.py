@@ -183,7 +183,8 @@ def deploy(
     """Deploy the app on the connected Ray and wait until every replica is up; the URL.
 
     ``engine_options`` are ``TTMM.from_bank``'s (``base_model``, ``encoder``, ``device``,
-    ``dtype``); paths among them are made absolute, as replicas do not share our directory.
+    ``dtype``, ``lora_dtype``); paths among them are made absolute, as replicas do not share
+    our directory.
     """
     from ray import serve
 
