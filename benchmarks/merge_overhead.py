@@ -7,7 +7,10 @@ policies, with the same plan, in the same process, methods interleaved over roun
 weight memory at rest and the peak a merge + restore adds; route + merge + restore as % of the
 base model's time to 100 tokens; the merge against its FLOPs at the machine's GEMM rate for the
 same products. Table 2: a batch of 8 prompts with 8 different merges in low-rank mode against
-the base model. Last, the fold/low-rank cost constants of ``ttmm.cost`` measured on this machine.
+the base model. Every row of ours runs twice: factors in the weights' dtype (the default) and
+in bfloat16 (``lora_dtype``), whose products run at the bfloat16 GEMM rate and whose factors
+are half the bytes to read. Last, the fold/low-rank cost constants of ``ttmm.cost`` measured
+on this machine (default factors).
 
     pip install --no-deps ttmerge==0.0.4          # the reference, for this benchmark only
     .venv/bin/python benchmarks/merge_overhead.py [--repeats 5] [--threads N]
@@ -58,6 +61,7 @@ PROMPTS = [
 ]
 ACTIVE = (1, 3, 10)
 RANK = 8
+HALF = "bfloat16"  # the lora_dtype measured beside the weights' own
 
 
 def export_reference_layout(bank: Bank, dst: Path) -> Path:
@@ -245,11 +249,14 @@ def main() -> None:
         bank = Bank.load(path)
         ref_dir = export_reference_layout(bank, Path(tmp.name) / "reference")
     engine = TTMM(model, tokenizer, encoder, bank, memory="buffer")
+    half = TTMM(model, tokenizer, encoder, bank, memory="buffer", lora_dtype=HALF)
     adapters = bank.adapters()
     ours = {
         "buffer": engine.merger,
         "swap": ExpertMerger(model, adapters, memory="swap"),
         "perlayer": ExpertMerger(model, adapters, memory="buffer", grouped=False),  # no baddbmm
+        f"buffer {HALF}": half.merger,
+        f"swap {HALF}": ExpertMerger(model, adapters, memory="swap", lora_dtype=torch.bfloat16),
     }
     reference = None if args.calibrate else reference_model(engine, ref_dir)
     if reference is None and not args.calibrate:
@@ -276,9 +283,9 @@ def main() -> None:
         with ours["buffer"].fold(plans[3]):
             for n, tensor in theirs.items():
                 torch.testing.assert_close(engine.model.get_parameter(n), tensor)
-    methods = {f"{m}{n}": (lambda m=m, n=n: our_fold(m, plans[n])) for m in ours for n in ACTIVE}
+    methods = {f"{m} {n}": (lambda m=m, n=n: our_fold(m, plans[n])) for m in ours for n in ACTIVE}
     if reference is not None:
-        methods |= {f"ref{n}": (lambda n=n: reference_fold(plans[n])) for n in ACTIVE}
+        methods |= {f"ref {n}": (lambda n=n: reference_fold(plans[n])) for n in ACTIVE}
     for fn in methods.values():  # warm-up: buffers allocated, the reference's adapters cached
         fn()
 
@@ -309,14 +316,19 @@ def main() -> None:
             for key, fn in order[shift:] + order[:shift]:
                 samples.setdefault(key, []).append(timed(fn, 3, device))
             for n in ACTIVE:
-                samples.setdefault(f"gemm{n}", []).append(
-                    gemm_seconds(engine.merger, RANK * n, 3, device)
-                )
-            if not args.calibrate:
-                for active in (0, 3, 10):
-                    samples.setdefault(f"batch{active}", []).append(
-                        batch_throughput(engine, args.batch_tokens, active)
+                for factors in ("", f" {HALF}"):
+                    samples.setdefault(f"gemm{factors} {n}", []).append(
+                        gemm_seconds(ours[f"buffer{factors}"], RANK * n, 3, device)
                     )
+            if not args.calibrate:
+                samples.setdefault("batch 0", []).append(
+                    batch_throughput(engine, args.batch_tokens, 0)
+                )
+                for active in (3, 10):
+                    for factors, merging in (("", engine), (f" {HALF}", half)):
+                        samples.setdefault(f"batch{factors} {active}", []).append(
+                            batch_throughput(merging, args.batch_tokens, active)
+                        )
     median = {key: statistics.median(values) for key, values in samples.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -325,7 +337,7 @@ def main() -> None:
 
     with console.status("low-rank forward costs"):
         extra = lowrank_forward_costs(engine, plans[10], 4 * args.repeats + 3)
-    costs = fit_mode_costs(engine, {n: median[f"buffer{n}"] for n in ACTIVE}, extra, RANK * 10)
+    costs = fit_mode_costs(engine, {n: median[f"buffer {n}"] for n in ACTIVE}, extra, RANK * 10)
     shape = engine.merger.adapted_shape
     crossovers = {n: crossover_tokens(RANK * n, shape, costs) for n in ACTIVE}
     console.print(f"measured fold/low-rank costs (paste into ttmm.cost.MEASURED_COSTS):\n{costs}")
@@ -335,8 +347,8 @@ def main() -> None:
     peaks = {}
     for key, fn in methods.items():
         peaks[key] = peak_added_bytes(fn)
-    at_rest = {"buffer": ours["buffer"].buffer_bytes, "swap": ours["swap"].buffer_bytes}
-    adapters_at_rest = {m: 4 * ours[m].n_parameters for m in ours}
+    at_rest = {m: ours[m].buffer_bytes for m in ours if m != "perlayer"}
+    adapters_at_rest = {m: ours[m].factor_bytes for m in ours if m != "perlayer"}
     if reference is not None:
         at_rest["ref"] = tensor_bytes(reference.original_weights.values())
         adapters_at_rest["ref"] = sum(
@@ -346,40 +358,47 @@ def main() -> None:
     for n in ACTIVE:
         R = RANK * n
         flops = 2 * R * shape.weights
-        row = {
-            "active_experts": n,
-            "merged_rank": R,
-            "reference_s": median.get(f"ref{n}"),
-            "buffer_s": median[f"buffer{n}"],
-            "swap_s": median[f"swap{n}"],
-            "buffer_per_layer_s": median[f"perlayer{n}"],
-            "merge_gflop": flops / 1e9,
-            "gemm_s": median[f"gemm{n}"],
-            "gemm_gflop_per_s": flops / median[f"gemm{n}"] / 1e9,
-            "buffer_vs_gemm": ratio(f"buffer{n}", f"gemm{n}"),
-            "peak_added_bytes": {m: peaks.get(f"{m}{n}") for m in ("ref", "buffer", "swap")},
-            "crossover_new_tokens": crossovers[n],
-        }
-        if reference is not None:
-            row["buffer_vs_reference"] = ratio(f"buffer{n}", f"ref{n}")
-            row["swap_vs_reference"] = ratio(f"swap{n}", f"ref{n}")
-        if not args.calibrate:
-            row["route_merge_restore_s"] = median["route"] + row["buffer_s"]
-            row["route_merge_restore_pct_of_base"] = (
-                100 * row["route_merge_restore_s"] / median["base"]
-            )
-        rows.append(row)
+        for factors in ("", f" {HALF}"):
+            row = {
+                "active_experts": n,
+                "lora_dtype": HALF if factors else str(model.dtype).removeprefix("torch."),
+                "merged_rank": R,
+                "reference_s": median.get(f"ref {n}"),
+                "buffer_s": median[f"buffer{factors} {n}"],
+                "swap_s": median[f"swap{factors} {n}"],
+                "merge_gflop": flops / 1e9,
+                "gemm_s": median[f"gemm{factors} {n}"],
+                "gemm_gflop_per_s": flops / median[f"gemm{factors} {n}"] / 1e9,
+                "buffer_vs_gemm": ratio(f"buffer{factors} {n}", f"gemm{factors} {n}"),
+                "peak_added_bytes": {
+                    m: peaks.get(f"{m}{factors if m != 'ref' else ''} {n}")
+                    for m in ("ref", "buffer", "swap")
+                },
+            }
+            if not factors:
+                row["buffer_per_layer_s"] = median[f"perlayer {n}"]
+                row["crossover_new_tokens"] = crossovers[n]
+            if reference is not None:
+                row["buffer_vs_reference"] = ratio(f"buffer{factors} {n}", f"ref {n}")
+                row["swap_vs_reference"] = ratio(f"swap{factors} {n}", f"ref {n}")
+            if not args.calibrate:
+                row["route_merge_restore_s"] = median["route"] + row["buffer_s"]
+                row["route_merge_restore_pct_of_base"] = (
+                    100 * row["route_merge_restore_s"] / median["base"]
+                )
+            rows.append(row)
 
     mib = 2**20
     table = Table(title=f"merge + restore, {args.experts} experts r={RANK}, medians")
-    columns = ["active", "reference", "ours buffer", "ours swap", "buffer ÷ ref", "swap ÷ ref"]
-    columns += ["route+merge+restore ÷ base 100 tok", "merge ÷ GEMM of its FLOPs"]
+    columns = ["active", "factors", "reference", "ours buffer", "ours swap", "buffer ÷ ref"]
+    columns += ["swap ÷ ref", "route+merge+restore ÷ base 100 tok", "merge ÷ GEMM of its FLOPs"]
     for col in columns:
         table.add_column(col)
     for r in rows:
         ref_s = r["reference_s"]
         table.add_row(
             str(r["active_experts"]),
+            r["lora_dtype"],
             f"{ref_s:.3f} s" if ref_s else "-",
             f"{r['buffer_s']:.3f} s",
             f"{r['swap_s']:.3f} s",
@@ -392,9 +411,9 @@ def main() -> None:
     memory = Table(title="memory (MiB): weight copies at rest, adapters at rest, peak added")
     for col in ("", "weights at rest", "adapters at rest", *(f"peak, {n}" for n in ACTIVE)):
         memory.add_column(col)
-    for m in ("ref", "buffer", "swap"):
+    for m in ("ref", "buffer", "swap", f"buffer {HALF}", f"swap {HALF}"):
         if m in at_rest:
-            peak = [peaks.get(f"{m}{n}") for n in ACTIVE]
+            peak = [peaks.get(f"{m} {n}") for n in ACTIVE]
             memory.add_row(
                 m,
                 f"{at_rest[m] / mib:.0f}",
@@ -404,7 +423,7 @@ def main() -> None:
     console.print(memory)
     console.print(
         "buffer, one product per layer instead of one baddbmm per shape: "
-        + ", ".join(f"{r['buffer_per_layer_s']:.3f} s" for r in rows)
+        + ", ".join(f"{r['buffer_per_layer_s']:.3f} s" for r in rows if "buffer_per_layer_s" in r)
     )
     result = {
         "benchmark": "merge_overhead",
@@ -429,18 +448,28 @@ def main() -> None:
         "samples": samples,
     }
     if not args.calibrate:
-        base_gen, base_tps = median["base"], median["batch0"]
+        base_gen, base_tps = median["base"], median["batch 0"]
         console.print(f"base model: {base_gen:.2f} s for {args.tokens} tokens")
-        merged_tps = {active: median[f"batch{active}"] for active in (3, 10)}
+        merged = [
+            {
+                "active_experts": active,
+                "lora_dtype": HALF if factors else str(model.dtype).removeprefix("torch."),
+                "tokens_per_s": median[f"batch{factors} {active}"],
+                "throughput_ratio": ratio(f"batch{factors} {active}", "batch 0"),
+            }
+            for active in (3, 10)
+            for factors in ("", f" {HALF}")
+        ]
         batch = Table(title=f"batch of 8 prompts, {args.batch_tokens} new tokens each")
-        for col in ("", "tokens/s", "÷ base"):
+        for col in ("", "factors", "tokens/s", "÷ base"):
             batch.add_column(col)
-        batch.add_row("base model", f"{base_tps:.1f}", "1.00")
-        for active, tps in merged_tps.items():
+        batch.add_row("base model", "-", f"{base_tps:.1f}", "1.00")
+        for m in merged:
             batch.add_row(
-                f"8 different merges of {active} experts (low-rank)",
-                f"{tps:.1f}",
-                f"{tps / base_tps:.2f}",
+                f"8 different merges of {m['active_experts']} experts (low-rank)",
+                m["lora_dtype"],
+                f"{m['tokens_per_s']:.1f}",
+                f"{m['throughput_ratio']:.2f}",
             )
         console.print(batch)
         result |= {
@@ -450,10 +479,7 @@ def main() -> None:
                 "prompts": 8,
                 "new_tokens": args.batch_tokens,
                 "base_tokens_per_s": base_tps,
-                "merged": [
-                    {"active_experts": a, "tokens_per_s": tps, "throughput_ratio": tps / base_tps}
-                    for a, tps in merged_tps.items()
-                ],
+                "merged": merged,
             },
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,12 @@ with the others; their time to the first text is reported apart. Every request a
 its timing (route, merge, prefill, decode seconds), whose means are reported too. Before
 the load, the set-up of a mixed batch's low-rank merge (the per-batch union selection and
 row gathers) is timed against one decoding step of that batch: the measurement behind
-serving mixed batches without a merge cache.
+serving mixed batches without a merge cache. With ``--lora-dtype bfloat16`` a third phase runs
+routing on over a second server whose engine keeps the experts' factors in bfloat16 (the same
+base model, interleaved with the others): its ratio to routing off is reported beside.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 8] [--requests 4] [--tokens 32] \
-        [--streaming 4] [--threads 1]
+        [--streaming 4] [--threads 1] [--lora-dtype bfloat16]
 
 The bank is ``banks/default-k16`` when it has been built, otherwise a random 16-expert bank
 (r=8 on every linear layer) for the default model, written to a temporary folder.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -71,7 +74,10 @@ PROMPTS = [  # the merge benchmark's 8 prompts (prose and code), and 4 more
 ]
 
 
-def load_engine(bank: Path | None, device: str, dtype: str) -> tuple[TTMM, str]:
+def load_engine(
+    bank: Path | None, device: str, dtype: str, lora_dtypes: list[str]
+) -> tuple[list[TTMM], str]:
+    """One engine per LoRA dtype over one base model, encoder and bank; and the bank in words."""
     model, tokenizer = load_base_model(dtype=dtype, device=device)
     if bank is None and (DEFAULT_BANK / "manifest.json").exists():
         bank = DEFAULT_BANK
@@ -88,8 +94,11 @@ def load_engine(bank: Path | None, device: str, dtype: str) -> tuple[TTMM, str]:
     # defaults instead (sparse softmax, beta 0.04, tau 0.01, up to 10 experts).
     routing = RoutingConfig() if "random" in description else None
     encoder = Encoder(loaded.manifest.encoder["name"], device=device)
-    engine = TTMM(model, tokenizer, encoder, loaded, routing)
-    return engine, description
+    engines = [
+        TTMM(model, tokenizer, encoder, loaded, routing, lora_dtype=lora_dtype)
+        for lora_dtype in lora_dtypes
+    ]
+    return engines, description
 
 
 class LiveServer:
@@ -275,13 +284,21 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument(
+        "--lora-dtype",
+        default=None,
+        help="also serve routing on with the experts' factors in this dtype (e.g. bfloat16)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    engine, bank_description = load_engine(args.bank, args.device, args.dtype)
+    half = f"routing on, {args.lora_dtype} factors"
+    lora_dtypes = ["auto", args.lora_dtype] if args.lora_dtype else ["auto"]
+    engines, bank_description = load_engine(args.bank, args.device, args.dtype, lora_dtypes)
+    engine = engines[0]
     settings = ServerSettings(
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
@@ -289,37 +306,52 @@ def main() -> None:
     )
     mixed = mixed_batch_setup(engine, args.max_batch_size)
     logger.info("mixed batch set-up: %s", mixed)
-    app = create_app(engine, settings)
-    phases: dict[str, list[dict]] = {"routing on": [], "routing off": []}
-    with LiveServer(app) as url:
-        logger.info("server up at %s; warming up", url)
-        for routed in (False, True):
-            asyncio.run(run_phase(url, routed, clients=1, requests=1, tokens=4))
+    apps = [create_app(e, settings) for e in engines]
+    # phase name -> (server number, routed)
+    plan = {"routing off": (0, False), "routing on": (0, True)}
+    if args.lora_dtype:
+        plan[half] = (1, True)
+    phases: dict[str, list[dict]] = {name: [] for name in plan}
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(LiveServer(app)) for app in apps]
+        logger.info("servers up at %s; warming up", urls)
+        for server, routed in plan.values():
+            asyncio.run(run_phase(urls[server], routed, clients=1, requests=1, tokens=4))
+        names = list(plan)
         for round_index in range(args.rounds):
-            order = (
-                ("routing off", "routing on")
-                if round_index % 2 == 0
-                else ("routing on", "routing off")
-            )
-            for name in order:
+            shift = round_index % len(names)  # the order turns: none always follows the same
+            for name in names[shift:] + names[:shift]:
+                server, routed = plan[name]
+                app = apps[server]
                 before = server_counters(app)
-                routed = name == "routing on"
                 result = asyncio.run(
-                    run_phase(url, routed, args.clients, args.requests, args.tokens, args.streaming)
+                    run_phase(
+                        urls[server],
+                        routed,
+                        args.clients,
+                        args.requests,
+                        args.tokens,
+                        args.streaming,
+                    )
                 )
                 result["counters"] = {k: v - before[k] for k, v in server_counters(app).items()}
                 phases[name].append(result)
                 logger.info("round %d, %s: %.1f s", round_index + 1, name, result["wall_s"])
 
     summary = {name: summarise(runs) for name, runs in phases.items()}
-    on, off = summary["routing on"], summary["routing off"]
-    ratios = {
-        "throughput_requests": on["requests_per_s"] / off["requests_per_s"],
-        "throughput_tokens": on["tokens_per_s"] / off["tokens_per_s"],
-        "latency_p50": on["latency_p50_s"] / off["latency_p50_s"],
-        "latency_p90": on["latency_p90_s"] / off["latency_p90_s"],
-        "latency_p99": on["latency_p99_s"] / off["latency_p99_s"],
+    off = summary["routing off"]
+    every_ratio = {
+        name: {
+            "throughput_requests": s["requests_per_s"] / off["requests_per_s"],
+            "throughput_tokens": s["tokens_per_s"] / off["tokens_per_s"],
+            "latency_p50": s["latency_p50_s"] / off["latency_p50_s"],
+            "latency_p90": s["latency_p90_s"] / off["latency_p90_s"],
+            "latency_p99": s["latency_p99_s"] / off["latency_p99_s"],
+        }
+        for name, s in summary.items()
+        if name != "routing off"
     }
+    on, ratios = summary["routing on"], every_ratio["routing on"]
 
     table = Table(
         title=f"ttmm serve: {args.clients} clients × {args.requests} requests × "
@@ -341,17 +373,18 @@ def main() -> None:
             f"{s['mean_active_experts']:.1f}",
             f"{s['rows_per_batch']:.1f}",
         )
-    table.add_row(
-        "on / off",
-        f"{ratios['throughput_requests']:.2f}",
-        f"{ratios['throughput_tokens']:.2f}",
-        f"{ratios['latency_p50']:.2f}",
-        f"{ratios['latency_p90']:.2f}",
-        f"{ratios['latency_p99']:.2f}",
-        "",
-        "",
-        "",
-    )
+    for name, r in every_ratio.items():
+        table.add_row(
+            f"{name} / off",
+            f"{r['throughput_requests']:.2f}",
+            f"{r['throughput_tokens']:.2f}",
+            f"{r['latency_p50']:.2f}",
+            f"{r['latency_p90']:.2f}",
+            f"{r['latency_p99']:.2f}",
+            "",
+            "",
+            "",
+        )
     console = Console(width=120)
     console.print(table)
     console.print(
@@ -387,6 +420,8 @@ def main() -> None:
         "summary": summary,
         "ratios_on_over_off": ratios,
     }
+    if args.lora_dtype:
+        record["ratios_over_off"] = every_ratio
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     logger.info("wrote %s", args.out)
 
