@@ -1,8 +1,10 @@
-"""How much of a trained adapter's effect survives a merge into bfloat16 weights (issue 12).
+"""How much of a trained adapter's effect survives bfloat16: in the weights (issue 12), or in
+the experts' factors over float32 weights (``lora_dtype``, issue 11).
 
 A fold writes W + ΔW back into the weights' dtype. In bfloat16 (8 bits of mantissa) the small
 updates that trained LoRA experts make are often below the rounding step of W, so they vanish;
-low-rank mode never writes W and adds x A'ᵀ B'ᵀ to the layer's output instead. This measures,
+low-rank mode never writes W and adds x A'ᵀ B'ᵀ to the layer's output instead. bfloat16
+factors over float32 weights round the update itself (A, B and B'A') but never W. This measures,
 on real trained experts and SmolLM2-135M, the effect of a merge on the logits (merged minus
 base) in each mode, against the float32 merge as the reference:
 
@@ -12,13 +14,15 @@ base) in each mode, against the float32 merge as the reference:
 
     .venv/bin/python benchmarks/half_precision.py --adapters BANK/experts/00{0,1,2}
 
-The first two adapters are merged alone, and all of them together (equal weights). Writes
+The first two adapters are merged alone, and all of them together (equal weights; give up to
+ten for a merge of ten). Writes
 ``benchmarks/results/half_precision.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -73,18 +77,21 @@ def nll(all_logits: torch.Tensor, batch) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--adapters", type=Path, nargs=3, required=True, help="three trained LoRA folders"
+        "--adapters", type=Path, nargs="+", required=True, help="three or more trained LoRA folders"
     )
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="their base model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "half_precision.json")
     args = parser.parse_args(argv)
+    if len(args.adapters) < 3:
+        parser.error("--adapters needs at least three LoRA folders")
     torch.set_num_threads(args.threads)
     adapters = [load_adapter(path) for path in args.adapters]
+    n = len(adapters)
     plans = {
         "expert 0": RoutingPlan.explicit({0: 1.0}),
         "expert 1": RoutingPlan.explicit({1: 1.0}),
-        "experts 0+1+2": RoutingPlan.explicit({0: 1 / 3, 1: 1 / 3, 2: 1 / 3}),
+        f"experts 0..{n - 1}": RoutingPlan.explicit({k: 1 / n for k in range(n)}),
     }
     name = args.base_model
     models = {
@@ -96,35 +103,41 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     reference = {}
     for dtype, (model, _) in models.items():
-        merger = ExpertMerger(model, adapters)
-        for label, plan in plans.items():
-            for mode in ("fold", "lowrank"):
-                base, merged = measure(model, merger, plan, batch, mode)
-                effect = merged - base
-                if dtype == "float32" and mode == "fold":
-                    reference[label] = effect
-                ref = reference[label]
-                rows.append(
-                    {
-                        "weights": dtype,
-                        "mode": mode,
-                        "merge": label,
-                        "retained": float(1 - (effect - ref).norm() / ref.norm()),
-                        "cosine": float(
-                            torch.nn.functional.cosine_similarity(
-                                effect.flatten(), ref.flatten(), dim=0
-                            )
-                        ),
-                        "effect_norm_ratio": float(effect.norm() / ref.norm()),
-                        "nll_shift": nll(merged, batch) - nll(base, batch),
-                    }
-                )
+        mergers = {dtype: ExpertMerger(model, adapters)}
+        if dtype == "float32":
+            mergers["bfloat16"] = ExpertMerger(model, adapters, lora_dtype=torch.bfloat16)
+        for (factors, merger), (label, plan), mode in itertools.product(
+            mergers.items(), plans.items(), ("fold", "lowrank")
+        ):
+            base, merged = measure(model, merger, plan, batch, mode)
+            effect = merged - base
+            if dtype == factors == "float32" and mode == "fold":
+                reference[label] = effect
+            ref = reference[label]
+            rows.append(
+                {
+                    "weights": dtype,
+                    "factors": factors,
+                    "mode": mode,
+                    "merge": label,
+                    "retained": float(1 - (effect - ref).norm() / ref.norm()),
+                    "cosine": float(
+                        torch.nn.functional.cosine_similarity(
+                            effect.flatten(), ref.flatten(), dim=0
+                        )
+                    ),
+                    "effect_norm_ratio": float(effect.norm() / ref.norm()),
+                    "nll_shift": nll(merged, batch) - nll(base, batch),
+                }
+            )
     table = Table(title="effect of a merge on the logits, against the float32 fold")
-    for column in ("weights", "mode", "merge", "retained", "cosine", "|effect| ratio", "NLL shift"):
+    columns = ("weights", "factors", "mode", "merge", "retained", "cosine", "|effect| ratio")
+    for column in (*columns, "NLL shift"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
             r["weights"],
+            r["factors"],
             r["mode"],
             r["merge"],
             f"{r['retained']:.3f}",

@@ -43,7 +43,7 @@ from ttmm.adapter import save_adapter  # noqa: E402
 from ttmm.assets import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
 from ttmm.bank import Bank  # noqa: E402
 from ttmm.cost import ModeCosts, crossover_tokens  # noqa: E402
-from ttmm.device import describe, resolve_device, synchronize  # noqa: E402
+from ttmm.device import describe, dtype_name, resolve_device, synchronize  # noqa: E402
 from ttmm.embed import Encoder  # noqa: E402
 from ttmm.merge import ExpertMerger  # noqa: E402
 from ttmm.model import TTMM  # noqa: E402
@@ -335,13 +335,26 @@ def main() -> None:
         """Median over rounds of a / b, each round's pair measured seconds apart."""
         return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
-    with console.status("low-rank forward costs"):
-        extra = lowrank_forward_costs(engine, plans[10], 4 * args.repeats + 3)
-    costs = fit_mode_costs(engine, {n: median[f"buffer {n}"] for n in ACTIVE}, extra, RANK * 10)
+    # the cost constants of ttmm.cost, for factors in the weights' dtype and in bfloat16
+    own = dtype_name(model.dtype)
+    variants = {own: ("", engine), HALF: (f" {HALF}", half)}
+    extras, all_costs, all_crossovers = {}, {}, {}
     shape = engine.merger.adapted_shape
-    crossovers = {n: crossover_tokens(RANK * n, shape, costs) for n in ACTIVE}
-    console.print(f"measured fold/low-rank costs (paste into ttmm.cost.MEASURED_COSTS):\n{costs}")
-    console.print(f"crossover (new tokens from which auto folds): {crossovers}")
+    for lora_dtype, (factors, merging) in variants.items():
+        with console.status(f"low-rank forward costs, {lora_dtype} factors"):
+            extras[lora_dtype] = lowrank_forward_costs(merging, plans[10], 4 * args.repeats + 3)
+        fold_s = {n: median[f"buffer{factors} {n}"] for n in ACTIVE}
+        all_costs[lora_dtype] = fit_mode_costs(merging, fold_s, extras[lora_dtype], RANK * 10)
+        all_crossovers[lora_dtype] = {
+            n: crossover_tokens(RANK * n, shape, all_costs[lora_dtype]) for n in ACTIVE
+        }
+        console.print(
+            f"measured fold/low-rank costs, {lora_dtype} factors (paste into "
+            f"ttmm.cost.MEASURED_COSTS[{device.type!r}, {lora_dtype!r}]):\n"
+            f"{all_costs[lora_dtype]}\ncrossover (new tokens from which auto folds): "
+            f"{all_crossovers[lora_dtype]}"
+        )
+    extra, costs = extras[own], all_costs[own]
 
     weight_bytes = tensor_bytes({p.data_ptr(): p for p in model.parameters()}.values())
     peaks = {}
@@ -361,7 +374,7 @@ def main() -> None:
         for factors in ("", f" {HALF}"):
             row = {
                 "active_experts": n,
-                "lora_dtype": HALF if factors else str(model.dtype).removeprefix("torch."),
+                "lora_dtype": HALF if factors else dtype_name(model.dtype),
                 "merged_rank": R,
                 "reference_s": median.get(f"ref {n}"),
                 "buffer_s": median[f"buffer{factors} {n}"],
@@ -375,9 +388,9 @@ def main() -> None:
                     for m in ("ref", "buffer", "swap")
                 },
             }
+            row["crossover_new_tokens"] = all_crossovers[row["lora_dtype"]][n]
             if not factors:
                 row["buffer_per_layer_s"] = median[f"perlayer {n}"]
-                row["crossover_new_tokens"] = crossovers[n]
             if reference is not None:
                 row["buffer_vs_reference"] = ratio(f"buffer{factors} {n}", f"ref {n}")
                 row["swap_vs_reference"] = ratio(f"swap{factors} {n}", f"ref {n}")
@@ -445,6 +458,8 @@ def main() -> None:
         "single_prompt": rows,
         "mode_costs": vars(costs),
         "lowrank_forward_extra_s": extra,
+        "mode_costs_by_lora_dtype": {k: vars(v) for k, v in all_costs.items()},
+        "lowrank_forward_extra_s_by_lora_dtype": extras,
         "samples": samples,
     }
     if not args.calibrate:
@@ -453,7 +468,7 @@ def main() -> None:
         merged = [
             {
                 "active_experts": active,
-                "lora_dtype": HALF if factors else str(model.dtype).removeprefix("torch."),
+                "lora_dtype": HALF if factors else dtype_name(model.dtype),
                 "tokens_per_s": median[f"batch{factors} {active}"],
                 "throughput_ratio": ratio(f"batch{factors} {active}", "batch 0"),
             }

@@ -185,3 +185,12 @@ def tiny_engine(tmp_path, tiny_llama, smol_tokenizer, encoder):
 
     bank = Bank.load(write_random_bank(tmp_path / "bank", tiny_llama, encoder.dim))
     return TTMM(tiny_llama, smol_tokenizer, encoder, bank)
+
+
+@pytest.fixture
+def tiny_engine_bf16_factors(tiny_engine):
+    """``tiny_engine``'s model, encoder and bank, the experts' factors kept in bfloat16."""
+    from ttmm.model import TTMM
+
+    engine = tiny_engine
+    return TTMM(engine.model, engine.tokenizer, engine.encoder, engine.bank, lora_dtype="bfloat16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ttmm.cost import (
     MEASURED_COSTS,
@@ -13,6 +14,7 @@ from ttmm.cost import (
     crossover_tokens,
     fold_seconds,
     lowrank_seconds,
+    measured_costs,
 )
 from ttmm.routing import RoutingPlan
 
@@ -64,7 +66,7 @@ def test_a_mix_of_merges_runs_lowrank_and_unknown_costs_fold_one_merge():
 
 
 def test_measured_costs_are_valid_and_bad_ones_are_named():
-    assert "cpu" in MEASURED_COSTS
+    assert ("cpu", "float32") in MEASURED_COSTS and ("cpu", "bfloat16") in MEASURED_COSTS
     with pytest.raises(ValueError, match="lowrank_seconds_per_flop"):
         ModeCosts(1e-10, 1e-11, 1e-5, -1.0)
 
@@ -118,3 +120,16 @@ def test_merger_reports_the_shape_and_rank_the_costs_need():
     assert merger.adapted_shape == AdaptedShape(layers=14, weights=61_440, fan_sum=1_856)
     assert merger.plan_rank(RoutingPlan.explicit({0: 0.3, 2: 0.7})) == 8
     assert merger.plan_rank(RoutingPlan.base()) == 0
+
+
+def test_engines_weigh_modes_with_the_costs_of_their_factors_dtype(
+    tiny_engine, tiny_engine_bf16_factors
+):
+    half = tiny_engine_bf16_factors
+    assert tiny_engine.mode_costs is MEASURED_COSTS["cpu", "float32"]
+    assert half.mode_costs is MEASURED_COSTS["cpu", "bfloat16"]
+    assert measured_costs(torch.device("cpu"), torch.float16) is None  # never measured
+    # bfloat16 products make the fold cheaper on the measured CPU: auto folds sooner
+    fold32 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "float32"])
+    fold16 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "bfloat16"])
+    assert fold16 < fold32

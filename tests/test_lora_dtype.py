@@ -106,17 +106,13 @@ def test_an_unsupported_lora_dtype_is_refused_with_the_choices():
         resolve_lora_dtype("int8")
 
 
-def test_the_engine_and_the_cli_take_a_lora_dtype(tiny_engine, monkeypatch):
+def test_the_engine_and_the_cli_take_a_lora_dtype(
+    tiny_engine, tiny_engine_bf16_factors, monkeypatch
+):
     from ttmm.cli.app import app
     from ttmm.model import TTMM
 
-    engine = TTMM(
-        tiny_engine.model,
-        tiny_engine.tokenizer,
-        tiny_engine.encoder,
-        tiny_engine.bank,
-        lora_dtype="bfloat16",
-    )
+    engine = tiny_engine_bf16_factors
     assert engine.merger.lora_dtype == torch.bfloat16
     assert tiny_engine.merger.lora_dtype == tiny_engine.model.dtype  # "auto"
     [plan] = engine.route(["The Roman Senate met in the Curia"])
@@ -142,3 +138,30 @@ def test_the_engine_and_the_cli_take_a_lora_dtype(tiny_engine, monkeypatch):
     result = CliRunner().invoke(app, ["route", "x", "--bank", bank, "--lora-dtype", "int8"])
     assert result.exit_code == 2 and "LoRA dtype 'int8' is unknown" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_passes_the_lora_dtype_to_its_engine_and_to_ray_replicas(tiny_engine, monkeypatch):
+    import uvicorn
+
+    import ttmm.cli.serve as serve_cli
+    from ttmm.cli.app import app
+    from ttmm.model import TTMM
+
+    seen = {}
+
+    def from_bank(bank, **options):
+        seen.update(options)
+        return tiny_engine
+
+    monkeypatch.setattr(TTMM, "from_bank", staticmethod(from_bank))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # no server is started
+    bank = str(tiny_engine.bank.path)
+    result = CliRunner().invoke(app, ["serve", "--bank", bank, "--lora-dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert seen["lora_dtype"] == "bfloat16"
+
+    on_ray = {}
+    monkeypatch.setattr(serve_cli, "_serve_on_ray", lambda *args: on_ray.update(args[-1]))
+    result = CliRunner().invoke(app, ["serve", "--bank", bank, "--ray", "--lora-dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert on_ray["lora_dtype"] == "bf16"
