@@ -14,9 +14,11 @@ A' = [w_1 s_1 A_1; …; w_n s_n A_n] (:mod:`ttmm.factors`). Two ways to run it:
 
 The factors are kept in ``lora_dtype``, the weights' dtype unless told otherwise (as vLLM's
 ``lora_dtype``). bfloat16 factors over float32 weights halve the factors' memory and what
-low-rank mode reads per step, and the products B'A' and x A'ᵀ B'ᵀ run at the bfloat16 GEMM
-rate; the products are then added to the float32 weights or outputs, so only the update is
-rounded (benchmarks/half_precision.py measures what of its effect remains).
+low-rank mode reads per step, and the products B'A' and x A'ᵀ B'ᵀ run in bfloat16; they are
+then added to the float32 weights or outputs, so only the update is rounded
+(benchmarks/half_precision.py measures what of its effect remains). On a CPU with
+AVX512-BF16 that makes the fold about twice as fast; low-rank's products of a few rows gain
+nothing there (per-call costs of oneDNN's bfloat16 kernels; benchmarks/merge_overhead.py).
 
 Adapters are stacked per layer in memory when the merger is built, so a merge reads no disk.
 Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
