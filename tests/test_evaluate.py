@@ -218,21 +218,32 @@ def test_documents_are_drawn_by_a_seeded_hash_of_their_id(engine):
 
 
 def test_several_banks_plot_perplexity_against_experts(tmp_path):
+    from ttmm.eval.plots import experts_series
+
     rows, banks = [], {}
-    for k, ppl in ((4, 9.0), (16, 8.5)):
-        banks[f"k{k}"] = {
+    # (bank, K, branched from, top1's perplexity); k16-branched differs in more than K
+    for name, k, branch, ppl in (
+        ("k4", 4, None, 9.0),
+        ("k16", 16, None, 8.5),
+        ("k16-branched", 16, "finetune", 7.0),
+    ):
+        banks[name] = {
             "num_experts": k,
             "path": "",
             "routing": {},
             "base_model": "m",
             "build": {},
+            "branch_from": branch,
             "keys": {},
             "documents": [],
         }
-        for method, value in (("base", 10.0), ("top1", ppl), ("ttt", 8.0)):
+        scored = [("base", 10.0), ("finetune", 9.5), ("top1", ppl), ("ttt", 8.0)]
+        if name == "k16":
+            scored.append(("ensemble10", 8.2))  # scored at one K only: no line
+        for method, value in scored:
             rows.append(
                 {
-                    "bank": f"k{k}",
+                    "bank": name,
                     "domain": "wiki",
                     "method": method,
                     "label": METHODS[method].label,
@@ -246,23 +257,39 @@ def test_several_banks_plot_perplexity_against_experts(tmp_path):
                     "normalised_ci_high": (value - 7.5) / 2.0,
                     "nll": 1.0,
                     "mean_active_experts": 1.0,
-                    "comparisons": {},
+                    "comparisons": {
+                        "finetune": {
+                            "diff": value - 9.5,
+                            "ci_low": value - 9.6,
+                            "ci_high": value - 9.4,
+                            "significant": True,
+                            "win_rate": 1.0,
+                            "n_docs": 1,
+                        }
+                    }
+                    if method != "finetune"
+                    else {},
                 }
             )
+    methods = ("base", "finetune", "top1", "ttt", "ensemble10")
     report = {
         "schema_version": 2,
         "created": "now",
         "config": {"bootstrap": 10},
         "environment": {},
-        "methods": {
-            m: {"kind": METHODS[m].kind, "label": METHODS[m].label} for m in ("base", "top1", "ttt")
-        },
+        "methods": {m: {"kind": METHODS[m].kind, "label": METHODS[m].label} for m in methods},
         "banks": banks,
         "results": rows,
         "timing": [],
         "documents": [],
         "timings": [],
     }
+    lines = experts_series(report)["wiki"]
+    assert set(lines) == {"base", "finetune", "top1", "ttt"}  # no ensemble: one K only
+    assert lines["top1"] == [(4, 9.0, 8.5, 9.5), (16, 8.5, 8.0, 9.0)]  # not the branched 7.0
+    differences = experts_series(report, against="finetune")["wiki"]
+    assert "finetune" not in differences
+    assert [(k, round(d, 6)) for k, d, *_ in differences["top1"]] == [(4, -0.5), (16, -1.0)]
     paths = write_report(report, tmp_path)
     assert paths["experts"].stat().st_size > 1000
     assert "k4 wiki" in paths["table"].read_text()

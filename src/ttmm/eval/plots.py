@@ -94,23 +94,86 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def experts_series(
+    report: dict, against: str | None = None
+) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
+    """Per domain, per method: (K, value, 95% interval low, high) over the banks that differ
+    only in K, sorted by K. The value is the perplexity, or with ``against`` (e.g.
+    ``"finetune"``) the paired difference to that method of the same bank.
+
+    Banks branched from another adapter are left out (they differ in more than K), and so are
+    methods with a value at a single K (ensembles, hybrids): they make no line.
+    """
+    banks = {
+        name: info["num_experts"]
+        for name, info in report["banks"].items()
+        if not info.get("branch_from")
+    }
+    series: dict[str, dict[str, list]] = {}
+    for r in report["results"]:
+        if r["bank"] not in banks:
+            continue
+        if against is None:
+            point = (banks[r["bank"]], r["ppl"], r["ci_low"], r["ci_high"])
+        elif (c := r["comparisons"].get(against)) is not None:
+            point = (banks[r["bank"]], c["diff"], c["ci_low"], c["ci_high"])
+        else:
+            continue
+        series.setdefault(r["domain"], {}).setdefault(r["method"], []).append(point)
+    return {
+        domain: {
+            m: sorted(points) for m, points in methods.items() if len({p[0] for p in points}) > 1
+        }
+        for domain, methods in sorted(series.items())
+    }
+
+
 def plot_experts(report: dict, path: str | os.PathLike) -> None:
-    """Perplexity against the number of experts K, one line per method, one panel per domain."""
+    """How the merges change with the number of experts K (:func:`experts_series`): the
+    paired difference to each bank's own fine-tuning with its 95% interval where every bank
+    scored fine-tuning (0 = fine-tuning), else the perplexity; one line per method, one panel
+    per domain; base and TTT, which do not depend on K, in grey."""
     plt = _pyplot()
-    domains = sorted({r["domain"] for r in report["results"]})
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.5), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
-        for method, info in report["methods"].items():
-            points = sorted(
-                (report["banks"][r["bank"]]["num_experts"], r["ppl"])
-                for r in report["results"]
-                if r["domain"] == domain and r["method"] == method
+    sweep = [b for b in report["banks"].values() if not b.get("branch_from")]
+    scored = {(r["bank"], r["method"]) for r in report["results"]}
+    names = [n for n, b in report["banks"].items() if not b.get("branch_from")]
+    against = "finetune" if all((n, "finetune") in scored for n in names) and sweep else None
+    series = experts_series(report, against)
+    methods = list(report["methods"])
+    colours = plt.get_cmap("tab20")
+    references = {"base": "--", "ttt": ":"}
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.5), squeeze=False)
+    for ax, (domain, lines) in zip(axes[0], series.items()):
+        for method, points in lines.items():
+            ks, value, low, high = zip(*points)
+            label = report["methods"][method]["label"]
+            if method in references:
+                ax.plot(ks, value, color="grey", ls=references[method], lw=1, label=label)
+                continue
+            ax.errorbar(
+                ks,
+                value,
+                yerr=[
+                    [v - lo for v, lo in zip(value, low)],
+                    [hi - v for v, hi in zip(value, high)],
+                ],
+                color=colours(methods.index(method) % 20),
+                marker="o",
+                capsize=3,
+                elinewidth=0.8,
+                label=label,
             )
-            if points:
-                ax.plot(*zip(*points), marker="o", label=info["label"])
+        if against:
+            ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("experts K")
-        ax.set_ylabel("perplexity")
+        ax.set_xticks(sorted({k for points in lines.values() for k, *_ in points}))
+        ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
+        ax.set_xlabel("experts K (banks trained from the base model)")
+        ax.set_ylabel(
+            "perplexity − the bank's fine-tuning (paired 95% interval)"
+            if against
+            else "perplexity (95% interval)"
+        )
         ax.set_title(domain)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -119,4 +182,4 @@ def plot_experts(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["plot_experts", "plot_tradeoff", "y_limits"]
+__all__ = ["experts_series", "plot_experts", "plot_tradeoff", "y_limits"]
