@@ -74,3 +74,50 @@ def test_scoring_threads_leave_the_banks_identity_alone(reproduce):
 
     assert config_hash("--threads", "2") == config_hash()
     assert config_hash("--build-threads", "2") != config_hash()
+
+
+def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsys):
+    """benchmarks/compare_banks.py: across banks with the report's own paired bootstrap, so a
+    pair within one bank gives exactly the report's comparison."""
+    import json
+    import random
+
+    from ttmm.eval.harness import EvalConfig
+    from ttmm.eval.report import build_report
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_banks", SCRIPT.parent / "compare_banks.py"
+    )
+    compare_banks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_banks)
+
+    rng = random.Random(0)
+    ids = [f"doc{i}" for i in range(12)]
+    rng.shuffle(ids)  # the report's order is the selection's, not the ids'
+    config = EvalConfig(methods=("base", "finetune", "top10"), bootstrap=300)
+    documents, banks = [], {}
+    for bank in ("k4", "k16"):
+        keys = {m: f"{bank}-{m}" if m != "base" else "base" for m in config.methods}
+        banks[bank] = {"keys": keys, "documents": ids, "num_experts": int(bank[1:])}
+        for method, key in keys.items():
+            for doc_id in reversed(ids):  # file order differs from the report's order
+                record = {"key": key, "method": method, "doc_id": doc_id, "domain": "wiki"}
+                scores = {"nll": rng.uniform(20, 40), "tokens": 10, "active_experts": 1}
+                documents.append(record | scores)
+    documents = list({(d["key"], d["method"], d["doc_id"]): d for d in documents}.values())
+    report = build_report(banks, config, documents, [])
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "documents.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+
+    args = ["k4:top10", "k4:finetune", "k4:top10", "k16:top10", "--results", str(tmp_path)]
+    assert compare_banks.main(args) == 0
+    within, across = capsys.readouterr().out.splitlines()
+    [row] = [r for r in report["results"] if r["bank"] == "k4" and r["method"] == "top10"]
+    c = row["comparisons"]["finetune"]
+    assert f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" in within
+    assert "k4:top10 − k16:top10, wiki" in across and "of 12 documents" in across
+    with pytest.raises(SystemExit):
+        compare_banks.main(["k4:top10", "--results", str(tmp_path)])  # not a pair
+    with pytest.raises(SystemExit, match="k4:ttt was not scored"):
+        compare_banks.main(["k4:ttt", "k4:base", "--results", str(tmp_path)])
