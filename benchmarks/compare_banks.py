@@ -18,18 +18,26 @@ import sys
 from pathlib import Path
 
 from ttmm.eval.intervals import draw, paired_difference, win_rate
+from ttmm.eval.methods import METHODS
 
 HERE = Path(__file__).resolve().parent
 
 
 def records(results: dict, documents: list[dict], bank: str, method: str) -> dict[str, dict]:
-    """The scored documents of ``method`` on ``bank``, by document id (the latest record of
-    each, as the report takes)."""
+    """The scored documents of ``method`` on ``bank``, by document id, as the report takes
+    them: the latest record of each, on the documents of the method's subset."""
     try:
-        key = results["banks"][bank]["keys"][method]
+        info = results["banks"][bank]
+        key = info["keys"][method]
+        subset = METHODS[method].subset
     except KeyError:
         raise SystemExit(f"{bank}:{method} was not scored in this results folder") from None
-    return {d["doc_id"]: d for d in documents if d["key"] == key and d["method"] == method}
+    scored = set(info.get("subsets", {}).get(subset, info["documents"]))
+    return {
+        d["doc_id"]: d
+        for d in documents
+        if d["key"] == key and d["method"] == method and d["doc_id"] in scored
+    }
 
 
 def compare(

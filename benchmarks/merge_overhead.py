@@ -337,7 +337,9 @@ def main() -> None:
 
     # the cost constants of ttmm.cost, for factors in the weights' dtype and in bfloat16
     own = dtype_name(model.dtype)
-    variants = {own: ("", engine), HALF: (f" {HALF}", half)}
+    variants = {own: ("", engine)}
+    if own != HALF:  # bfloat16 weights: the two engines are one configuration
+        variants[HALF] = (f" {HALF}", half)
     extras, all_costs, all_crossovers = {}, {}, {}
     shape = engine.merger.adapted_shape
     for lora_dtype, (factors, merging) in variants.items():
@@ -350,7 +352,7 @@ def main() -> None:
         }
         console.print(
             f"measured fold/low-rank costs, {lora_dtype} factors (paste into "
-            f"ttmm.cost.MEASURED_COSTS[{device.type!r}, {lora_dtype!r}]):\n"
+            f"ttmm.cost.MEASURED_COSTS[{device.type!r}, {own!r}, {lora_dtype!r}]):\n"
             f"{all_costs[lora_dtype]}\ncrossover (new tokens from which auto folds): "
             f"{all_crossovers[lora_dtype]}"
         )

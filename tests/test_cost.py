@@ -66,7 +66,8 @@ def test_a_mix_of_merges_runs_lowrank_and_unknown_costs_fold_one_merge():
 
 
 def test_measured_costs_are_valid_and_bad_ones_are_named():
-    assert ("cpu", "float32") in MEASURED_COSTS and ("cpu", "bfloat16") in MEASURED_COSTS
+    assert ("cpu", "float32", "float32") in MEASURED_COSTS
+    assert ("cpu", "float32", "bfloat16") in MEASURED_COSTS
     with pytest.raises(ValueError, match="lowrank_seconds_per_flop"):
         ModeCosts(1e-10, 1e-11, 1e-5, -1.0)
 
@@ -126,10 +127,13 @@ def test_engines_weigh_modes_with_the_costs_of_their_factors_dtype(
     tiny_engine, tiny_engine_bf16_factors
 ):
     half = tiny_engine_bf16_factors
-    assert tiny_engine.mode_costs is MEASURED_COSTS["cpu", "float32"]
-    assert half.mode_costs is MEASURED_COSTS["cpu", "bfloat16"]
-    assert measured_costs(torch.device("cpu"), torch.float16) is None  # never measured
+    assert tiny_engine.mode_costs is MEASURED_COSTS["cpu", "float32", "float32"]
+    assert half.mode_costs is MEASURED_COSTS["cpu", "float32", "bfloat16"]
+    cpu = torch.device("cpu")
+    assert measured_costs(cpu, torch.float32, torch.float16) is None  # never measured
+    # bfloat16 weights with their own bfloat16 factors run other code paths: not measured
+    assert measured_costs(cpu, torch.bfloat16, torch.bfloat16) is None
     # bfloat16 products make the fold cheaper on the measured CPU: auto folds sooner
-    fold32 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "float32"])
-    fold16 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "bfloat16"])
+    fold32 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "float32", "float32"])
+    fold16 = crossover_tokens(80, SMOL, MEASURED_COSTS["cpu", "float32", "bfloat16"])
     assert fold16 < fold32

@@ -381,3 +381,57 @@ def test_tradeoff_panel_range_follows_the_points_not_a_wild_interval():
     assert low < -2.5 and high > 1.0  # every point and the base and TTT lines are inside
     assert high - low == pytest.approx(2 * (1.0 + 2.5))  # half the span of room on each side
     assert y_limits([0.5]) == (-0.5, 1.5)  # no points outside [0, 1]: the lines set the range
+
+
+def test_no_experts_plot_without_banks_that_differ_only_in_k(tmp_path):
+    """Branched banks differ in more than K: with no two plain banks of different K there is
+    no line to draw, and the report is written without the plot."""
+    from ttmm.eval.plots import experts_series
+
+    rows, banks = [], {}
+    for name, k, branch in (("a", 4, "finetune"), ("b", 16, "finetune"), ("c", 8, None)):
+        banks[name] = {
+            "num_experts": k,
+            "path": "",
+            "routing": {},
+            "base_model": "m",
+            "build": {},
+            "branch_from": branch,
+            "keys": {},
+            "documents": [],
+        }
+        rows.append(
+            {
+                "bank": name,
+                "domain": "wiki",
+                "method": "top1",
+                "label": METHODS["top1"].label,
+                "ppl": 9.0,
+                "ci_low": 8.5,
+                "ci_high": 9.5,
+                "n_docs": 1,
+                "n_tokens": 10,
+                "normalised_perplexity": None,
+                "normalised_ci_low": None,
+                "normalised_ci_high": None,
+                "nll": 1.0,
+                "mean_active_experts": 1.0,
+                "comparisons": {},
+            }
+        )
+    report = {
+        "schema_version": 2,
+        "created": "now",
+        "config": {"bootstrap": 10},
+        "environment": {},
+        "methods": {"top1": {"kind": METHODS["top1"].kind, "label": METHODS["top1"].label}},
+        "banks": banks,
+        "results": rows,
+        "timing": [],
+        "documents": [],
+        "timings": [],
+    }
+    assert not any(experts_series(report).values())
+    paths = write_report(report, tmp_path)
+    assert "experts" not in paths and not (tmp_path / "experts.png").exists()
+    assert paths["table"].exists()

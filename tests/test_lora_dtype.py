@@ -96,6 +96,22 @@ def test_float32_factors_over_bfloat16_weights_fold_into_bfloat16_weights():
     assert relative_gap(lowrank, same, base) < 0.1
 
 
+@pytest.mark.parametrize(
+    "weights, factors", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_lowrank_with_gradients_keeps_each_layers_output_dtype(weights, factors):
+    """With gradients recorded the hook cannot add in place; its sum must stay in the layer's
+    dtype, or the next layer gets float32 inputs against bfloat16 weights."""
+    model = build_tiny_llama(VOCAB).to(weights)
+    merger = ExpertMerger(model, adapters_for(model), lora_dtype=factors)
+    x = tokens(batch=2)
+    for plans in ([PLAN, PLAN], [PLAN, OTHER]):  # shared and per-row hooks
+        with merger.lowrank(plans):
+            logits = model(x).logits
+        assert torch.is_grad_enabled()  # the hooks took their out-of-place path
+        assert logits.dtype == weights and torch.isfinite(logits.float()).all()
+
+
 def test_an_unsupported_lora_dtype_is_refused_with_the_choices():
     model = build_tiny_llama(VOCAB)
     with pytest.raises(MergeError, match="lora_dtype=torch.int8 is not supported.*bfloat16"):
@@ -165,3 +181,7 @@ def test_serve_passes_the_lora_dtype_to_its_engine_and_to_ray_replicas(tiny_engi
     result = CliRunner().invoke(app, ["serve", "--bank", bank, "--ray", "--lora-dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert on_ray["lora_dtype"] == "bf16"
+    on_ray.clear()  # a typo is refused before Ray starts
+    result = CliRunner().invoke(app, ["serve", "--bank", bank, "--ray", "--lora-dtype", "int8"])
+    assert result.exit_code == 2 and "LoRA dtype 'int8' is unknown" in result.output
+    assert not on_ray

@@ -83,6 +83,7 @@ def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsy
     import random
 
     from ttmm.eval.harness import EvalConfig
+    from ttmm.eval.intervals import draw, paired_difference
     from ttmm.eval.report import build_report
 
     spec = importlib.util.spec_from_file_location(
@@ -102,9 +103,9 @@ def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsy
         for method, key in keys.items():
             for doc_id in reversed(ids):  # file order differs from the report's order
                 record = {"key": key, "method": method, "doc_id": doc_id, "domain": "wiki"}
-                scores = {"nll": rng.uniform(20, 40), "tokens": 10, "active_experts": 1}
-                documents.append(record | scores)
-    documents = list({(d["key"], d["method"], d["doc_id"]): d for d in documents}.values())
+                for _ in range(2):  # a stale record, then the one the report takes (latest)
+                    scores = {"nll": rng.uniform(20, 40), "tokens": 10, "active_experts": 1}
+                    documents.append(record | scores)
     report = build_report(banks, config, documents, [])
     (tmp_path / "results.json").write_text(json.dumps(report))
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
@@ -117,6 +118,11 @@ def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsy
     c = row["comparisons"]["finetune"]
     assert f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" in within
     assert "k4:top10 − k16:top10, wiki" in across and "of 12 documents" in across
+    latest = {(d["key"], d["method"], d["doc_id"]): d for d in documents}
+    a, b = ([latest[f"{k}-top10", "top10", i] for i in ids] for k in ("k4", "k16"))
+    arrays = [[r[f] for r in side] for side in (a, b) for f in ("nll", "tokens")]
+    d = paired_difference(*arrays, draw(ids, config.bootstrap, config.seed))
+    assert f"{d.value:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]" in across
     with pytest.raises(SystemExit):
         compare_banks.main(["k4:top10", "--results", str(tmp_path)])  # not a pair
     with pytest.raises(SystemExit, match="k4:ttt was not scored"):

@@ -7,8 +7,9 @@ token position). A long generation amortises the fold; a short one, or a short t
 does not. A batch that mixes merges cannot fold one merge for all its rows: it runs low-rank.
 
 The constants of both costs were measured on one machine and live in :data:`MEASURED_COSTS`,
-by device type and the dtype the factors are multiplied in (``lora_dtype``: bfloat16 products
-make the fold about twice as fast on a CPU with AVX512-BF16, but not low-rank's small ones);
+by device type, the weights' dtype and the dtype the factors are multiplied in (``lora_dtype``:
+bfloat16 products make the fold about twice as fast on a CPU with AVX512-BF16, but not
+low-rank's small ones; each pair of dtypes runs its own code path);
 re-measure them with
 
     .venv/bin/python benchmarks/merge_overhead.py --calibrate
@@ -74,11 +75,11 @@ class Workload:
         return cls(1, rows * tokens)
 
 
-MEASURED_COSTS: dict[tuple[str, str], ModeCosts] = {
+MEASURED_COSTS: dict[tuple[str, str, str], ModeCosts] = {
     # benchmarks/merge_overhead.py --repeats 7 --threads 2, 2026-11-29 14:35 UTC: 2-core AMD
     # EPYC (AVX-512, AVX512-BF16), torch 2.13, SmolLM2-135M fp32, the machine otherwise idle.
     # float32 factors: crossover 6, 8 and 17 new tokens at 1, 3 and 10 experts
-    ("cpu", "float32"): ModeCosts(
+    ("cpu", "float32", "float32"): ModeCosts(
         fold_seconds_per_weight=2.5569e-10,
         fold_seconds_per_flop=5.9066e-12,
         lowrank_seconds_per_layer_call=3.1132e-05,
@@ -86,7 +87,7 @@ MEASURED_COSTS: dict[tuple[str, str], ModeCosts] = {
     ),
     # bfloat16 factors over the float32 model (lora_dtype): the fold's products 3.4x cheaper a
     # FLOP, low-rank's small products dearer a call; crossover 3, 3 and 4 new tokens
-    ("cpu", "bfloat16"): ModeCosts(
+    ("cpu", "float32", "bfloat16"): ModeCosts(
         fold_seconds_per_weight=3.0433e-10,
         fold_seconds_per_flop=1.7152e-12,
         lowrank_seconds_per_layer_call=7.5660e-05,
@@ -95,10 +96,13 @@ MEASURED_COSTS: dict[tuple[str, str], ModeCosts] = {
 }
 
 
-def measured_costs(device: torch.device, lora_dtype: torch.dtype) -> ModeCosts | None:
-    """The measured constants for ``device``'s type and factors multiplied in ``lora_dtype``,
-    or None where none were measured."""
-    return MEASURED_COSTS.get((device.type, str(lora_dtype).removeprefix("torch.")))
+def measured_costs(
+    device: torch.device, weights_dtype: torch.dtype, lora_dtype: torch.dtype
+) -> ModeCosts | None:
+    """The measured constants for ``device``'s type, weights in ``weights_dtype`` and factors
+    multiplied in ``lora_dtype``, or None where none were measured."""
+    names = (str(d).removeprefix("torch.") for d in (weights_dtype, lora_dtype))
+    return MEASURED_COSTS.get((device.type, *names))
 
 
 def fold_seconds(rank: int, shape: AdaptedShape, costs: ModeCosts) -> float:

@@ -95,7 +95,7 @@ LORA_DTYPE_HELP = "auto (the base model's dtype), float32, bfloat16 or float16"
 
 def resolve_lora_dtype(name: str | torch.dtype | None = None) -> torch.dtype | None:
     """The dtype the experts' factors are kept in, for a name (``auto``/None: the weights')."""
-    if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "auto")):
         return None
     try:
         return resolve_dtype(name)

@@ -19,8 +19,8 @@ def add_lowrank(output: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> tor
     Factors in another dtype than the layer's output (``lora_dtype``) multiply in theirs and
     the product is added in the output's dtype.
     """
-    if torch.is_grad_enabled():
-        return output + (z @ B_t).reshape(output.shape)
+    if torch.is_grad_enabled():  # the sum stays in the output's dtype, as in the in-place path
+        return output + (z @ B_t).to(output.dtype).reshape(output.shape)
     flat = output.view(-1, output.shape[-1])
     if B_t.dtype != output.dtype:
         flat.add_(z.reshape(-1, z.shape[-1]) @ B_t)

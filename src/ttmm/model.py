@@ -93,7 +93,7 @@ class TTMM:
         self.merger = ExpertMerger(
             model, bank.adapters(), memory=memory, lora_dtype=resolve_lora_dtype(lora_dtype)
         )
-        self.mode_costs = measured_costs(self.device, self.merger.lora_dtype)
+        self.mode_costs = measured_costs(self.device, model.dtype, self.merger.lora_dtype)
         """The constants ``mode="auto"`` weighs fold against low-rank with (:mod:`ttmm.cost`)."""
 
     @classmethod

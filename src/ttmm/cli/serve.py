@@ -94,6 +94,7 @@ def serve(
     """Serve the bank over an OpenAI-compatible HTTP API that routes and merges per request."""
     import uvicorn
 
+    from ttmm.device import resolve_lora_dtype
     from ttmm.model import TTMM
     from ttmm.serve.app import ServerSettings, create_app
 
@@ -113,6 +114,7 @@ def serve(
         rate_limit_per_minute=rate_limit,
         export_dir=str(export_dir) if export_dir is not None else None,
     )
+    resolve_lora_dtype(lora_dtype)  # a typo is refused before Ray or a model starts
     if ray:
         _serve_on_ray(
             bank,

@@ -435,7 +435,7 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, table.md, tradeoff.png and (with several banks) experts.png, each written
     atomically."""
-    from ttmm.eval.plots import plot_experts, plot_tradeoff
+    from ttmm.eval.plots import experts_series, plot_experts, plot_tradeoff
 
     out = Path(out_dir)
     validate(report)
@@ -445,7 +445,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if report["timing"] and any(r["normalised_perplexity"] is not None for r in report["results"]):
         paths["tradeoff"] = out / "tradeoff.png"
         plot_tradeoff(report, paths["tradeoff"])
-    if len({b["num_experts"] for b in report["banks"].values()}) > 1:
+    if any(experts_series(report).values()):  # banks that differ only in K make lines
         paths["experts"] = out / "experts.png"
         plot_experts(report, paths["experts"])
     return paths

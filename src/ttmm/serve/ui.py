@@ -114,7 +114,9 @@ class _UIState:
                         type="not_found_error",
                         code="no_finetune",
                     )
-                self._finetune = ExpertMerger(self.engine.model, [adapter])
+                self._finetune = ExpertMerger(
+                    self.engine.model, [adapter], lora_dtype=self.engine.merger.lora_dtype
+                )
             return self._finetune
 
     def routing(self, override: RoutingOverride | None) -> RoutingConfig:
