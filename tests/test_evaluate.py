@@ -217,6 +217,20 @@ def test_documents_are_drawn_by_a_seeded_hash_of_their_id(engine):
     assert [d.id for d in other] != chosen
 
 
+def _report_bank(num_experts: int, branch_from: str | None) -> dict:
+    """A bank's entry in a hand-made report: what the plots read of it."""
+    return {
+        "num_experts": num_experts,
+        "path": "",
+        "routing": {},
+        "base_model": "m",
+        "build": {},
+        "branch_from": branch_from,
+        "keys": {},
+        "documents": [],
+    }
+
+
 def test_several_banks_plot_perplexity_against_experts(tmp_path):
     from ttmm.eval.plots import experts_series
 
@@ -227,16 +241,7 @@ def test_several_banks_plot_perplexity_against_experts(tmp_path):
         ("k16", 16, None, 8.5),
         ("k16-branched", 16, "finetune", 7.0),
     ):
-        banks[name] = {
-            "num_experts": k,
-            "path": "",
-            "routing": {},
-            "base_model": "m",
-            "build": {},
-            "branch_from": branch,
-            "keys": {},
-            "documents": [],
-        }
+        banks[name] = _report_bank(k, branch)
         scored = [("base", 10.0), ("finetune", 9.5), ("top1", ppl), ("ttt", 8.0)]
         if name == "k16":
             scored.append(("ensemble10", 8.2))  # scored at one K only: no line
@@ -390,16 +395,7 @@ def test_no_experts_plot_without_banks_that_differ_only_in_k(tmp_path):
 
     rows, banks = [], {}
     for name, k, branch in (("a", 4, "finetune"), ("b", 16, "finetune"), ("c", 8, None)):
-        banks[name] = {
-            "num_experts": k,
-            "path": "",
-            "routing": {},
-            "base_model": "m",
-            "build": {},
-            "branch_from": branch,
-            "keys": {},
-            "documents": [],
-        }
+        banks[name] = _report_bank(k, branch)
         rows.append(
             {
                 "bank": name,
