@@ -250,13 +250,16 @@ def main() -> None:
         ref_dir = export_reference_layout(bank, Path(tmp.name) / "reference")
     engine = TTMM(model, tokenizer, encoder, bank, memory="buffer")
     half = TTMM(model, tokenizer, encoder, bank, memory="buffer", lora_dtype=HALF)
+    own = dtype_name(model.dtype)  # the factors' dtype of the default engine
     adapters = bank.adapters()
     ours = {
         "buffer": engine.merger,
         "swap": ExpertMerger(model, adapters, memory="swap"),
         "perlayer": ExpertMerger(model, adapters, memory="buffer", grouped=False),  # no baddbmm
         f"buffer {HALF}": half.merger,
-        f"swap {HALF}": ExpertMerger(model, adapters, memory="swap", lora_dtype=torch.bfloat16),
+        f"swap {HALF}": ExpertMerger(
+            model, adapters, memory="swap", lora_dtype=half.merger.lora_dtype
+        ),
     }
     reference = None if args.calibrate else reference_model(engine, ref_dir)
     if reference is None and not args.calibrate:
@@ -336,7 +339,6 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
     # the cost constants of ttmm.cost, for factors in the weights' dtype and in bfloat16
-    own = dtype_name(model.dtype)
     variants = {own: ("", engine)}
     if own != HALF:  # bfloat16 weights: the two engines are one configuration
         variants[HALF] = (f" {HALF}", half)
@@ -376,7 +378,7 @@ def main() -> None:
         for factors in ("", f" {HALF}"):
             row = {
                 "active_experts": n,
-                "lora_dtype": HALF if factors else dtype_name(model.dtype),
+                "lora_dtype": HALF if factors else own,
                 "merged_rank": R,
                 "reference_s": median.get(f"ref {n}"),
                 "buffer_s": median[f"buffer{factors} {n}"],
@@ -470,7 +472,7 @@ def main() -> None:
         merged = [
             {
                 "active_experts": active,
-                "lora_dtype": HALF if factors else dtype_name(model.dtype),
+                "lora_dtype": HALF if factors else own,
                 "tokens_per_s": median[f"batch{factors} {active}"],
                 "throughput_ratio": ratio(f"batch{factors} {active}", "batch 0"),
             }

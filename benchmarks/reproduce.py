@@ -22,8 +22,9 @@ tokens each) with 15% of documents held out:
 The costly methods (ensembles, TTT on all weights, the hybrids) run on ``k16`` only; base and
 TTT read no experts, so every bank of the corpus shares their records.
 
-Every bank's fine-tuning baseline is the same job (same chunks, same budget), so a bank whose
-folder already holds it reuses it: copy ``k16/finetune`` into a new bank's folder to skip it.
+A bank whose folder already holds its fine-tuning adapter reuses it. Banks of the same K share
+that job (same chunks, budget and seed): copy ``k16/finetune`` into ``k16-branched`` to skip it.
+Its seed follows K, so ``k4`` and ``k64`` train their own.
 
 The evaluation (design notes §3 and §7) takes 60 held-out documents per domain in a seeded
 order; TTT-NN and the hybrids TTMM->TTT run on the first 30 of them, all-weights TTT on the

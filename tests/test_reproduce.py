@@ -13,13 +13,19 @@ from ttmm.build.pipeline import BuildConfig
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
+def load_script(name: str):
+    """A script of ``benchmarks/`` as a module, registered while it loads (dataclasses look
+    their module up); the caller removes it from ``sys.modules``."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("reproduce")
     del sys.modules["reproduce"]
 
 
@@ -86,11 +92,8 @@ def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsy
     from ttmm.eval.intervals import draw, paired_difference
     from ttmm.eval.report import build_report
 
-    spec = importlib.util.spec_from_file_location(
-        "compare_banks", SCRIPT.parent / "compare_banks.py"
-    )
-    compare_banks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_banks)
+    compare_banks = load_script("compare_banks")
+    del sys.modules["compare_banks"]
 
     rng = random.Random(0)
     ids = [f"doc{i}" for i in range(12)]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ttmm.device import dtype_name
+
 
 @dataclass(frozen=True)
 class ModeCosts:
@@ -101,8 +103,7 @@ def measured_costs(
 ) -> ModeCosts | None:
     """The measured constants for ``device``'s type, weights in ``weights_dtype`` and factors
     multiplied in ``lora_dtype``, or None where none were measured."""
-    names = (str(d).removeprefix("torch.") for d in (weights_dtype, lora_dtype))
-    return MEASURED_COSTS.get((device.type, *names))
+    return MEASURED_COSTS.get((device.type, dtype_name(weights_dtype), dtype_name(lora_dtype)))
 
 
 def fold_seconds(rank: int, shape: AdaptedShape, costs: ModeCosts) -> float:

@@ -94,6 +94,15 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def _sweep_banks(report: dict) -> dict[str, int]:
+    """K of each bank trained from the base model (branched banks differ in more than K)."""
+    return {
+        name: info["num_experts"]
+        for name, info in report["banks"].items()
+        if not info.get("branch_from")
+    }
+
+
 def experts_series(
     report: dict, against: str | None = None
 ) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
@@ -104,11 +113,7 @@ def experts_series(
     Banks branched from another adapter are left out (they differ in more than K), and so are
     methods with a value at a single K (ensembles, hybrids): they make no line.
     """
-    banks = {
-        name: info["num_experts"]
-        for name, info in report["banks"].items()
-        if not info.get("branch_from")
-    }
+    banks = _sweep_banks(report)
     series: dict[str, dict[str, list]] = {}
     for r in report["results"]:
         if r["bank"] not in banks:
@@ -134,10 +139,9 @@ def plot_experts(report: dict, path: str | os.PathLike) -> None:
     scored fine-tuning (0 = fine-tuning), else the perplexity; one line per method, one panel
     per domain; base and TTT, which do not depend on K, in grey."""
     plt = _pyplot()
-    sweep = [b for b in report["banks"].values() if not b.get("branch_from")]
     scored = {(r["bank"], r["method"]) for r in report["results"]}
-    names = [n for n, b in report["banks"].items() if not b.get("branch_from")]
-    against = "finetune" if all((n, "finetune") in scored for n in names) and sweep else None
+    names = _sweep_banks(report)
+    against = "finetune" if names and all((n, "finetune") in scored for n in names) else None
     series = experts_series(report, against)
     methods = list(report["methods"])
     colours = plt.get_cmap("tab20")
