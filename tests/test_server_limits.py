@@ -69,6 +69,13 @@ OPERATIONS = [
     ("POST", "/v1/ttmm/score"),
     ("POST", "/v1/ttmm/finetune/completions"),
     ("POST", "/v1/ttmm/export"),  # ttmm.serve.export
+    ("GET", "/v1/ttmm/rollout"),  # ttmm.serve.rollout (a server without one: 404, 403)
+    ("POST", "/v1/ttmm/rollout/candidate"),
+    ("POST", "/v1/ttmm/rollout/promote"),
+    ("POST", "/v1/ttmm/rollout/rollback"),
+    ("POST", "/v1/ttmm/rollout/pause"),
+    ("POST", "/v1/ttmm/rollout/resume"),
+    ("POST", "/v1/ttmm/feedback"),
 ]
 
 

@@ -84,6 +84,52 @@ class Decoded:
     """(batch, new): the new tokens only."""
     logprobs: TokenLogprobs | None = None
     """Present when ``decode`` was asked for ``top_logprobs``."""
+    prompt_nll: list[tuple[float, int]] | None = None
+    """(total NLL, scored tokens) of each row's prompt after its first ``score_prefix``
+    tokens, present when ``decode`` was asked for it."""
+
+
+def continuation_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor, prefix_tokens: int
+) -> list[tuple[float, int]]:
+    """(total NLL, scored tokens) per row, over the tokens after each row's first
+    ``prefix_tokens`` real ones (design notes §3: the routed prefix is never scored).
+
+    ``logits`` (b, s or s − 1, V) are the model's outputs at the positions of ``input_ids``
+    (b, s); padding may sit on either side (``attention`` marks the real tokens).
+    """
+    length = input_ids.shape[1]
+    log_probs = torch.log_softmax(logits[:, : length - 1].float(), dim=-1)  # predicts t=1..s-1
+    targets = input_ids[:, 1:]  # (b, s-1)
+    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, s-1)
+    positions = (attention.cumsum(-1) - 1)[:, 1:]  # each target's index among its row's tokens
+    scored = (positions >= prefix_tokens) & attention[:, 1:].bool()
+    return [
+        (float(token_nll[i][scored[i]].sum()), int(scored[i].sum()))
+        for i in range(input_ids.shape[0])
+    ]
+
+
+def prefill_scored(
+    model: torch.nn.Module, batch: dict, score_prefix: int
+) -> tuple[list[tuple[float, int]], object]:
+    """Run the prompt but its last token, as ``generate``'s prefill would, keeping the logits
+    of every position: the prompt's NLL after ``score_prefix`` tokens, and the key-value
+    cache that ``generate`` continues from (it then runs only the last prompt token), so the
+    score costs no second pass over the prompt."""
+    from transformers import DynamicCache
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+    cache = DynamicCache(config=model.config)
+    output = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return continuation_nll(output.logits, ids, mask, score_prefix), output.past_key_values
 
 
 def decode(
@@ -94,6 +140,7 @@ def decode(
     sampling: Sampling = GREEDY,
     min_new_tokens: int = 0,
     top_logprobs: int | None = None,
+    score_prefix: int | None = None,
     **extra,
 ) -> Decoded:
     """Run ``model.generate`` on a tokenised batch with the model as it stands (merged or not).
@@ -101,11 +148,17 @@ def decode(
     Returns only the new tokens, (batch, new). ``min_new_tokens`` suppresses the
     end-of-sequence token until that many exist (timing runs decode a fixed length);
     ``top_logprobs`` (k >= 0) also returns each new token's log-probability and the k most
-    likely tokens at each step; ``extra`` goes to ``generate`` as is (a streamer, stopping
-    criteria).
+    likely tokens at each step; ``score_prefix`` (P) also returns the NLL of each prompt's
+    tokens after its first P, from the prefill (:func:`prefill_scored`); ``extra`` goes to
+    ``generate`` as is (a streamer, stopping criteria).
     """
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    prompt_nll = None
+    if score_prefix is not None and batch["input_ids"].shape[1] >= 2:
+        prompt_nll, extra["past_key_values"] = prefill_scored(model, batch, score_prefix)
+    elif score_prefix is not None:  # one-token prompts: nothing after any prefix
+        prompt_nll = [(0.0, 0)] * batch["input_ids"].shape[0]
     scored = top_logprobs is not None
     output = model.generate(
         **batch,
@@ -119,12 +172,12 @@ def decode(
     sequences = output.sequences if scored else output
     tokens = sequences[:, batch["input_ids"].shape[1] :]
     if not scored:
-        return Decoded(tokens)
+        return Decoded(tokens, prompt_nll=prompt_nll)
     log_probs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), dim=-1)  # (b, new, V)
     log_probs = log_probs[:, : tokens.shape[1]]
     chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, new)
     top = log_probs.topk(top_logprobs, dim=-1)  # (b, new, k)
-    return Decoded(tokens, TokenLogprobs(chosen, top.indices, top.values))
+    return Decoded(tokens, TokenLogprobs(chosen, top.indices, top.values), prompt_nll)
 
 
 def cut_at_eos(tokens: Sequence[int], eos_token_id: int | None) -> tuple[list[int], str]:

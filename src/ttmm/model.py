@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
 from ttmm.cost import Workload, choose_mode, measured_costs
@@ -31,7 +32,14 @@ from ttmm.device import (
     resolve_lora_dtype,
 )
 from ttmm.embed import Encoder
-from ttmm.generation import Sampling, TokenLogprobs, cut_at_eos, decode
+from ttmm.generation import (
+    Sampling,
+    TokenLogprobs,
+    continuation_nll,
+    cut_at_eos,
+    decode,
+    prefill_scored,
+)
 from ttmm.merge import ExpertMerger, MergeError
 from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route
 
@@ -53,6 +61,8 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence) or "length"
     token_ids: tuple[int, ...] = ()
     logprobs: TokenLogprobs | None = None  # this row's, cut to its tokens, when asked for
+    prompt_nll: tuple[float, int] | None = None
+    """(total NLL, scored tokens) of the prompt after the routing prefix, when asked for."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,14 @@ class TTMM:
         routing: RoutingConfig | None = None,
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
+        extra_adapters: Sequence[LoraAdapter] = (),
     ):
         """``memory`` is the fold's memory policy: ``"buffer"``, ``"swap"`` or ``"auto"``
         (see :mod:`ttmm.fold`); ``lora_dtype`` the dtype the experts' factors are kept and
-        multiplied in, ``"auto"`` for the base model's (see :mod:`ttmm.merge`)."""
+        multiplied in, ``"auto"`` for the base model's (see :mod:`ttmm.merge`).
+        ``extra_adapters`` join the merger after the bank's K experts, as ids K, K + 1, ...:
+        adapters that explicit plans may apply beside the bank's (a rollout's control arm),
+        so that rows of both run in one batch over the one model."""
         bank.check_compatible(model, encoder.dim)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -91,7 +105,10 @@ class TTMM:
         self.bank = bank
         self.routing = routing or bank.routing
         self.merger = ExpertMerger(
-            model, bank.adapters(), memory=memory, lora_dtype=resolve_lora_dtype(lora_dtype)
+            model,
+            [*bank.adapters(), *extra_adapters],
+            memory=memory,
+            lora_dtype=resolve_lora_dtype(lora_dtype),
         )
         self.mode_costs = measured_costs(self.device, model.dtype, self.merger.lora_dtype)
         """The constants ``mode="auto"`` weighs fold against low-rank with (:mod:`ttmm.cost`)."""
@@ -254,12 +271,15 @@ class TTMM:
         seed: int | None = None,
         min_new_tokens: int = 0,
         top_logprobs: int | None = None,
+        score_prefix: int | None = None,
         **extra,
     ) -> list[Generation]:
         """Continue each prompt with its own merge; returns the text and the routing used.
 
         ``min_new_tokens`` suppresses the end-of-sequence token until that many tokens exist
         (timing runs set it to ``max_new_tokens`` so every method decodes the same length).
+        ``score_prefix`` (P) also scores each prompt's tokens after its first P under the
+        row's merge, from the prefill itself (the server's online quality).
         ``top_logprobs`` and ``extra`` (a streamer, stopping criteria) go to ``decode``.
         """
         prompts = _check_texts(prompts)
@@ -277,7 +297,7 @@ class TTMM:
         with self.merged(plans, mode, work):
             decoded = decode(
                 self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens,
-                top_logprobs, **extra,
+                top_logprobs, score_prefix, **extra,
             )  # fmt: skip
         results = []
         for i, (row, plan, mask) in enumerate(zip(decoded.tokens, plans, batch["attention_mask"])):
@@ -291,9 +311,29 @@ class TTMM:
                     finish_reason=finish_reason,
                     token_ids=tuple(tokens),
                     logprobs=decoded.logprobs and decoded.logprobs.row(i, len(tokens)),
+                    prompt_nll=decoded.prompt_nll and decoded.prompt_nll[i],
                 )
             )
         return results
+
+    @torch.no_grad()
+    def prompt_nll(
+        self, prompts: Sequence[str], plans: Sequence[RoutingPlan], score_prefix: int
+    ) -> list[tuple[float, int]]:
+        """(total NLL, scored tokens) of each prompt after its first ``score_prefix`` tokens,
+        under its own plan, tokenised exactly as :meth:`generate` tokenises it: the same
+        numbers ``generate(score_prefix=...)`` reports, for a plan that did not generate
+        (the server's shadow scoring)."""
+        prompts = _check_texts(prompts)
+        plans = self._plans(prompts, None, plans)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        batch = batch.to(self.device)
+        work = Workload.scoring(len(plans), batch["input_ids"].shape[1])
+        if batch["input_ids"].shape[1] < 2:
+            return [(0.0, 0)] * len(prompts)
+        with self.merged(plans, "auto", work):
+            scores, _ = prefill_scored(self.model, batch, score_prefix)
+        return scores
 
     @torch.no_grad()
     def score(
@@ -328,21 +368,6 @@ class TTMM:
                 continuation_nll(logits, input_ids, attention, prefix_tokens), plans
             )
         ]
-
-
-def continuation_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor, prefix_tokens: int
-) -> list[tuple[float, int]]:
-    """(total NLL, scored tokens) per row, over target positions t ≥ prefix_tokens."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, s-1, V) predicts t=1..s-1
-    targets = input_ids[:, 1:]  # (b, s-1)
-    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, s-1)
-    positions = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # t
-    scored = (positions >= prefix_tokens) & attention[:, 1:].bool()
-    return [
-        (float(token_nll[i][scored[i]].sum()), int(scored[i].sum()))
-        for i in range(input_ids.shape[0])
-    ]
 
 
 def right_pad(

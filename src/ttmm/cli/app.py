@@ -11,6 +11,7 @@ from ttmm.cli.build import build, info
 from ttmm.cli.engine import generate, import_bank, route, score
 from ttmm.cli.eval import demo, eval_command
 from ttmm.cli.export import export
+from ttmm.cli.rollout import rollout_app
 from ttmm.cli.serve import serve
 from ttmm.cli.ui import ui
 
@@ -47,3 +48,4 @@ VERBS = {
 }
 for _name, _verb in VERBS.items():
     app.command(_name)(_verb)
+app.add_typer(rollout_app, name="rollout")

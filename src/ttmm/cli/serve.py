@@ -13,7 +13,6 @@ from ttmm.cli.options import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
     ApiKeyOption,
-    BankOption,
     BaseModelOption,
     DeviceOption,
     DtypeOption,
@@ -30,7 +29,24 @@ logger = logging.getLogger(__name__)
 
 @user_errors
 def serve(
-    bank: BankOption,
+    bank: Annotated[
+        Path | None, typer.Option("--bank", "-b", help="Expert bank folder (or --rollout).")
+    ] = None,
+    rollout: Annotated[
+        Path | None,
+        typer.Option(
+            help="Rollout file (YAML): serve its control and candidate arms side by side, "
+            "measure them on live traffic, promote or roll back step by step."
+        ),
+    ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TTMM_ADMIN_KEY",
+            help="Key of the rollout's operator endpoints (distinct from --api-key).",
+            show_default=False,
+        ),
+    ] = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     base_model: BaseModelOption = None,
@@ -97,6 +113,16 @@ def serve(
     from ttmm.device import resolve_lora_dtype
     from ttmm.model import TTMM
     from ttmm.serve.app import ServerSettings, create_app
+    from ttmm.serve.rollout.config import RolloutConfig
+
+    if (bank is None) == (rollout is None):
+        raise ValueError("give --bank BANK, or --rollout FILE (which names its banks)")
+    config = RolloutConfig.load(rollout) if rollout is not None else None
+    if config is not None and ray:
+        raise ValueError(
+            "--rollout runs on one server for now: its state and evidence live in one "
+            "process; drop --ray"
+        )
 
     settings = ServerSettings(
         model_id=model_id,
@@ -109,6 +135,7 @@ def serve(
         batch_window_ms=batch_window_ms,
         merge_cache_mb=merge_cache_mb,
         api_key=api_key,
+        admin_key=admin_key,
         max_body_bytes=max_body_bytes,
         max_concurrent_streams=max_streams,
         rate_limit_per_minute=rate_limit,
@@ -135,6 +162,9 @@ def serve(
         return
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:
         raise ValueError("--replicas, --ray-address and --autoscaling-config need --ray")
+    if config is not None:
+        _serve_rollout(config, settings, host, port, base_model, encoder, device, dtype, lora_dtype)
+        return
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(
             Path(bank),
@@ -150,6 +180,27 @@ def serve(
         f"{engine.device}, {engine.model.dtype}) on http://{host}:{port}"
     )
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
+
+
+def _serve_rollout(config, settings, host, port, base_model, encoder, device, dtype, lora_dtype):
+    import uvicorn
+
+    from ttmm.serve.app import create_app
+    from ttmm.serve.rollout.service import start_rollout
+
+    with console.status("loading base model, encoder and both arms"):
+        rollout = start_rollout(config, base_model, encoder, device, dtype, lora_dtype)
+    _warn_if_open(host, settings.api_key)
+    state = rollout.controller.policy.state
+    console.print(
+        f"serving {settings.model_id!r}: rollout {state.rollout_id} ({config.mode}), "
+        f"control {config.control.kind}, candidate {config.candidate.bank}, "
+        f"step {state.step + 1}/{len(config.steps)} at {rollout.controller.policy.share:g} %, "
+        f"{state.status}; on http://{host}:{port}"
+    )
+    if settings.admin_key is None:
+        logger.warning("no --admin-key: the rollout runs, but operators cannot act over HTTP")
+    uvicorn.run(create_app(None, settings, rollout), host=host, port=port, log_level="info")
 
 
 def _warn_if_open(host: str, api_key: str | None) -> None:

@@ -32,8 +32,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transformers import StoppingCriteriaList
 
@@ -122,6 +123,12 @@ class GenerationOptions:
         return {"max_new_tokens": self.max_new_tokens, **dataclasses.asdict(self.sampling)}
 
 
+class Router(Protocol):
+    """What turns routing queries into plans: an engine, or another bank's router."""
+
+    def route(self, texts: Sequence[str], routing: RoutingConfig) -> list[RoutingPlan]: ...
+
+
 @dataclass(frozen=True)
 class MergeRequest:
     """The merge a row asked for: a fixed ``plan``, or routing ``query`` under ``routing``."""
@@ -129,6 +136,8 @@ class MergeRequest:
     plan: RoutingPlan | None = None
     query: str | None = None
     routing: RoutingConfig | None = None
+    router: Router | None = None
+    """What routes ``query``; None: the engine that generates the row."""
 
     def __post_init__(self) -> None:
         if (self.plan is None) == (self.query is None or self.routing is None):
@@ -156,6 +165,12 @@ class Timing:
 class Served:
     generation: Generation
     timing: Timing
+    rows: int = 1
+    """Rows of the batch the row ran in (its share of the batch's compute is 1/rows)."""
+    shadow_nll: tuple[float, int] | None = None
+    """(total NLL, tokens) of the prompt under the row's ``shadow`` merge, if it had one."""
+    shadow_s: float = 0.0
+    """Seconds the batch spent scoring shadow merges."""
 
 
 @dataclass
@@ -166,6 +181,13 @@ class _Job:
     future: asyncio.Future
     stream: RowStream | None = None
     top_logprobs: int | None = None
+    engine: TTMM | None = None
+    """The engine the row runs on (None: the batcher's): a hot-swapped rollout keeps the
+    engine its rows were planned for."""
+    score_prefix: int | None = None
+    """Score the prompt's tokens after this many (the online quality), from the prefill."""
+    shadow: MergeRequest | None = None
+    """A merge that scores the prompt too without generating (a rollout's shadow arm)."""
     serial: int = field(default_factory=itertools.count().__next__)
 
     def cancelled(self) -> bool:
@@ -175,9 +197,10 @@ class _Job:
     @property
     def group(self) -> tuple:
         """Jobs with equal groups may share a batch; a seeded sample gets a group of its own."""
+        engine = id(self.engine) if self.engine is not None else None
         if self.options.sampling.do_sample and self.options.sampling.seed is not None:
-            return (self.options, self.serial)
-        return (self.options,)
+            return (engine, self.options, self.serial)
+        return (engine, self.options)
 
 
 async def follow(
@@ -230,12 +253,15 @@ class Batcher:
         options: GenerationOptions,
         top_logprobs: int | None = None,
         stream: RowStream | None = None,
+        **row,
     ) -> Served:
         """Queue one prompt; returns its generation (with the plan used) once its batch ran.
-        With ``stream``, its plan (once routed), then its text flow into ``stream.queue``."""
+        With ``stream``, its plan (once routed), then its text flow into ``stream.queue``.
+        ``row`` sets a rollout row's ``engine``, ``score_prefix`` and ``shadow`` (see
+        :class:`_Job`)."""
         queue = self._ensure_running()
         future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs))
+        await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs, **row))
         return await future
 
     async def stream(
@@ -244,11 +270,12 @@ class Batcher:
         merge: MergeRequest,
         options: GenerationOptions,
         stream: RowStream,
+        **row,
     ) -> AsyncIterator[RoutingPlan | str | Served]:
         """Yield the plan of ``prompt`` once its batch routed it, its continuation piece by
         piece, then its :class:`Served`. Leaving early (or setting ``stream.cancel``) stops
         the row, not its batch."""
-        task = asyncio.ensure_future(self.submit(prompt, merge, options, stream=stream))
+        task = asyncio.ensure_future(self.submit(prompt, merge, options, stream=stream, **row))
         async for item in follow(task, stream):
             yield item
 
@@ -309,18 +336,10 @@ class Batcher:
                 job.future.set_result(result)
 
     def _generate(self, jobs: list[_Job]) -> list[Served]:
-        """Route the rows that ask for it, then generate every row with its own plan."""
-        plans = [job.merge.plan for job in jobs]
-        route_s = [0.0] * len(jobs)
-        to_route: dict[RoutingConfig, list[int]] = {}
-        for i, job in enumerate(jobs):
-            if job.merge.plan is None:
-                to_route.setdefault(job.merge.routing, []).append(i)
-        for routing, rows in to_route.items():
-            start = time.perf_counter()
-            routed = self.engine.route([jobs[i].merge.query for i in rows], routing)
-            for i, plan in zip(rows, routed):
-                plans[i], route_s[i] = plan, time.perf_counter() - start
+        """Route the rows that ask for it, then generate every row with its own plan (and
+        score the shadow merges of rows that have one)."""
+        engine = jobs[0].engine or self.engine
+        plans, route_s = self._plans(engine, [job.merge for job in jobs])
         self._on_batch(plans)
         for job, plan in zip(jobs, plans):
             if job.stream is not None:
@@ -328,16 +347,57 @@ class Batcher:
         logger.debug(
             "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
         )
-        streamer = BatchStreamer(self.engine.tokenizer, [job.stream for job in jobs])
+        streamer = BatchStreamer(engine.tokenizer, [job.stream for job in jobs])
         asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
+        prefixes = {job.score_prefix for job in jobs} - {None}
         start = time.perf_counter()
-        generations = self.engine.generate(
+        generations = engine.generate(
             [job.prompt for job in jobs],
             plans=plans,
             mode="auto",
             top_logprobs=max(asked) if asked else None,
+            score_prefix=max(prefixes) if prefixes else None,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([RowsCancelled([j.cancelled for j in jobs])]),
             **jobs[0].options.generate_kwargs(),
         )
-        return list(map(Served, generations, timings(streamer, start, route_s)))
+        times = timings(streamer, start, route_s)
+        shadow_nll, shadow_s = self._shadow_scores(engine, jobs)
+        return [
+            Served(generation, timing, len(jobs), nll, shadow_s)
+            for generation, timing, nll in zip(generations, times, shadow_nll)
+        ]
+
+    @staticmethod
+    def _plans(engine: TTMM, merges: list[MergeRequest]) -> tuple[list[RoutingPlan], list[float]]:
+        """Each merge's plan (routing those that ask for it, one encoder call per router and
+        routing) and the seconds its routing took."""
+        plans = [merge.plan for merge in merges]
+        route_s = [0.0] * len(merges)
+        to_route: dict[tuple, list[int]] = {}
+        for i, merge in enumerate(merges):
+            if merge.plan is None:
+                to_route.setdefault((merge.router, merge.routing), []).append(i)
+        for (router, routing), rows in to_route.items():
+            start = time.perf_counter()
+            routed = (router or engine).route([merges[i].query for i in rows], routing)
+            for i, plan in zip(rows, routed):
+                plans[i], route_s[i] = plan, time.perf_counter() - start
+        return plans, route_s
+
+    def _shadow_scores(
+        self, engine: TTMM, jobs: list[_Job]
+    ) -> tuple[list[tuple[float, int] | None], float]:
+        """The prompt NLL of each row under its shadow merge (None without one), scored in
+        one forward pass over the rows that have one, and the seconds it took."""
+        rows = [i for i, job in enumerate(jobs) if job.shadow is not None]
+        scores: list[tuple[float, int] | None] = [None] * len(jobs)
+        if not rows:
+            return scores, 0.0
+        start = time.perf_counter()
+        plans, _ = self._plans(engine, [jobs[i].shadow for i in rows])
+        prefix = max(jobs[i].score_prefix or 0 for i in rows)
+        scored = engine.prompt_nll([jobs[i].prompt for i in rows], plans, prefix)
+        for i, score in zip(rows, scored):
+            scores[i] = score
+        return scores, time.perf_counter() - start

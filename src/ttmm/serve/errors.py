@@ -63,7 +63,9 @@ def timeout_error(seconds: float) -> APIError:
 ERROR_STATUSES = {
     400: "The request is malformed or asks for something this server cannot do.",
     401: "The API key is missing or wrong.",
-    404: "The model or an expert named in the request does not exist.",
+    403: "The endpoint is turned off on this server (admin endpoints without an admin key).",
+    404: "The model, an expert or a resource named in the request does not exist.",
+    409: "The action conflicts with the resource's state (e.g. promoting a finished rollout).",
     413: "The request body is larger than the server's limit.",
     429: "Too many requests or streams at once, or the client's rate limit is reached.",
     500: "Generation failed; the server log has the details.",

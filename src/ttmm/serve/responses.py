@@ -50,10 +50,14 @@ class Reply:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def response_id(self) -> str:
+        """The ``id`` every body of this reply carries (OpenAI's prefixes)."""
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.id
+
     def _head(self, obj: str) -> dict:
-        prefix = "chatcmpl-" if self.chat else "cmpl-"
         return {
-            "id": prefix + self.id,
+            "id": self.response_id,
             "object": obj,
             "created": self.created,
             "model": self.model_id,

@@ -77,6 +77,8 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+    """OpenAI's end-user id; a rollout keeps one user on one arm by it."""
     ttmm: TTMMControl | None = None
 
     @property

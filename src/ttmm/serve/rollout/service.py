@@ -1,0 +1,229 @@
+"""The rollout inside a server: assign each request an arm, measure it, swap candidates.
+
+:class:`RolloutService` is what the completion endpoints call: :meth:`assign` picks the arm
+of a request (sticky per user), :meth:`rows` says what its rows merge, score and shadow-score,
+and :meth:`finish` turns the finished request into metrics and an observation for the policy
+(which may promote or roll back on it). :meth:`swap` loads a new candidate bank beside the
+running one: requests already assigned keep the engine they were planned on, new ones get the
+new engine, and the rollout restarts from its first step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from ttmm.serve.batching import Served
+from ttmm.serve.rollout.arms import Arms
+from ttmm.serve.rollout.config import RolloutConfig
+from ttmm.serve.rollout.metrics import RolloutMetrics
+from ttmm.serve.rollout.policy import COMPLETE, ROLLED_BACK, Decision, Observation
+from ttmm.serve.rollout.store import RolloutController
+
+logger = logging.getLogger(__name__)
+
+MAX_FEEDBACK_IDS = 100_000
+"""Response ids remembered for feedback (the most recent)."""
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """One request's place in the rollout."""
+
+    arm: str
+    share: float
+    step: int
+    rollout_id: str
+    arms: Arms
+    """The arms (and engine) of the rollout when the request arrived."""
+    measured: bool
+    """Whether the rollout still gathers evidence (not complete or rolled back)."""
+
+    @property
+    def other(self) -> str:
+        return "control" if self.arm == "candidate" else "candidate"
+
+
+class RolloutService:
+    def __init__(
+        self,
+        controller: RolloutController,
+        arms: Arms,
+        loader: Callable[[RolloutConfig], Arms],
+    ):
+        """``loader`` builds the arms of a configuration over the server's base model (for
+        hot swaps)."""
+        self.controller, self.arms, self.loader = controller, arms, loader
+        self.metrics = RolloutMetrics(CollectorRegistry())
+        self._responses: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._swapping = asyncio.Lock()
+        self.on_swap: Callable[[Arms], None] = lambda arms: None
+        """Called with the new arms after a swap (the app points its engine at them)."""
+        self._publish()
+
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        """Register the rollout's metrics in the server's registry (its /metrics)."""
+        self.metrics = RolloutMetrics(registry)
+        self._publish()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def assign(self, key: str | None) -> Assigned:
+        with self._lock:  # the arms and the rollout they belong to, read together
+            arms = self.arms
+            arm, share, step, rollout_id = self.controller.assign(key)
+            status = self.controller.policy.state.status
+        measured = status not in (COMPLETE, ROLLED_BACK)
+        return Assigned(arm, share, step, rollout_id, arms, measured)
+
+    def rows(self, assigned: Assigned, queries: Sequence[str]) -> list[dict]:
+        """Per query: the ``merge`` of the serving arm and the batcher's row options (the
+        engine, the scored prefix, and in shadow mode the other arm's merge)."""
+        arms = assigned.arms
+        shadow = assigned.measured and self.controller.config.mode == "shadow"
+        return [
+            {
+                "merge": arms.merge(assigned.arm, query),
+                "engine": arms.engine,
+                "score_prefix": arms.score_prefix,
+                "shadow": arms.merge(assigned.other, query) if shadow else None,
+            }
+            for query in queries
+        ]
+
+    def finish(
+        self,
+        assigned: Assigned,
+        served: Sequence[Served],
+        latency_s: float,
+        error: bool = False,
+        response_id: str | None = None,
+    ) -> Decision | None:
+        """Record a finished request: ``served`` holds one row per prompt (the first sample
+        of each), empty if it failed."""
+        arm, m = assigned.arm, self.metrics
+        m.requests.labels(arm=arm, outcome="error" if error else "success").inc()
+        m.e2e.labels(arm=arm).observe(latency_s)
+        nll = _per_token([s.generation.prompt_nll for s in served])
+        shadow = _per_token([s.shadow_nll for s in served])
+        for s in served:
+            self._observe_row(arm, assigned.other, s)
+        if nll is not None:
+            m.nll.labels(arm=arm, scored="served").observe(nll)
+        if shadow is not None:
+            m.nll.labels(arm=assigned.other, scored="shadow").observe(shadow)
+        if response_id is not None:
+            with self._lock:
+                self._responses[response_id] = arm
+                while len(self._responses) > MAX_FEEDBACK_IDS:
+                    self._responses.popitem(last=False)
+        observation = Observation(
+            arm=arm,
+            share=assigned.share,
+            step=assigned.step,
+            rollout_id=assigned.rollout_id,
+            nll=None if error else nll,
+            shadow_nll=None if error else shadow,
+            latency_s=latency_s,
+            error=error,
+        )
+        decision = self.controller.observe(observation)
+        self._publish(decision)
+        return decision
+
+    def _observe_row(self, arm: str, other: str, served: Served) -> None:
+        m, timing, result = self.metrics, served.timing, served.generation
+        m.ttft.labels(arm=arm).observe(timing.route_s + timing.merge_s + timing.prefill_s)
+        if result.completion_tokens > 1:
+            m.itl.labels(arm=arm).observe(timing.decode_s / (result.completion_tokens - 1))
+        if timing.decode_s > 0:
+            m.tokens_per_second.labels(arm=arm).observe(result.completion_tokens / timing.decode_s)
+        m.prompt_tokens.labels(arm=arm).inc(result.prompt_tokens)
+        m.generation_tokens.labels(arm=arm).inc(result.completion_tokens)
+        seconds = (timing.merge_s + timing.prefill_s + timing.decode_s) / served.rows
+        m.observe_compute(arm, seconds, result.prompt_tokens + result.completion_tokens)
+        if served.shadow_nll is not None:
+            m.observe_compute(other, served.shadow_s / served.rows, 0)
+
+    def _publish(self, decision: Decision | None = None) -> None:
+        policy = self.controller.policy
+        self.metrics.observe_status(policy.share, policy.state.step, policy.interval().to_dict())
+        if decision is not None:
+            self.metrics.decisions.labels(action=decision.action).inc()
+
+    # -- feedback and operators ------------------------------------------------------------
+
+    def feedback(self, response_id: str, score: float) -> str | None:
+        """Record ``score`` for the arm that served ``response_id``; that arm, or None if the
+        id is unknown (too old, or never served by this rollout)."""
+        with self._lock:
+            arm = self._responses.get(response_id)
+        if arm is None:
+            return None
+        self.controller.feedback(arm, score)
+        self.metrics.feedback.labels(arm=arm).observe(score)
+        return arm
+
+    def act(self, action: str, reason: str | None = None) -> Decision:
+        decision = self.controller.act(action, reason)
+        self._publish(decision)
+        return decision
+
+    async def swap(self, bank: str, routing: dict | None = None) -> Decision:
+        """Load ``bank`` as the new candidate (in a worker thread, beside the running one),
+        then switch new requests to it and restart the rollout; one swap at a time."""
+        async with self._swapping:
+            config = self.controller.config.with_candidate(bank, routing)
+            arms = await asyncio.to_thread(self.loader, config)
+            with self._lock:
+                self.arms = arms
+                decision = self.controller.restart(config, f"new candidate {bank}")
+            self.on_swap(arms)
+            self._publish(decision)
+            logger.info("candidate swapped to %s", bank)
+            return decision
+
+
+def _per_token(scores: Sequence[tuple[float, int] | None]) -> float | None:
+    """Total NLL over total tokens of the rows that were scored; None if no token was."""
+    pairs = [s for s in scores if s is not None and s[1] > 0]
+    tokens = sum(n for _, n in pairs)
+    return sum(nll for nll, _ in pairs) / tokens if tokens else None
+
+
+def start_rollout(
+    config: RolloutConfig,
+    base_model: str | None = None,
+    encoder: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    lora_dtype: str = "auto",
+) -> RolloutService:
+    """Load the base model (the candidate bank's, unless given) and the encoder once, both
+    arms over them, and the stored state of this rollout (or start it)."""
+    from ttmm.assets import load_base_model
+    from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype, resolve_lora_dtype
+    from ttmm.embed import Encoder
+    from ttmm.serve.rollout.arms import _load_bank
+
+    device = resolve_device(device or DEFAULT_DEVICE)
+    dtype = resolve_dtype(dtype, device)
+    resolve_lora_dtype(lora_dtype)
+    candidate = _load_bank(config.candidate.bank, "candidate.bank")  # fail before the model
+    model, tokenizer = load_base_model(
+        base_model or candidate.manifest.base_model["name"], dtype=dtype, device=device
+    )
+    encoder = Encoder(encoder or candidate.manifest.encoder["name"], device=device)
+
+    def loader(config: RolloutConfig) -> Arms:
+        return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
+
+    arms = loader(config)
+    return RolloutService(RolloutController(config), arms, loader)

@@ -1,0 +1,167 @@
+"""A rollout's memory on disk: its state (atomic JSON) and its decisions (fsynced JSONL).
+
+``state.json`` is rewritten through :mod:`ttmm.atomic` after every observation and decision,
+so a server killed at any moment restarts on the last complete state; ``decisions.jsonl``
+gets one line per decision, flushed and fsynced before the decision takes effect, so a
+decision that changed traffic is always in the log. :class:`RolloutController` is the
+thread-safe face the server talks to: it assigns arms, takes observations and operator
+actions, and writes both files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from ttmm.atomic import atomic_write_json
+from ttmm.serve.rollout.assign import assign_arm
+from ttmm.serve.rollout.config import RolloutConfig
+from ttmm.serve.rollout.policy import (
+    Decision,
+    Observation,
+    RolloutPolicy,
+    RolloutState,
+    fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+DECISIONS_FILE = "decisions.jsonl"
+ACTIONS = ("promote", "rollback", "pause", "resume")
+"""What an operator may do to a running rollout (besides loading a new candidate)."""
+
+
+class RolloutStore:
+    """The two files of one rollout folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.folder / STATE_FILE
+        self.decisions_path = self.folder / DECISIONS_FILE
+
+    def load_state(self) -> RolloutState | None:
+        if not self.state_path.exists():
+            return None
+        try:
+            return RolloutState.from_dict(json.loads(self.state_path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{self.state_path} is not a rollout state ({err}); move it away to start anew"
+            ) from None
+
+    def save_state(self, state: RolloutState) -> None:
+        atomic_write_json(self.state_path, state.to_dict(), indent=None)
+
+    def append(self, decision: Decision) -> None:
+        line = json.dumps(decision.to_dict(), ensure_ascii=False, default=str) + "\n"
+        with open(self.decisions_path, "a", encoding="utf-8") as log:
+            log.write(line)
+            log.flush()
+            os.fsync(log.fileno())
+
+    def decisions(self, limit: int | None = None) -> list[dict]:
+        """The logged decisions, oldest first (the last ``limit``); a line cut by a crash is
+        skipped."""
+        if not self.decisions_path.exists():
+            return []
+        rows = []
+        for line in self.decisions_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping a cut line in %s", self.decisions_path)
+        return rows[-limit:] if limit else rows
+
+
+class RolloutController:
+    """Assignment, observations and operator actions of the running rollout, under one lock,
+    each change written to disk before it is acted on."""
+
+    def __init__(self, config: RolloutConfig):
+        self._lock = threading.Lock()
+        self.store = RolloutStore(config.state_dir)
+        self._open(config, resume=True)
+
+    def _open(
+        self, config: RolloutConfig, resume: bool, reason: str | None = None
+    ) -> Decision | None:
+        """Resume the stored rollout of ``config`` (with ``resume``), or start a new one."""
+        state = self.store.load_state() if resume else None
+        if state is not None and state.fingerprint == fingerprint(config):
+            self.config, self.policy = config, RolloutPolicy(config, state)
+            logger.info("resuming rollout %s at step %d", state.rollout_id, state.step)
+            return None
+        self.config, self.policy = config, RolloutPolicy(config)
+        why = reason or ("the rollout file changed" if state is not None else "rollout started")
+        return self._record(self.policy.start(why))
+
+    def _record(self, decision: Decision | None) -> Decision | None:
+        if decision is not None:
+            self.store.append(decision)
+            logger.info(
+                "rollout %s: %s (%s)", decision.rollout_id, decision.action, decision.reason
+            )
+        self.store.save_state(self.policy.state)
+        return decision
+
+    # -- the serving path ------------------------------------------------------------------
+
+    def assign(self, key: str | None) -> tuple[str, float, int, str]:
+        """(arm, the candidate's share, step, rollout id) for a request with sticky ``key``."""
+        with self._lock:
+            share, state = self.policy.share, self.policy.state
+            return (
+                assign_arm(key, share, self.config.assignment.salt),
+                share,
+                state.step,
+                state.rollout_id,
+            )
+
+    def observe(self, obs: Observation) -> Decision | None:
+        with self._lock:
+            return self._record(self.policy.observe(obs))
+
+    def feedback(self, arm: str, score: float) -> None:
+        with self._lock:
+            self.policy.add_feedback(arm, score)
+            self.store.save_state(self.policy.state)
+
+    # -- operators -------------------------------------------------------------------------
+
+    def act(self, action: str, reason: str | None = None) -> Decision:
+        """``promote``, ``rollback``, ``pause`` or ``resume`` by an operator."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown rollout action {action!r}; choose one of {ACTIONS}")
+        with self._lock:
+            method = getattr(self.policy, action)
+            return self._record(method(reason) if reason else method())
+
+    def restart(self, config: RolloutConfig, reason: str) -> Decision:
+        """A new rollout (a new candidate): fresh evidence from the first step."""
+        with self._lock:
+            return self._open(config, resume=False, reason=reason)
+
+    def status(self, decisions: int = 50) -> dict:
+        with self._lock:
+            policy, state = self.policy, self.policy.state
+            return {
+                "object": "ttmm.rollout",
+                "rollout_id": state.rollout_id,
+                "status": state.status,
+                "reason": state.reason,
+                "mode": self.config.mode,
+                "step": state.step,
+                "steps": list(self.config.steps),
+                "share": {"candidate": policy.share, "control": 100.0 - policy.share},
+                "min_requests": self.config.min_requests,
+                "guardrails": self.config.to_dict()["guardrails"],
+                "started_at": state.started_at,
+                "step_started_at": state.step_started_at,
+                "evidence": policy.evidence(),
+                "decisions": self.store.decisions(limit=decisions),
+            }
