@@ -134,8 +134,10 @@ def write_random_bank(
     encoder_name: str = "all-minilm-l6-v2",
     with_finetune: bool = False,
     magnitude: float = 0.05,
+    adapters: list | None = None,
 ):
-    """A valid bank on disk for ``model``: random non-zero adapters and random unit centroids."""
+    """A valid bank on disk for ``model``: random non-zero adapters (or ``adapters``, one per
+    expert) and random unit centroids."""
     from ttmm.adapter import save_adapter
     from ttmm.bank import (
         FINETUNE_DIR,
@@ -148,12 +150,17 @@ def write_random_bank(
     )
     from ttmm.routing import RoutingConfig
 
+    num_experts = len(adapters) if adapters is not None else num_experts
     ranks = ranks or [2 + 2 * (k % 3) for k in range(num_experts)]
     experts = []
     for k in range(num_experts):
-        adapter = random_adapter(
-            model, rank=ranks[k], alpha=2.0 * ranks[k], seed=seed * 100 + k, magnitude=magnitude
-        )
+        if adapters is not None:
+            adapter = adapters[k]
+        else:
+            adapter = random_adapter(
+                model, rank=ranks[k], alpha=2.0 * ranks[k], seed=seed * 100 + k,
+                magnitude=magnitude,
+            )  # fmt: skip
         save_adapter(adapter, path / expert_dir(k))
         experts.append(ExpertInfo.describe(k, expert_dir(k), adapter, path, label=f"topic {k}"))
     finetune = None

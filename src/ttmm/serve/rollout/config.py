@@ -40,6 +40,10 @@ MODES = ("canary", "shadow")
 KEY_SOURCES = ("user", "api_key", "request")
 INCONCLUSIVE_ACTIONS = ("hold", "rollback")
 ARM_NAMES = ("control", "candidate")
+EXPECTED_SD = {"shadow": 0.1, "canary": 3.0}
+"""Spread of one quality observation by mode, measured on the recorded streams of
+``benchmarks/results`` (benchmarks/rollout_simulation.py): paired NLL differences per token
+(sd 0.11), and the weighted canary observation at a 5 % share (sd 3.3)."""
 
 
 class RolloutConfigError(ValueError):
@@ -62,6 +66,7 @@ class ControlArm:
     """For ``bank``: routing settings over that bank's own (rule, beta, tau, max_active)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "control")
         if self.kind not in ARM_KINDS:
             raise RolloutConfigError(
                 f"control.kind={self.kind!r} is unknown; choose one of {ARM_KINDS}"
@@ -90,6 +95,7 @@ class CandidateArm:
     """Routing settings over the bank's own (rule, beta, tau, max_active)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "candidate")
         if not self.bank:
             raise RolloutConfigError(
                 "candidate.bank is required: the folder of the bank to roll out"
@@ -108,6 +114,7 @@ class Assignment:
     """Mixed into the hash, so that two rollouts split users differently."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "assignment")
         header = self.key.startswith("header:") and len(self.key) > len("header:")
         if self.key not in KEY_SOURCES and not header:
             raise RolloutConfigError(
@@ -132,10 +139,17 @@ class Guardrails:
     """Largest p95 latency (candidate ÷ control, over the step) before rolling back."""
     max_error_rate: float = 0.05
     """Largest share of the candidate's requests that may fail in a step."""
+    min_evidence: int = 30
+    """Quality observations before the sequence is acted on: its guarantee is asymptotic,
+    and a variance read off a handful of requests can be far too small."""
     min_latency_samples: int = 20
     """Requests each arm needs in a step before latency and errors are judged."""
     tuning_requests: int = 500
     """Where the confidence sequence is tightest (requests); any value keeps it valid."""
+    expected_sd: float | None = None
+    """Standard deviation expected of one quality observation, fixed before the rollout
+    (reading it off the data would void the guarantee): with ``tuning_requests`` it places
+    the tightest point. None: the mode's default (:data:`EXPECTED_SD`)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, int | float) and 0 < self.alpha < 1):
@@ -152,7 +166,10 @@ class Guardrails:
             raise RolloutConfigError(
                 f"guardrails.max_error_rate must lie in [0, 1], got {self.max_error_rate!r}"
             )
-        for name in ("min_latency_samples", "tuning_requests"):
+        sd = self.expected_sd
+        if sd is not None and not (isinstance(sd, int | float) and math.isfinite(sd) and sd > 0):
+            raise RolloutConfigError(f"guardrails.expected_sd must be a number > 0, got {sd!r}")
+        for name in ("min_evidence", "min_latency_samples", "tuning_requests"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise RolloutConfigError(
@@ -185,6 +202,7 @@ class RolloutConfig:
     """Folder of ``state.json`` and the decision log ``decisions.jsonl``."""
 
     def __post_init__(self) -> None:
+        _check_types(self, None)
         if self.mode not in MODES:
             raise RolloutConfigError(f"mode={self.mode!r} is unknown; choose one of {MODES}")
         steps = self.steps
@@ -223,6 +241,13 @@ class RolloutConfig:
         data = asdict(self)
         data["steps"] = list(self.steps)
         return data
+
+    @property
+    def tuning_n(self) -> float:
+        """The confidence sequence's tuning in unit-variance observations: tightest near
+        ``tuning_requests`` observations of sd ``expected_sd``."""
+        sd = self.guardrails.expected_sd or EXPECTED_SD[self.mode]
+        return self.guardrails.tuning_requests * sd**2
 
     @classmethod
     def from_dict(cls, data: dict, root: str | os.PathLike | None = None) -> RolloutConfig:
@@ -290,6 +315,23 @@ class RolloutConfig:
     def with_candidate(self, bank: str, routing: dict | None = None) -> RolloutConfig:
         """The same rollout for another candidate bank (a hot swap)."""
         return replace(self, candidate=CandidateArm(bank=bank, routing=routing))
+
+
+_TEXT_FIELDS = ("kind", "bank", "path", "key", "salt", "mode", "on_inconclusive", "state_dir")
+"""Fields that hold a string (a name or a folder); ``routing`` fields hold a mapping."""
+
+
+def _check_types(section, where: str | None) -> None:
+    """A field of the wrong YAML type (``bank: 5``, ``routing: top_n``) named, rather than a
+    TypeError from deep inside."""
+    for f in fields(section):
+        value, name = getattr(section, f.name), f"{where}.{f.name}" if where else f.name
+        if value is None:
+            continue
+        if f.name in _TEXT_FIELDS and not isinstance(value, str):
+            raise RolloutConfigError(f"{name} must be a string, got {value!r}")
+        if f.name == "routing" and not isinstance(value, dict):
+            raise RolloutConfigError(f"{name} must be a mapping (rule:, max_active:, ...)")
 
 
 def _check_keys(kind, data: dict, where: str) -> None:

@@ -6,6 +6,8 @@ its state and the decisions. Every decision carries the evidence it was taken on
 
 The rules, checked after every observation while the rollout runs:
 
+Quality is acted on once ``min_evidence`` observations exist (the sequence is asymptotic).
+
 1. **Roll back** at the first breach: the quality confidence sequence's lower bound above
    ``max_loss`` (the candidate is worse, with confidence), or, once both arms have
    ``min_latency_samples`` requests in the step, the candidate's p95 latency over control's
@@ -15,7 +17,8 @@ The rules, checked after every observation while the rollout runs:
    confidence), and latency and errors were judged and hold. Reaching the last step
    completes the rollout.
 3. **Inconclusive** after ``max_requests`` scored requests in a step: hold (wait for an
-   operator) or roll back, as configured.
+   operator) or roll back, as configured. Resuming a held step gives it ``max_requests``
+   more.
 
 The quality evidence spans the whole rollout, not one step: the confidence sequence
 (:mod:`sequential`) is valid however often it is looked at, so evidence need not be
@@ -153,6 +156,9 @@ class RolloutState:
     """Every served per-token NLL: its running mean is the canary baseline m_{i−1}."""
     step_scored: int = 0
     """Scored requests in this step."""
+    inconclusive_at: int | None = None
+    """``step_scored`` at which this step is inconclusive: None for ``max_requests``; when an
+    operator resumes a step already past it, ``max_requests`` more than at the resume."""
     total: dict[str, ArmCounts] = field(default_factory=_arms)
     this_step: dict[str, ArmCounts] = field(default_factory=_arms)
     reason: str | None = None
@@ -219,7 +225,7 @@ class RolloutPolicy:
 
     def interval(self, anytime: bool = True) -> Interval:
         g = self.config.guardrails
-        return confidence_sequence(self.state.quality, g.alpha, g.tuning_requests, anytime)
+        return confidence_sequence(self.state.quality, g.alpha, self.config.tuning_n, anytime)
 
     def latency_ratio(self) -> float | None:
         """p95 latency of the candidate over control's, this step; None until both arms have
@@ -281,6 +287,8 @@ class RolloutPolicy:
     def _decide(self) -> Decision | None:
         g, s = self.config.guardrails, self.state
         quality = self.interval()
+        if quality.n < g.min_evidence:  # too few to act on the asymptotic sequence
+            quality = Interval(quality.estimate, -math.inf, math.inf, quality.n)
         if quality.lower > g.max_loss:
             return self._rollback(
                 f"quality: the candidate is worse by {quality.estimate:+.4f} nats/token "
@@ -297,7 +305,7 @@ class RolloutPolicy:
                 f"{s.step_scored} scored in this step; latency and errors within limits"
             )
             return self._advance(reason, "policy")
-        limit = self.config.max_requests
+        limit = s.inconclusive_at or self.config.max_requests
         if limit is not None and s.step_scored >= limit:
             reason = (
                 f"inconclusive: {s.step_scored} scored requests in this step and the quality "
@@ -335,14 +343,17 @@ class RolloutPolicy:
 
     # -- acting ----------------------------------------------------------------------------
 
-    def _decision(self, action: str, reason: str, by: str, from_share: float) -> Decision:
+    def _decision(
+        self, action: str, reason: str, by: str, from_share: float, evidence: dict | None = None
+    ) -> Decision:
         return Decision(
             action, by, reason, self.state.rollout_id, from_share, self.share, self.state.step,
-            self.evidence(),
+            self.evidence() if evidence is None else evidence,
         )  # fmt: skip
 
     def _advance(self, reason: str, by: str) -> Decision:
         s, before = self.state, self.share
+        evidence = self.evidence()  # the step's, before _new_step clears it
         if s.step + 1 >= len(self.config.steps) - 1:
             s.step = len(self.config.steps) - 1
             s.status, s.reason = COMPLETE, reason
@@ -352,7 +363,7 @@ class RolloutPolicy:
             s.status, s.reason = RUNNING, reason
             action = "promote"
         self._new_step()
-        return self._decision(action, reason, by, before)
+        return self._decision(action, reason, by, before, evidence)
 
     def _rollback(self, reason: str, by: str) -> Decision:
         before = self.share
@@ -362,6 +373,7 @@ class RolloutPolicy:
     def _new_step(self) -> None:
         s = self.state
         s.step_scored, s.this_step, s.step_started_at = 0, _arms(), time.time()
+        s.inconclusive_at = None
 
     def start(self, reason: str = "rollout started") -> Decision:
         return self._decision("start", reason, "operator", 0.0)
@@ -391,7 +403,10 @@ class RolloutPolicy:
             raise RolloutStateError(
                 f"only a paused or held rollout can resume; it is {self.state.status}"
             )
-        self.state.status, self.state.reason = RUNNING, reason
+        s, limit = self.state, self.config.max_requests
+        if limit is not None and s.step_scored >= (s.inconclusive_at or limit):
+            s.inconclusive_at = s.step_scored + limit  # past its limit: max_requests more
+        s.status, s.reason = RUNNING, reason
         return self._decision("resume", reason, "operator", self.share)
 
     def add_feedback(self, arm: str, score: float) -> None:

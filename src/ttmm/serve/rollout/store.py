@@ -59,10 +59,21 @@ class RolloutStore:
 
     def append(self, decision: Decision) -> None:
         line = json.dumps(decision.to_dict(), ensure_ascii=False, default=str) + "\n"
+        if self._ends_cut():  # a crash cut the last line: start a new one, or this one is lost
+            line = "\n" + line
         with open(self.decisions_path, "a", encoding="utf-8") as log:
             log.write(line)
             log.flush()
             os.fsync(log.fileno())
+
+    def _ends_cut(self) -> bool:
+        """Whether the log's last line lacks its newline (a crash in the middle of a write)."""
+        try:
+            with open(self.decisions_path, "rb") as log:
+                log.seek(-1, os.SEEK_END)
+                return log.read(1) != b"\n"
+        except OSError:  # no log yet, or an empty one
+            return False
 
     def decisions(self, limit: int | None = None) -> list[dict]:
         """The logged decisions, oldest first (the last ``limit``); a line cut by a crash is
