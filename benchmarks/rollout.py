@@ -16,7 +16,7 @@ Then shadow mode's price: the same requests are served under a rollout that neve
     .venv/bin/python benchmarks/rollout.py [--bank BANK] [--control finetune|base] \
         [--mode shadow|canary] [--min-requests 40] [--clients 4]
 
-Writes ``benchmarks/results/rollout.json`` and ``rollout.png`` (or ``--out``).
+Writes ``benchmarks/results/rollout.json`` and ``rollout.png`` (``--out``, ``--tag``).
 """
 
 from __future__ import annotations
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default="", help="suffix of the files written (rollout<tag>.*)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bank = (args.bank or default_bank()).resolve()
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{bank.parent.name[:8]}: TTMM vs {args.control}, {args.mode}: {status['status']} "
         f"after {len(trace)} requests"
     )
-    plot(trace, args.out / "rollout.png", title)
+    json_path, png_path = args.out / f"rollout{args.tag}.json", args.out / f"rollout{args.tag}.png"
+    plot(trace, png_path, title)
     table = Table("", "value", title="rollout on unseen documents of the bank's corpora")
     table.add_row("outcome", f"{status['status']} after {len(trace)} requests ({seconds:.0f} s)")
     table.add_row("decisions", ", ".join(f"{d['action']} → {d['to_share']:g} %" for d in decisions))
@@ -320,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             "shadow_over_canary": ratio,
         },
     }
-    (args.out / "rollout.json").write_text(json.dumps(payload, indent=2))
-    console.print(f"wrote {args.out / 'rollout.json'} and {args.out / 'rollout.png'}")
+    json_path.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {json_path} and {png_path}")
     return 0
 
 
