@@ -3,8 +3,9 @@
     python benchmarks/ui_screenshots.py [--bank BANK] [--out docs/img]
 
 Serves BANK (default: the newest demo bank under ~/.cache/ttmm/demo/*/bank) on a free port,
-opens the page, runs a prompt and scores a held-out document, and saves four PNGs
-(docs/img/ui-*.png).
+opens the page, runs a prompt and scores a held-out document; then serves a shadow rollout of
+BANK against its fine-tuning adapter, sends it held-out documents and promotes it once. Saves
+five PNGs (docs/img/ui-*.png).
 """
 
 from __future__ import annotations
@@ -32,12 +33,49 @@ def default_bank() -> Path:
     return banks[-1].parent
 
 
-def held_out_text(bank: Path, words: int = 220) -> str:
+def held_out_texts(bank: Path, n: int = 1, words: int = 220) -> list[str]:
+    """The first ``words`` words of the ``n`` longest held-out prose documents."""
     from ttmm.build.chunks import read_test_documents
 
     documents = sorted(read_test_documents(bank), key=lambda d: -len(d.text.split()))
     prose = [d for d in documents if d.domain == "wiki"] or documents
-    return " ".join(prose[0].text.split()[:words])
+    return [" ".join(d.text.split()[:words]) for d in prose[:n]]
+
+
+def rollout_screenshot(browser, bank: Path, control: str, out: Path, requests: int) -> None:
+    """The Rollout section: a shadow rollout of ``bank`` against ``control`` (finetune or
+    base), ``requests`` held-out documents sent to it and one operator promotion halfway."""
+    import tempfile
+
+    import httpx
+
+    from ttmm.serve.app import ServerSettings, create_app
+    from ttmm.serve.rollout.config import RolloutConfig
+    from ttmm.serve.rollout.service import start_rollout
+
+    user, admin = {"Authorization": "Bearer demo-key"}, {"Authorization": "Bearer demo-admin"}
+    with tempfile.TemporaryDirectory() as state:
+        config = RolloutConfig.from_dict(
+            {
+                "candidate": {"bank": str(bank)},
+                "control": {"kind": control},
+                "mode": "shadow",
+                "steps": [0, 10, 50, 100],
+                "state_dir": state,
+            }
+        )
+        settings = ServerSettings(api_key="demo-key", admin_key="demo-admin")
+        with LiveServer(create_app(None, settings, start_rollout(config))) as url:
+            for i, text in enumerate(held_out_texts(bank, requests, words=150)):
+                body = {"prompt": text, "max_tokens": 1, "temperature": 0, "user": f"user-{i}"}
+                httpx.post(f"{url}/v1/completions", json=body, headers=user, timeout=600)
+                if i == requests // 2:  # refused (409) if the policy rolled back already
+                    reason = {"reason": "a first look at the candidate's traffic"}
+                    httpx.post(f"{url}/v1/ttmm/rollout/promote", json=reason, headers=admin)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{url}/#key=demo-key")
+            page.wait_for_selector("#rollout-section", state="visible")
+            page.locator("#rollout-section").screenshot(path=out / "ui-rollout.png")
 
 
 def main() -> None:
@@ -45,6 +83,7 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/img"))
     parser.add_argument("--new-tokens", type=int, default=40)
+    parser.add_argument("--rollout-requests", type=int, default=16)
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -75,10 +114,12 @@ def main() -> None:
             page.locator("#playground").screenshot(path=args.out / "ui-playground.png")
             page.locator("#map").screenshot(path=args.out / "ui-map-prompt.png")
 
-            page.fill("#score-text", held_out_text(bank))
+            page.fill("#score-text", held_out_texts(bank)[0])
             page.click("#score-run")
             page.wait_for_selector(".scores tr[data-method='ttmm']")
             page.locator("#scoring").screenshot(path=args.out / "ui-score.png")
+            control = "finetune" if engine.bank.manifest.finetune else "base"
+            rollout_screenshot(browser, bank, control, args.out, args.rollout_requests)
             browser.close()
     for path in sorted(args.out.glob("ui-*.png")):
         print(f"{path}: {path.stat().st_size / 1000:.0f} kB")

@@ -526,7 +526,8 @@ def _feed(controller: RolloutController, n: int, shift: float, seed: int) -> lis
     """Up to ``n`` requests through the controller, until its first decision."""
     rng, decisions = np.random.default_rng(seed), []
     for _ in range(n):
-        arm, share, step, rollout_id = controller.assign(None)
+        ticket = controller.assign(None)
+        arm, share, step, rollout_id = ticket.arm, ticket.share, ticket.step, ticket.rollout_id
         control, candidate = paired(shift)(rng)
         served, other = (candidate, control) if arm == "candidate" else (control, candidate)
         obs = Observation(arm, share, step, rollout_id, served, other, latency_s=0.1)
@@ -560,7 +561,8 @@ def test_decisions_are_logged_and_a_restart_resumes_the_rollout(tmp_path):
     status = again.status()
     assert status["share"] == {"candidate": 25.0, "control": 75.0}
     assert [d["action"] for d in status["decisions"]] == ["start", "promote"]
-    assert again.assign("user-1")[1:] == (25.0, 1, before.rollout_id)
+    ticket = again.assign("user-1")
+    assert (ticket.share, ticket.step, ticket.rollout_id) == (25.0, 1, before.rollout_id)
 
     changed = RolloutController(_controller_config(tmp_path, steps=[0, 50, 100]))
     assert changed.policy.state.rollout_id != before.rollout_id
@@ -602,7 +604,7 @@ def test_operator_actions_through_the_controller(tmp_path):
     assert controller.act("rollback", "bad vibes").reason == "bad vibes"
     with pytest.raises(RolloutStateError):
         controller.act("resume")
-    assert controller.assign("anyone")[0] == "control"  # rolled back: all on control
+    assert controller.assign("anyone").arm == "control"  # rolled back: all on control
     state = RolloutStore(tmp_path / "state").load_state()
     assert state.status == "rolled_back" and state == controller.policy.state
     restarted = controller.restart(_controller_config(tmp_path), "a new candidate")

@@ -7,6 +7,7 @@ requests from 16 clients across a step change and a hot swap are each answered 2
 one arm, with the base weights bitwise intact; bad input gets one clear error each.
 """
 
+# ruff: noqa: F811  (the evalbank fixtures are imported, then requested by name)
 from __future__ import annotations
 
 import asyncio
@@ -42,7 +43,7 @@ PREFIX = 50
 
 
 @pytest.fixture(scope="module")
-def traffic(eval_bank_path):  # noqa: F811
+def traffic(eval_bank_path):
     """Prompts from the bank's held-out documents, long enough to score after the prefix."""
     from transformers import AutoTokenizer
 
@@ -57,7 +58,7 @@ def traffic(eval_bank_path):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def trained_bank(tmp_path_factory, eval_engine, traffic):  # noqa: F811
+def trained_bank(tmp_path_factory, eval_engine, traffic):
     """A bank for the eval bank's base model whose two experts were trained on the traffic
     (held-out prose) long enough to lower its NLL clearly; the first also sits alone, as a
     PEFT adapter folder, in ``adapter`` beside the bank."""
@@ -124,7 +125,7 @@ def drive(url: str, traffic: list[str], until, limit: int = 200) -> list[dict]:
 
 def test_a_better_candidate_is_promoted_through_every_step(
     tmp_path,
-    eval_engine,  # noqa: F811
+    eval_engine,
     trained_bank,
     traffic,
 ):
@@ -150,8 +151,8 @@ def test_a_better_candidate_is_promoted_through_every_step(
 
 def test_a_worse_candidate_is_rolled_back_before_its_second_step(
     tmp_path,
-    eval_engine,  # noqa: F811
-    eval_bank_path,  # noqa: F811
+    eval_engine,
+    eval_bank_path,
     trained_bank,
     traffic,
 ):
@@ -178,7 +179,7 @@ def test_canary_mode_serves_both_arms_by_share_and_sticks_to_users(
     tmp_path,
     eval_engine,
     eval_bank_path,
-    traffic,  # noqa: F811
+    traffic,
 ):
     config = rollout_config(
         tmp_path, eval_bank_path, mode="canary", steps=[50, 100], min_requests=10_000
@@ -206,7 +207,7 @@ def test_feedback_is_stored_for_the_arm_that_served(
     tmp_path,
     eval_engine,
     eval_bank_path,
-    traffic,  # noqa: F811
+    traffic,
 ):
     app, service = rollout_app(eval_engine, rollout_config(tmp_path, eval_bank_path))
     with running(app) as url, httpx.Client(base_url=url) as client:
@@ -223,7 +224,7 @@ def test_operator_actions_need_the_admin_key_and_leave_state_alone_when_refused(
     tmp_path,
     eval_engine,
     eval_bank_path,
-    traffic,  # noqa: F811
+    traffic,
 ):
     app, service = rollout_app(
         eval_engine, rollout_config(tmp_path, eval_bank_path), api_key="users"
@@ -259,7 +260,7 @@ def test_a_candidate_for_another_base_model_is_refused_by_name(
     tmp_path,
     eval_engine,
     eval_bank_path,
-    tiny_gpt2,  # noqa: F811
+    tiny_gpt2,
 ):
     other = write_random_bank(tmp_path / "other", tiny_gpt2, eval_engine.encoder.dim)
     app, _ = rollout_app(eval_engine, rollout_config(tmp_path, eval_bank_path))
@@ -294,7 +295,7 @@ def test_a_bad_rollout_file_is_one_clear_error_and_exit_2(tmp_path, text, named)
     assert named in result.output and "Traceback" not in result.output
 
 
-def test_the_cli_reports_a_refused_action_and_exits_2(tmp_path, eval_engine, eval_bank_path):  # noqa: F811
+def test_the_cli_reports_a_refused_action_and_exits_2(tmp_path, eval_engine, eval_bank_path):
     app, _ = rollout_app(eval_engine, rollout_config(tmp_path, eval_bank_path))
     runner = CliRunner()
     with running(app) as url:
@@ -312,7 +313,7 @@ def test_200_requests_from_16_clients_across_a_step_change_and_a_hot_swap(
     tmp_path,
     eval_engine,
     eval_bank_path,
-    traffic,  # noqa: F811
+    traffic,
 ):
     swapped_in = tmp_path / "v2"
     import shutil
@@ -382,7 +383,7 @@ def test_200_requests_from_16_clients_across_a_step_change_and_a_hot_swap(
 def test_a_server_killed_mid_rollout_resumes_the_same_step_with_the_same_counts(
     tmp_path,
     eval_bank_path,
-    traffic,  # noqa: F811
+    traffic,
 ):
     path = tmp_path / "rollout.yaml"
     path.write_text(
@@ -400,8 +401,8 @@ def test_a_server_killed_mid_rollout_resumes_the_same_step_with_the_same_counts(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        str(Path(sys.executable).with_name("ttmm")), "serve", "--rollout", str(path), "--port", str(port),
-        "--admin-key", "root", "--device", "cpu",
+        str(Path(sys.executable).with_name("ttmm")), "serve", "--rollout", str(path),
+        "--port", str(port), "--admin-key", "root", "--device", "cpu",
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
 

@@ -118,11 +118,6 @@ def serve(
     if (bank is None) == (rollout is None):
         raise ValueError("give --bank BANK, or --rollout FILE (which names its banks)")
     config = RolloutConfig.load(rollout) if rollout is not None else None
-    if config is not None and ray:
-        raise ValueError(
-            "--rollout runs on one server for now: its state and evidence live in one "
-            "process; drop --ray"
-        )
 
     settings = ServerSettings(
         model_id=model_id,
@@ -144,7 +139,7 @@ def serve(
     resolve_lora_dtype(lora_dtype)  # a typo is refused before Ray or a model starts
     if ray:
         _serve_on_ray(
-            bank,
+            bank if config is None else config.candidate.bank,
             settings,
             replicas,
             ray_address,
@@ -158,6 +153,7 @@ def serve(
                 "dtype": dtype,
                 "lora_dtype": lora_dtype,
             },
+            config,
         )
         return
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:
@@ -191,12 +187,12 @@ def _serve_rollout(config, settings, host, port, base_model, encoder, device, dt
     with console.status("loading base model, encoder and both arms"):
         rollout = start_rollout(config, base_model, encoder, device, dtype, lora_dtype)
     _warn_if_open(host, settings.api_key)
-    state = rollout.controller.policy.state
+    status = rollout.controller.status(decisions=0)
     console.print(
-        f"serving {settings.model_id!r}: rollout {state.rollout_id} ({config.mode}), "
-        f"control {config.control.kind}, candidate {config.candidate.bank}, "
-        f"step {state.step + 1}/{len(config.steps)} at {rollout.controller.policy.share:g} %, "
-        f"{state.status}; on http://{host}:{port}"
+        f"serving {settings.model_id!r}: rollout {status['rollout_id']} ({config.mode}), "
+        f"control {config.control.kind}, candidate {config.candidate.bank}, step "
+        f"{status['step'] + 1}/{len(config.steps)} at {status['share']['candidate']:g} %, "
+        f"{status['status']}; on http://{host}:{port}"
     )
     if settings.admin_key is None:
         logger.warning("no --admin-key: the rollout runs, but operators cannot act over HTTP")
@@ -208,7 +204,9 @@ def _warn_if_open(host: str, api_key: str | None) -> None:
         logger.warning("serving on %s without an API key: anyone who can reach it may use it", host)
 
 
-def _serve_on_ray(bank, settings, replicas, address, autoscaling, host, port, engine_options):
+def _serve_on_ray(
+    bank, settings, replicas, address, autoscaling, host, port, engine_options, rollout=None
+):
     from ttmm.serve.ray import RayServeConfig, serve_until_interrupted
 
     config = RayServeConfig.from_options(
@@ -220,4 +218,4 @@ def _serve_on_ray(bank, settings, replicas, address, autoscaling, host, port, en
         f"serving {settings.model_id!r} on Ray Serve ({count} replicas, each loading the bank) "
         f"on http://{host}:{port}; Ctrl-C stops it"
     )
-    serve_until_interrupted(bank, engine_options, settings, config)
+    serve_until_interrupted(bank, engine_options, settings, config, rollout)

@@ -83,6 +83,7 @@ def create_app(
         title="ttmm", summary="Test-time model merging, OpenAI-compatible", lifespan=lifespan
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.rollout = rollout
     if rollout is not None:
         rollout.attach_metrics(metrics.registry)
 

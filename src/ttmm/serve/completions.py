@@ -110,7 +110,7 @@ class Completions:
             )
             for j in range(n)
         ]
-        plan = self._plan(body.ttmm, prompts, queries, options, param, key)
+        plan = await self._plan(body.ttmm, prompts, queries, options, param, key)
         timing = body.ttmm is not None and body.ttmm.timing
         release = self.slots.take()
         try:
@@ -140,7 +140,7 @@ class Completions:
         self._finish(plan, served[:: body.n], response_id=response["id"])
         return response
 
-    def _plan(self, control, prompts, queries, options, param, key) -> Plan:
+    async def _plan(self, control, prompts, queries, options, param, key) -> Plan:
         """The rows of a request: a rollout arm's merges, unless the request steers its own
         merge (``ttmm.base``, ``ttmm.experts`` or ``ttmm.routing``: served on the
         candidate's bank and kept out of the rollout's evidence)."""
@@ -157,7 +157,7 @@ class Completions:
         for query in queries:
             if not query.strip():
                 raise APIError(400, f"{param} is blank: routing needs some text", param=param)
-        assigned = self.rollout.assign(key)
+        assigned = await self.rollout.assign(key)
         extras = self.rollout.rows(assigned, queries)
         rows = [
             Row(p, extra.pop("merge"), o, extra)

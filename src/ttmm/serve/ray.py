@@ -22,6 +22,7 @@ from typing import Any
 from ttmm.device import device_type
 from ttmm.model import InputError
 from ttmm.serve.app import ServerSettings
+from ttmm.serve.rollout.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +180,24 @@ def deploy(
     engine_options: dict[str, Any],
     settings: ServerSettings,
     config: RayServeConfig,
+    rollout: RolloutConfig | None = None,
 ) -> str:
     """Deploy the app on the connected Ray and wait until every replica is up; the URL.
 
     ``engine_options`` are ``TTMM.from_bank``'s (``base_model``, ``encoder``, ``device``,
     ``dtype``, ``lora_dtype``); paths among them are made absolute, as replicas do not share
-    our directory.
+    our directory. With ``rollout`` (whose candidate is ``bank``), the rollout's controller
+    runs as one actor on this node that every replica reads and reports to
+    (:mod:`ttmm.serve.rollout.remote`).
     """
     from ray import serve
 
     bank, options = _checked(bank, settings, config)
+    controller = None
+    if rollout is not None:
+        from ttmm.serve.rollout.remote import start_actor
+
+        controller = start_actor(rollout, f"{config.app_name}-rollout")
     engine_options = {
         name: _absolute(value) if name in ("base_model", "encoder") else value
         for name, value in engine_options.items()
@@ -196,7 +205,7 @@ def deploy(
     deployment = serve.deployment(_replica_class(), **options)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(
-        deployment.bind(bank, engine_options, settings),
+        deployment.bind(bank, engine_options, settings, controller),
         name=config.app_name,
         route_prefix="/",
     )
@@ -208,6 +217,7 @@ def serve_until_interrupted(
     engine_options: dict[str, Any],
     settings: ServerSettings,
     config: RayServeConfig,
+    rollout: RolloutConfig | None = None,
 ) -> None:
     """Connect, deploy and serve until Ctrl-C; then remove the app (and stop a local Ray)."""
     import ray
@@ -216,7 +226,7 @@ def serve_until_interrupted(
     _checked(bank, settings, config)  # before Ray starts: a typo should not take a minute
     started_here = connect(config.address)
     try:
-        url = deploy(bank, engine_options, settings, config)
+        url = deploy(bank, engine_options, settings, config, rollout)
         logger.info("Ray Serve is serving %r on %s", settings.model_id, url)
         while True:
             time.sleep(1.0)
@@ -253,13 +263,28 @@ def _replica_class():
     class TTMMReplica:
         """One replica: its own engine over the bank, and the app serving it."""
 
-        def __init__(self, bank: str, engine_options: dict[str, Any], settings: ServerSettings):
+        def __init__(
+            self,
+            bank: str,
+            engine_options: dict[str, Any],
+            settings: ServerSettings,
+            controller: Any = None,
+        ):
             from ttmm.model import TTMM
             from ttmm.serve.app import create_app
 
             self.replica_id = serve.get_replica_context().replica_tag
-            engine = TTMM.from_bank(bank, **engine_options)
-            self.asgi_app = create_app(engine, settings)
+            if controller is None:
+                self.asgi_app = create_app(TTMM.from_bank(bank, **engine_options), settings)
+            else:  # the rollout's arms here, its state in the one actor
+                from ttmm.serve.rollout.remote import RemoteController
+                from ttmm.serve.rollout.service import start_rollout
+
+                remote = RemoteController(controller)
+                rollout = start_rollout(
+                    remote.current_config(), controller=remote, **engine_options
+                )
+                self.asgi_app = create_app(None, settings, rollout)
             self.asgi_app.add_middleware(ReplicaHeader, replica=self.replica_id)
             logger.info("replica %s serves %s", self.replica_id, bank)
 

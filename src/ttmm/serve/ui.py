@@ -179,7 +179,8 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
     @router.get("/bank", responses=READ_ERRORS)
     async def bank() -> dict:
         bank_map = await state.run(state.bank_map)
-        return bank_json(state.engine, bank_map)
+        rollout = getattr(app.state, "rollout", None) is not None  # the page's Rollout section
+        return bank_json(state.engine, bank_map) | {"rollout": rollout}
 
     @router.post("/locate", responses=INPUT_ERRORS)
     async def locate(body: LocateRequest) -> dict:

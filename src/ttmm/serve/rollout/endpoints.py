@@ -17,6 +17,7 @@ rollout answers 404 on all of them.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def request_key(rollout: RolloutService | None, request: Request, user: str | No
     """The sticky key of a request under the rollout's assignment (None: drawn anew)."""
     if rollout is None:
         return None
-    source = rollout.controller.config.assignment.key
+    source = rollout.config.assignment.key
     if source == "user":
         return user or None
     if source == "api_key":
@@ -130,7 +131,9 @@ def install_rollout(
     @router.get("/rollout", dependencies=reader, responses=error_responses(401, 404, 413, 429))
     async def status(decisions: int = 50) -> dict:
         service = running()
-        status = service.controller.status(decisions=max(0, min(decisions, 10_000)))
+        limit = max(0, min(decisions, 10_000))
+        await service.follow()  # the arms shown are the rollout's, if another replica swapped
+        status = await asyncio.to_thread(service.controller.status, limit)
         return status | {"arms": _arms(service)}
 
     actions = error_responses(400, 401, 403, 404, 409, 413)
@@ -185,7 +188,7 @@ def install_rollout(
 
 
 def _arms(service: RolloutService) -> dict:
-    config = service.controller.config
+    config = service.config
     control = {k: v for k, v in vars(config.control).items() if v is not None}
     candidate = {
         "bank": config.candidate.bank,

@@ -23,8 +23,8 @@ from ttmm.serve.batching import Served
 from ttmm.serve.rollout.arms import Arms
 from ttmm.serve.rollout.config import RolloutConfig
 from ttmm.serve.rollout.metrics import RolloutMetrics
-from ttmm.serve.rollout.policy import COMPLETE, ROLLED_BACK, Decision, Observation
-from ttmm.serve.rollout.store import RolloutController
+from ttmm.serve.rollout.policy import Decision, Observation, fingerprint
+from ttmm.serve.rollout.store import RolloutController, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,15 @@ MAX_FEEDBACK_IDS = 100_000
 
 @dataclass(frozen=True)
 class Assigned:
-    """One request's place in the rollout."""
+    """One request's place in the rollout, and the arms it runs on."""
 
-    arm: str
-    share: float
-    step: int
-    rollout_id: str
+    ticket: Ticket
     arms: Arms
     """The arms (and engine) of the rollout when the request arrived."""
-    measured: bool
-    """Whether the rollout still gathers evidence (not complete or rolled back)."""
+
+    @property
+    def arm(self) -> str:
+        return self.ticket.arm
 
     @property
     def other(self) -> str:
@@ -75,19 +74,38 @@ class RolloutService:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def assign(self, key: str | None) -> Assigned:
-        with self._lock:  # the arms and the rollout they belong to, read together
-            arms = self.arms
-            arm, share, step, rollout_id = self.controller.assign(key)
-            status = self.controller.policy.state.status
-        measured = status not in (COMPLETE, ROLLED_BACK)
-        return Assigned(arm, share, step, rollout_id, arms, measured)
+    @property
+    def config(self) -> RolloutConfig:
+        """The configuration of the arms this server runs."""
+        return self.arms.config
+
+    async def assign(self, key: str | None) -> Assigned:
+        """The arm of a request with sticky ``key``. When the rollout has moved to another
+        candidate than this server's (another replica swapped it), that one is loaded first."""
+        ticket = await asyncio.to_thread(self.controller.assign, key)
+        arms = self.arms
+        if fingerprint(ticket.config) != fingerprint(arms.config):
+            arms = await self.follow()
+            ticket = await asyncio.to_thread(self.controller.assign, key)
+        return Assigned(ticket, arms)
+
+    async def follow(self) -> Arms:
+        """Load the arms of the rollout's configuration if ours are older (another replica
+        swapped the candidate); the arms."""
+        async with self._swapping:
+            config = await asyncio.to_thread(self.controller.current_config)
+            if fingerprint(config) != fingerprint(self.arms.config):
+                arms = await asyncio.to_thread(self.loader, config)
+                self.arms = arms
+                self.on_swap(arms)
+                logger.info("following the rollout to candidate %s", config.candidate.bank)
+            return self.arms
 
     def rows(self, assigned: Assigned, queries: Sequence[str]) -> list[dict]:
         """Per query: the ``merge`` of the serving arm and the batcher's row options (the
         engine, the scored prefix, and in shadow mode the other arm's merge)."""
-        arms = assigned.arms
-        shadow = assigned.measured and self.controller.config.mode == "shadow"
+        arms, ticket = assigned.arms, assigned.ticket
+        shadow = ticket.measured and ticket.config.mode == "shadow"
         return [
             {
                 "merge": arms.merge(assigned.arm, query),
@@ -124,11 +142,12 @@ class RolloutService:
                 self._responses[response_id] = arm
                 while len(self._responses) > MAX_FEEDBACK_IDS:
                     self._responses.popitem(last=False)
+        ticket = assigned.ticket
         observation = Observation(
             arm=arm,
-            share=assigned.share,
-            step=assigned.step,
-            rollout_id=assigned.rollout_id,
+            share=ticket.share,
+            step=ticket.step,
+            rollout_id=ticket.rollout_id,
             nll=None if error else nll,
             shadow_nll=None if error else shadow,
             latency_s=latency_s,
@@ -153,8 +172,8 @@ class RolloutService:
             m.observe_compute(other, served.shadow_s / served.rows, 0)
 
     def _publish(self, decision: Decision | None = None) -> None:
-        policy = self.controller.policy
-        self.metrics.observe_status(policy.share, policy.state.step, policy.interval().to_dict())
+        now = self.controller.snapshot()
+        self.metrics.observe_status(now["share"], now["step"], now["quality"])
         if decision is not None:
             self.metrics.decisions.labels(action=decision.action).inc()
 
@@ -178,13 +197,14 @@ class RolloutService:
 
     async def swap(self, bank: str, routing: dict | None = None) -> Decision:
         """Load ``bank`` as the new candidate (in a worker thread, beside the running one),
-        then switch new requests to it and restart the rollout; one swap at a time."""
+        then restart the rollout and switch new requests to it; one swap at a time."""
         async with self._swapping:
-            config = self.controller.config.with_candidate(bank, routing)
+            config = self.arms.config.with_candidate(bank, routing)
             arms = await asyncio.to_thread(self.loader, config)
-            with self._lock:
-                self.arms = arms
-                decision = self.controller.restart(config, f"new candidate {bank}")
+            decision = await asyncio.to_thread(
+                self.controller.restart, config, f"new candidate {bank}"
+            )
+            self.arms = arms  # requests assigned meanwhile wait on the lock in _follow
             self.on_swap(arms)
             self._publish(decision)
             logger.info("candidate swapped to %s", bank)
@@ -205,9 +225,12 @@ def start_rollout(
     device: str | None = None,
     dtype: str | None = None,
     lora_dtype: str = "auto",
+    controller=None,
 ) -> RolloutService:
     """Load the base model (the candidate bank's, unless given) and the encoder once, both
-    arms over them, and the stored state of this rollout (or start it)."""
+    arms over them, and the stored state of this rollout (or start it); ``controller``
+    replaces the rollout's own (a :class:`~ttmm.serve.rollout.remote.RemoteController`
+    shared by Ray replicas, whose ``config`` is the actor's)."""
     from ttmm.assets import load_base_model
     from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype, resolve_lora_dtype
     from ttmm.embed import Encoder
@@ -226,4 +249,4 @@ def start_rollout(
         return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
 
     arms = loader(config)
-    return RolloutService(RolloutController(config), arms, loader)
+    return RolloutService(controller or RolloutController(config), arms, loader)

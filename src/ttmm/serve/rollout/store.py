@@ -14,12 +14,15 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ttmm.atomic import atomic_write_json
 from ttmm.serve.rollout.assign import assign_arm
 from ttmm.serve.rollout.config import RolloutConfig
 from ttmm.serve.rollout.policy import (
+    COMPLETE,
+    ROLLED_BACK,
     Decision,
     Observation,
     RolloutPolicy,
@@ -89,6 +92,21 @@ class RolloutStore:
         return rows[-limit:] if limit else rows
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A request's place in the rollout, as :meth:`RolloutController.assign` gives it."""
+
+    arm: str
+    share: float
+    """The candidate's share when it was assigned: the request's propensity."""
+    step: int
+    rollout_id: str
+    measured: bool
+    """Whether the rollout still gathers evidence (not complete or rolled back)."""
+    config: RolloutConfig
+    """The rollout's configuration (a server on an older candidate loads this one's)."""
+
+
 class RolloutController:
     """Assignment, observations and operator actions of the running rollout, under one lock,
     each change written to disk before it is acted on."""
@@ -122,16 +140,27 @@ class RolloutController:
 
     # -- the serving path ------------------------------------------------------------------
 
-    def assign(self, key: str | None) -> tuple[str, float, int, str]:
-        """(arm, the candidate's share, step, rollout id) for a request with sticky ``key``."""
+    def assign(self, key: str | None) -> Ticket:
+        """The arm of a request with sticky ``key``, and where the rollout stands."""
         with self._lock:
             share, state = self.policy.share, self.policy.state
-            return (
-                assign_arm(key, share, self.config.assignment.salt),
-                share,
-                state.step,
-                state.rollout_id,
-            )
+            arm = assign_arm(key, share, self.config.assignment.salt)
+            measured = state.status not in (COMPLETE, ROLLED_BACK)
+            return Ticket(arm, share, state.step, state.rollout_id, measured, self.config)
+
+    def current_config(self) -> RolloutConfig:
+        with self._lock:
+            return self.config
+
+    def snapshot(self) -> dict:
+        """The share, step and quality interval now (what the metrics publish)."""
+        with self._lock:
+            policy = self.policy
+            return {
+                "share": policy.share,
+                "step": policy.state.step,
+                "quality": policy.interval().to_dict(),
+            }
 
     def observe(self, obs: Observation) -> Decision | None:
         with self._lock:

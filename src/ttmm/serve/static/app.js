@@ -1,5 +1,6 @@
 // The ttmm page: talks to the server's own API (with the user's API key) and draws the bank,
-// the routing of a prompt, base/TTMM/fine-tuning continuations and perplexity scores.
+// the routing of a prompt, base/TTMM/fine-tuning continuations and perplexity scores
+// (and, when the server runs a staged rollout, rollout.js's section).
 "use strict";
 
 const { clusterColor, make, drawMap, sparkline, bar } = window.plot;
@@ -45,9 +46,13 @@ window.addEventListener("unhandledrejection", (event) => report(event.reason));
 
 // -- the API ------------------------------------------------------------------------------
 
-async function api(path, body) {
+/** fetch() with the page's API key (or another key, such as the rollout's admin key); a
+ * failure throws an APIError with the server's message. */
+async function api(path, body, key) {
+  const own = key === undefined;  // the page's key: a 401 asks the user for it again
+  const token = own ? state.key : key;
   const headers = { "Content-Type": "application/json" };
-  if (state.key) headers.Authorization = `Bearer ${state.key}`;
+  if (token) headers.Authorization = `Bearer ${token}`;
   const init = body === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(body) };
   let response;
   try {
@@ -61,11 +66,11 @@ async function api(path, body) {
     const payload = await response.json();
     if (payload.error && payload.error.message) message = payload.error.message;
   } catch (_) { /* not JSON: keep the status line */ }
-  if (response.status === 401) askForKey();
+  if (response.status === 401 && own) askForKey();
   throw new APIError(response.status, message);
 }
 
-const getJSON = async (path, body) => (await api(path, body)).json();
+const getJSON = async (path, body, key) => (await api(path, body, key)).json();
 
 /** POST a streamed completion and append its text to out as it arrives. */
 async function stream(path, body, out) {
@@ -204,6 +209,7 @@ async function loadBank() {
     clearError();
     $("key-form").hidden = true;
     renderBank(bank);
+    window.rollout.start({ $, api, getJSON, report, clearError }, bank.rollout);
   } catch (err) {
     report(err);
     $("summary").textContent = "the bank could not be loaded";

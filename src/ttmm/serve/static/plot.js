@@ -1,4 +1,4 @@
-// Drawing for the ttmm page: the 2-D map, sparklines and bars, in plain SVG and HTML.
+// Drawing for the ttmm page: the 2-D map, sparklines, bars and small charts, in plain SVG and HTML.
 // Exported as window.plot; everything else stays inside this function.
 (() => {
 "use strict";
@@ -128,5 +128,85 @@ function bar(share, color, cls = "") {
   return track;
 }
 
-window.plot = { clusterColor, make, drawMap, sparkline, bar };
+/** Round values covering [lo, hi], about `count` of them, spaced 1, 2 or 5 × 10^k (as d3
+ * picks them; whole numbers only when `integer`). */
+function ticks(lo, hi, count = 4, integer = false) {
+  const raw = (hi - lo || 1) / count, magnitude = 10 ** Math.floor(Math.log10(raw));
+  const error = raw / magnitude;
+  let step = magnitude * (error >= 7.07 ? 10 : error >= 3.16 ? 5 : error >= 1.41 ? 2 : 1);
+  if (integer) step = Math.max(1, Math.round(step));
+  const values = [];
+  for (let k = Math.ceil(lo / step); k * step <= hi + step * 1e-9; k++) {
+    values.push(+(k * step).toPrecision(12) || 0);  // no 0.30000000000000004, no −0
+  }
+  return values;
+}
+
+/**
+ * An x–y chart in root, an <svg> whose viewBox sets its size: axes with round ticks, then
+ * the layers in order, each {kind, points, cls}:
+ *   "step": a line through [x, y] points that holds each y until the next x;
+ *   "band": an area between [x, lower, upper] points;
+ *   "dots": circles at [x, y, title] points (the title shows on hover);
+ *   "hline": a rule across the chart at {y}.
+ * The ranges cover every layer and opts.x / opts.y (values to include, such as [0, 100]);
+ * opts.xLabel / opts.yLabel write tick labels; opts.xInteger keeps x ticks whole.
+ */
+function chart(root, layers, opts = {}) {
+  const { width, height } = root.viewBox.baseVal;
+  const m = { left: 50, right: 14, top: 10, bottom: 24 };
+  root.replaceChildren();
+  const xs = [...(opts.x || [])], ys = [...(opts.y || [])];
+  for (const layer of layers) {
+    if (layer.kind === "hline") ys.push(layer.y);
+    for (const [x, ...rest] of layer.points || []) {
+      xs.push(x);
+      ys.push(...rest.filter(Number.isFinite));
+    }
+  }
+  if (!xs.length) {
+    svg("text", { x: width / 2, y: height / 2, class: "chart-empty", text: opts.empty || "no data yet" }, root);
+    return;
+  }
+  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (x1 === x0) [x0, x1] = [x0 - 1, x1 + 1];
+  const pad = (y1 - y0) * 0.06 || 1;
+  [y0, y1] = [y0 - pad, y1 + pad];
+  const X = (x) => m.left + ((x - x0) / (x1 - x0)) * (width - m.left - m.right);
+  const Y = (y) => height - m.bottom - ((y - y0) / (y1 - y0)) * (height - m.top - m.bottom);
+  const xLabel = opts.xLabel || String, yLabel = opts.yLabel || String;
+  const axes = svg("g", { class: "chart-axes" }, root);
+  for (const v of ticks(y0, y1)) {
+    svg("line", { x1: m.left, x2: width - m.right, y1: Y(v), y2: Y(v), class: "chart-grid" }, axes);
+    svg("text", { x: m.left - 5, y: Y(v) + 4, class: "chart-tick y", text: yLabel(v) }, axes);
+  }
+  for (const v of ticks(x0, x1, 5, opts.xInteger)) {
+    svg("text", { x: X(v), y: height - m.bottom + 15, class: "chart-tick x", text: xLabel(v) }, axes);
+  }
+  svg("rect", {
+    x: m.left, y: m.top, width: width - m.left - m.right, height: height - m.top - m.bottom,
+    class: "chart-frame",
+  }, axes);
+  for (const layer of layers) {
+    const cls = `chart-${layer.kind} ${layer.cls || ""}`;
+    const pts = layer.points || [];
+    if (layer.kind === "hline") {
+      svg("line", { x1: m.left, x2: width - m.right, y1: Y(layer.y), y2: Y(layer.y), class: cls }, root);
+    } else if (layer.kind === "step" && pts.length) {
+      const d = pts.map(([x, y], i) => (i ? `H${X(x).toFixed(1)}V${Y(y).toFixed(1)}` : `M${X(x).toFixed(1)},${Y(y).toFixed(1)}`));
+      svg("path", { d: d.join(""), class: cls }, root);
+    } else if (layer.kind === "band" && pts.length) {
+      const upper = pts.map(([x, , hi]) => `${X(x).toFixed(1)},${Y(hi).toFixed(1)}`);
+      const lower = pts.map(([x, lo]) => `${X(x).toFixed(1)},${Y(lo).toFixed(1)}`).reverse();
+      svg("polygon", { points: upper.concat(lower).join(" "), class: cls }, root);
+    } else if (layer.kind === "dots") {
+      for (const [x, y, title] of pts) {
+        const dot = svg("circle", { cx: X(x).toFixed(1), cy: Y(y).toFixed(1), r: 3.5, class: cls }, root);
+        if (title) svg("title", { text: title }, dot);
+      }
+    }
+  }
+}
+
+window.plot = { clusterColor, make, drawMap, sparkline, bar, chart };
 })();
