@@ -103,6 +103,7 @@ def rollout_file(folder: Path, bank: Path, args, **changes) -> RolloutConfig:
         "state_dir": str(folder / "state"),
         "guardrails": {"max_latency_ratio": 3.0},
     } | changes
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "rollout.yaml"
     path.write_text(yaml.safe_dump(data))
     return RolloutConfig.load(path)
