@@ -158,7 +158,8 @@ async def serve_round(url: str, traffic: list[dict], args, tag: str) -> float:
     async def client_loop(http: httpx.AsyncClient) -> None:
         while queue:
             i, doc = queue.pop()
-            response = await http.post("/v1/completions", json=body(doc, args, f"{tag}-{i}"))
+            request = body(doc, args, f"{tag}-{i}") | {"max_tokens": args.throughput_tokens}
+            response = await http.post("/v1/completions", json=request)
             response.raise_for_status()
 
     start = time.perf_counter()
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4, help="new tokens per request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (throughput)")
     parser.add_argument("--throughput-requests", type=int, default=24)
+    parser.add_argument(
+        "--throughput-tokens", type=int, default=32, help="new tokens per throughput request"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per mode")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -318,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "shadow_cost": {
             "clients": args.clients,
             "requests_per_round": n,
+            "new_tokens": args.throughput_tokens,
             "seconds": timings,
             "requests_per_second": throughput,
             "shadow_over_canary": ratio,

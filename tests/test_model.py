@@ -189,3 +189,35 @@ def test_two_engines_over_one_model_share_its_lock_and_keep_its_weights(tiny_eng
     assert not errors
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("model", ["tiny_engine", "gpt2_engine"])
+def test_the_prefill_scores_the_prompt_as_score_does_and_changes_no_token(model, request):
+    """generate(score_prefix=P) keeps the logits of the prefill it runs anyway: the NLL after
+    P tokens equals score()'s (right padding, a forward of its own) under left padding, per
+    row and with one prefix per row, and the greedy continuation is the one without it."""
+    engine = request.getfixturevalue(model)
+    texts = ["word " * 30 + "end", "The history of the Roman empire spans many centuries " * 2]
+    plans = [RoutingPlan.explicit({0: 1.0}), RoutingPlan.explicit({1: 0.5, 2: 0.5})]
+    plain = engine.generate(texts, max_new_tokens=4, plans=plans)
+    scored = engine.generate(texts, max_new_tokens=4, plans=plans, score_prefix=8)
+    assert [g.text for g in scored] == [g.text for g in plain]
+    expected = engine.score(texts, prefix_tokens=8, plans=plans)
+    for generation, score in zip(scored, expected, strict=True):
+        nll, tokens = generation.prompt_nll
+        assert tokens == score.n_tokens > 0
+        assert nll == pytest.approx(score.nll, abs=ATOL * tokens)
+    per_row = engine.prompt_nll(texts, plans, [8, 12])
+    assert per_row[0] == pytest.approx(scored[0].prompt_nll, abs=ATOL * 40)
+    assert per_row[1][1] == expected[1].n_tokens - 4  # four more tokens unscored
+
+
+@pytest.fixture
+def gpt2_engine(tmp_path, tiny_gpt2, smol_tokenizer, encoder):
+    from conftest import write_random_bank
+
+    from ttmm.bank import Bank
+    from ttmm.model import TTMM
+
+    bank = Bank.load(write_random_bank(tmp_path / "gpt2-bank", tiny_gpt2, encoder.dim))
+    return TTMM(tiny_gpt2, smol_tokenizer, encoder, bank)

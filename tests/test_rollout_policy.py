@@ -647,3 +647,15 @@ def test_a_a_rollouts_rarely_promote_and_a_fixed_n_interval_often_does():
     assert promoted[RolloutPolicy] <= 0.05
     assert promoted[FixedNPolicy] > 0.05
     assert promoted[FixedNPolicy] > 3 * max(promoted[RolloutPolicy], 0.01)
+
+
+def test_a_restarted_server_resumes_the_swapped_in_candidate_not_the_files(tmp_path):
+    config = _controller_config(tmp_path, control={"kind": "finetune"})
+    assert config.control.bank == config.candidate.bank  # the control stays the file's
+    controller = RolloutController(config)
+    swapped = controller.restart(config.with_candidate("banks/v2"), "new candidate banks/v2")
+    again = RolloutController(config)  # the server restarts on the same file
+    assert again.current_config().candidate.bank == "banks/v2"
+    assert again.current_config().control.bank == config.candidate.bank
+    assert again.status()["rollout_id"] == swapped.rollout_id
+    assert [d["action"] for d in again.status()["decisions"]] == ["start", "start"]

@@ -89,7 +89,7 @@ def test_the_section_shows_the_rollout_and_an_operator_promotes_it(page, rollout
     assert page.locator("#rollout-steps li.current").inner_text() == "0%"
     assert page.inner_text("#rollout-share").strip() == "candidate 0% · control 100%"
     arms = page.inner_text("#rollout-arms")
-    assert "finetune: fine-tuning adapter of the candidate bank" in arms
+    assert "finetune: fine-tuning adapter of" in arms  # the file's candidate, kept on swaps
     assert "4 experts" in arms and "/bank" in arms and "shadow" in arms
     assert "Rollout running: step 1 of 3" in page.inner_text("#rollout-link")
     # the evidence: three requests served by control, each scored by both arms

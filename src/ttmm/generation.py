@@ -90,20 +90,32 @@ class Decoded:
 
 
 def continuation_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor, prefix_tokens: int
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    prefix_tokens: int | Sequence[int],
 ) -> list[tuple[float, int]]:
     """(total NLL, scored tokens) per row, over the tokens after each row's first
-    ``prefix_tokens`` real ones (design notes §3: the routed prefix is never scored).
+    ``prefix_tokens`` real ones (design notes §3: the routed prefix is never scored); one
+    prefix for every row, or one per row.
 
     ``logits`` (b, s or s − 1, V) are the model's outputs at the positions of ``input_ids``
-    (b, s); padding may sit on either side (``attention`` marks the real tokens).
+    (b, s); padding may sit on either side (``attention`` marks the real tokens). Rows are
+    scored one at a time, so at most one row's logits are held in float32 at once.
     """
     length = input_ids.shape[1]
-    log_probs = torch.log_softmax(logits[:, : length - 1].float(), dim=-1)  # predicts t=1..s-1
     targets = input_ids[:, 1:]  # (b, s-1)
-    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, s-1)
     positions = (attention.cumsum(-1) - 1)[:, 1:]  # each target's index among its row's tokens
-    scored = (positions >= prefix_tokens) & attention[:, 1:].bool()
+    prefix = torch.as_tensor(prefix_tokens, device=input_ids.device).reshape(-1, 1)  # (b|1, 1)
+    scored = (positions >= prefix) & attention[:, 1:].bool()  # (b, s-1)
+    token_nll = torch.stack(
+        [
+            -torch.log_softmax(logits[i, : length - 1].float(), dim=-1)  # predicts t=1..s-1
+            .gather(-1, targets[i].unsqueeze(-1))
+            .squeeze(-1)
+            for i in range(input_ids.shape[0])
+        ]
+    )  # (b, s-1)
     return [
         (float(token_nll[i][scored[i]].sum()), int(scored[i].sum()))
         for i in range(input_ids.shape[0])
@@ -111,7 +123,7 @@ def continuation_nll(
 
 
 def prefill_scored(
-    model: torch.nn.Module, batch: dict, score_prefix: int
+    model: torch.nn.Module, batch: dict, score_prefix: int | Sequence[int]
 ) -> tuple[list[tuple[float, int]], object]:
     """Run the prompt but its last token, as ``generate``'s prefill would, keeping the logits
     of every position: the prompt's NLL after ``score_prefix`` tokens, and the key-value
@@ -140,7 +152,7 @@ def decode(
     sampling: Sampling = GREEDY,
     min_new_tokens: int = 0,
     top_logprobs: int | None = None,
-    score_prefix: int | None = None,
+    score_prefix: int | Sequence[int] | None = None,
     **extra,
 ) -> Decoded:
     """Run ``model.generate`` on a tokenised batch with the model as it stands (merged or not).

@@ -271,15 +271,15 @@ class TTMM:
         seed: int | None = None,
         min_new_tokens: int = 0,
         top_logprobs: int | None = None,
-        score_prefix: int | None = None,
+        score_prefix: int | Sequence[int] | None = None,
         **extra,
     ) -> list[Generation]:
         """Continue each prompt with its own merge; returns the text and the routing used.
 
         ``min_new_tokens`` suppresses the end-of-sequence token until that many tokens exist
         (timing runs set it to ``max_new_tokens`` so every method decodes the same length).
-        ``score_prefix`` (P) also scores each prompt's tokens after its first P under the
-        row's merge, from the prefill itself (the server's online quality).
+        ``score_prefix`` (P, or one per prompt) also scores each prompt's tokens after its
+        first P under the row's merge, from the prefill itself (the server's online quality).
         ``top_logprobs`` and ``extra`` (a streamer, stopping criteria) go to ``decode``.
         """
         prompts = _check_texts(prompts)
@@ -318,7 +318,10 @@ class TTMM:
 
     @torch.no_grad()
     def prompt_nll(
-        self, prompts: Sequence[str], plans: Sequence[RoutingPlan], score_prefix: int
+        self,
+        prompts: Sequence[str],
+        plans: Sequence[RoutingPlan],
+        score_prefix: int | Sequence[int],
     ) -> list[tuple[float, int]]:
         """(total NLL, scored tokens) of each prompt after its first ``score_prefix`` tokens,
         under its own plan, tokenised exactly as :meth:`generate` tokenises it: the same

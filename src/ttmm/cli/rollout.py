@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from ttmm.cli.options import JsonOption, console, user_errors
+from ttmm.serve.rollout.store import ACTIONS
 
 rollout_app = typer.Typer(
     help="Watch and steer a server's staged rollout (ttmm serve --rollout).",
@@ -141,7 +142,7 @@ def _action(action: str):
     return user_errors(command)
 
 
-for _name in ("promote", "pause", "resume", "rollback"):
+for _name in ACTIONS:
     rollout_app.command(_name)(_action(_name))
 
 

@@ -14,17 +14,17 @@ requests are batched together (:mod:`ttmm.serve.batching`); every error is an Op
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ttmm.model import TTMM
+from ttmm.serve.auth import user_authorizer
 from ttmm.serve.batching import MergeCache
-from ttmm.serve.completions import Completions, _check_model, _merge_for, _resolve
+from ttmm.serve.completions import Completions, check_model, merge_for, resolve_merge
 from ttmm.serve.errors import (
     APIError,
     document_errors,
@@ -32,7 +32,7 @@ from ttmm.serve.errors import (
     install_error_handlers,
 )
 from ttmm.serve.export import install_export
-from ttmm.serve.limits import BodySizeLimit, RateLimiter
+from ttmm.serve.limits import BodySizeLimit
 from ttmm.serve.metrics import ServerMetrics
 from ttmm.serve.rollout.endpoints import install_rollout, request_key
 from ttmm.serve.rollout.service import RolloutService
@@ -89,45 +89,19 @@ def create_app(
 
         def swapped(arms) -> None:  # new requests (and the page) use the new candidate
             attach_cache(arms.engine)
-            service.engine = app.state.engine = arms.engine
+            service.engine = service.batcher.engine = app.state.engine = arms.engine
 
         rollout.on_swap = swapped
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_RawMiddleware, wrap=metrics.middleware)
     install_error_handlers(app)
-    guard = Depends(_authorizer(settings))
+    guard = Depends(user_authorizer(settings))
     _add_routes(app, service, guard)
     install_ui(app, [guard], service.slots, service.streams)  # the page at / and /v1/ttmm/*
     install_export(app, [guard], service.slots)  # POST /v1/ttmm/export
     install_rollout(app, guard, settings, rollout)  # /v1/ttmm/rollout*, /v1/ttmm/feedback
     document_errors(app)
     return app
-
-
-def _authorizer(settings: ServerSettings) -> Callable[[Request], None]:
-    """A dependency that checks ``Authorization: Bearer <api_key>`` (in constant time), then
-    the client's rate limit."""
-    api_key = settings.api_key
-    limiter = (
-        RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
-    )
-
-    def authorize(request: Request) -> None:
-        if api_key is not None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise APIError(
-                    401,
-                    "missing API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-            if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                raise APIError(401, "incorrect API key", code="invalid_api_key")
-        if limiter is not None:
-            client = request.client.host if request.client else "unknown"
-            limiter.check("key" if api_key is not None else f"client:{client}")
-
-    return authorize
 
 
 ROUTE_ERRORS = (400, 401, 404, 413, 429)
@@ -164,11 +138,11 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
 
     @app.post("/v1/route", dependencies=guarded, responses=error_responses(*ROUTE_ERRORS))
     async def route_endpoint(body: RouteRequest) -> dict:
-        _check_model(body.model, settings)
+        check_model(body.model, settings)
         engine = service.engine
         release = service.slots.take()
         try:
-            plan = await _resolve(engine, _merge_for(engine, body.ttmm, body.input, "input"))
+            plan = await resolve_merge(engine, merge_for(engine, body.ttmm, body.input, "input"))
         finally:
             release()
         return {

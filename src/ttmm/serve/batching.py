@@ -349,14 +349,13 @@ class Batcher:
         )
         streamer = BatchStreamer(engine.tokenizer, [job.stream for job in jobs])
         asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
-        prefixes = {job.score_prefix for job in jobs} - {None}
         start = time.perf_counter()
         generations = engine.generate(
             [job.prompt for job in jobs],
             plans=plans,
             mode="auto",
             top_logprobs=max(asked) if asked else None,
-            score_prefix=max(prefixes) if prefixes else None,
+            score_prefix=_prefixes(jobs),
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([RowsCancelled([j.cancelled for j in jobs])]),
             **jobs[0].options.generate_kwargs(),
@@ -395,9 +394,24 @@ class Batcher:
         if not rows:
             return scores, 0.0
         start = time.perf_counter()
-        plans, _ = self._plans(engine, [jobs[i].shadow for i in rows])
-        prefix = max(jobs[i].score_prefix or 0 for i in rows)
-        scored = engine.prompt_nll([jobs[i].prompt for i in rows], plans, prefix)
+        try:
+            plans, _ = self._plans(engine, [jobs[i].shadow for i in rows])
+            prefixes = _prefixes([jobs[i] for i in rows])
+            scored = engine.prompt_nll([jobs[i].prompt for i in rows], plans, prefixes)
+        except Exception:  # the rows were served: a failed shadow score loses evidence only
+            logger.exception("shadow scoring of %d rows failed", len(rows))
+            return scores, time.perf_counter() - start
         for i, score in zip(rows, scored):
             scores[i] = score
         return scores, time.perf_counter() - start
+
+
+def _prefixes(jobs: Sequence[_Job]) -> list[int] | None:
+    """Each row's scored prefix, None if no row is scored (a row that is not scored gets a
+    prefix past any prompt: it scores no token)."""
+    if all(job.score_prefix is None for job in jobs):
+        return None
+    return [NOT_SCORED if job.score_prefix is None else job.score_prefix for job in jobs]
+
+
+NOT_SCORED = 1 << 30

@@ -11,6 +11,7 @@ prefix, computed from the prefill.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from ttmm.serve.rollout.service import Assigned, RolloutService
 from ttmm.serve.schemas import GenerationRequest, TTMMControl
 from ttmm.serve.settings import ServerSettings
 from ttmm.serve.streaming import RowStream, cut_at_stop
+
+logger = logging.getLogger(__name__)
 
 MAX_CHOICES = 16
 """Most choices (prompts × n) one request may ask for."""
@@ -87,7 +90,7 @@ class Completions:
         ``prompts`` (batched, streamed or not). ``key`` is the request's sticky key for a
         rollout's assignment."""
         settings = self.settings
-        _check_model(body.model, settings)
+        check_model(body.model, settings)
         echo = getattr(body, "echo", False)
         scored = body.logprob_count
         if scored is not None and (body.stream or echo):
@@ -128,16 +131,16 @@ class Completions:
                     asyncio.gather(*submitted), settings.request_timeout_s
                 )
             except TimeoutError:
-                self._finish(plan, [], error=True)
+                await self._finish(plan, [], error=True)
                 raise timeout_error(settings.request_timeout_s) from None
             except Exception:
-                self._finish(plan, [], error=True)
+                await self._finish(plan, [], error=True)
                 raise
         finally:
             if release is not None:
                 release()
         response = self._whole(body, plan, served, chat, echo, timing)
-        self._finish(plan, served[:: body.n], response_id=response["id"])
+        await self._finish(plan, served, body.n, response_id=response["id"])
         return response
 
     async def _plan(self, control, prompts, queries, options, param, key) -> Plan:
@@ -149,7 +152,7 @@ class Completions:
         )
         if self.rollout is None or steered:
             engine = self.rollout.arms.engine if self.rollout is not None else self.engine
-            merges = [_merge_for(engine, control, query, param) for query in queries]
+            merges = [merge_for(engine, control, query, param) for query in queries]
             rows = [
                 Row(p, m, o, {"engine": engine}) for p, m in zip(prompts, merges) for o in options
             ]
@@ -158,7 +161,8 @@ class Completions:
             if not query.strip():
                 raise APIError(400, f"{param} is blank: routing needs some text", param=param)
         assigned = await self.rollout.assign(key)
-        extras = self.rollout.rows(assigned, queries)
+        offsets = [self._routed_offset(p, q) for p, q in zip(prompts, queries)]
+        extras = self.rollout.rows(assigned, queries, offsets)
         rows = [
             Row(p, extra.pop("merge"), o, extra)
             for p, extra in zip(prompts, extras)
@@ -166,13 +170,33 @@ class Completions:
         ]
         return Plan(rows, lambda plan: assigned.arms.describe(assigned.arm, plan), assigned)
 
-    def _finish(
-        self, plan: Plan, served: list[Served], error: bool = False, response_id: str | None = None
+    def _routed_offset(self, prompt: str, query: str) -> int:
+        """Tokens of ``prompt`` (as generate tokenises it) before the text it was routed on:
+        a chat template's turns before the last user message, a tokenizer's BOS. The online
+        quality scores what follows that text's routing prefix, never the prefix itself."""
+        at = max(prompt.rfind(query), 0) if query else 0
+        return len(self.engine.tokenizer(prompt[:at])["input_ids"])
+
+    async def _finish(
+        self,
+        plan: Plan,
+        served: list[Served],
+        n: int = 1,
+        error: bool = False,
+        response_id: str | None = None,
     ) -> None:
-        """Count a finished rollout request (nothing without one)."""
-        if plan.assigned is not None:
-            latency = time.perf_counter() - plan.start
-            self.rollout.finish(plan.assigned, served, latency, error, response_id)
+        """Count a finished rollout request (nothing without one), off the event loop (the
+        state is written to disk, or sent to the Ray actor). A failure to record loses the
+        record, never the answer."""
+        if plan.assigned is None:
+            return
+        latency = time.perf_counter() - plan.start
+        try:
+            await asyncio.to_thread(
+                self.rollout.finish, plan.assigned, served, latency, n, error, response_id
+            )
+        except Exception:
+            logger.exception("could not record a rollout request")
 
     def _whole(self, body, plan: Plan, served, chat, echo, timing) -> dict:
         """The response to a non-streamed request, from its rows' results."""
@@ -248,7 +272,8 @@ class Completions:
 
     def _measured(self, plan: Plan, sources, release, reply: Reply, n: int):
         """``sources`` that keep each row's :class:`Served` (and note a failure), and a
-        ``release`` that also counts the request in the rollout when the stream ends."""
+        ``release`` that also counts the request in the rollout when the stream ends: an
+        error if a row failed or outlived the time limit, nothing if the client left."""
         served: dict[int, Served] = {}
         failed = []
 
@@ -264,9 +289,12 @@ class Completions:
 
         def finish() -> None:
             release()
-            firsts = [served[i] for i in sorted(served) if i % n == 0]
-            complete = len(served) == len(plan.rows) and not failed
-            self._finish(plan, firsts, error=not complete, response_id=reply.response_id)
+            late = time.perf_counter() - plan.start >= self.settings.request_timeout_s
+            if not failed and not late and len(served) < len(plan.rows):
+                return  # the client went away: no outcome to judge the arm by
+            rows = [served[i] for i in sorted(served)]
+            error = bool(failed) or late
+            asyncio.ensure_future(self._finish(plan, rows, n, error, reply.response_id))
 
         return [keep(i, source) for i, source in enumerate(sources)], finish
 
@@ -292,7 +320,7 @@ def _max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
     return requested
 
 
-def _check_model(model: str | None, settings: ServerSettings) -> None:
+def check_model(model: str | None, settings: ServerSettings) -> None:
     if model is not None and model != settings.model_id:
         raise APIError(
             404,
@@ -302,7 +330,7 @@ def _check_model(model: str | None, settings: ServerSettings) -> None:
         )
 
 
-def _merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str) -> MergeRequest:
+def merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str) -> MergeRequest:
     """The merge a request asked for: explicit experts, the base model, or routing ``query``."""
     if control is not None and control.base:
         return MergeRequest(plan=RoutingPlan.base())
@@ -325,7 +353,7 @@ def _merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str
     return MergeRequest(query=query, routing=routing)
 
 
-async def _resolve(engine: TTMM, merge: MergeRequest) -> RoutingPlan:
+async def resolve_merge(engine: TTMM, merge: MergeRequest) -> RoutingPlan:
     """The plan of a merge request, routing its query now (outside any batch)."""
     if merge.plan is not None:
         return merge.plan

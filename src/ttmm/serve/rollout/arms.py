@@ -88,7 +88,7 @@ class Arms:
         """Read both arms' banks and adapters and build the engine over ``model``; every
         mistake (a missing bank, a bank of another base model, no fine-tuning adapter) is a
         :class:`RolloutConfigError` naming the arm."""
-        candidate = _load_bank(config.candidate.bank, "candidate.bank")
+        candidate = load_bank(config.candidate.bank, "candidate.bank")
         try:
             candidate.check_compatible(model, encoder.dim)
         except BankError as err:
@@ -98,7 +98,7 @@ class Arms:
         if control.kind == "finetune":
             source = candidate
             if control.bank is not None and Path(control.bank) != Path(config.candidate.bank):
-                source = _load_bank(control.bank, "control.bank")
+                source = load_bank(control.bank, "control.bank")
             adapter = source.finetune_adapter()
             if adapter is None:
                 raise RolloutConfigError(
@@ -109,7 +109,7 @@ class Arms:
         elif control.kind == "adapter":
             extra = [_load_adapter(control.path)]
         elif control.kind == "bank":
-            control_bank = _load_bank(control.bank, "control.bank")
+            control_bank = load_bank(control.bank, "control.bank")
             try:
                 control_bank.check_compatible(model, encoder.dim)
             except BankError as err:
@@ -161,7 +161,7 @@ class Arms:
         return described | {"arm": arm}
 
 
-def _load_bank(path: str, field: str) -> Bank:
+def load_bank(path: str, field: str) -> Bank:
     try:
         return Bank.load(path)
     except BankError as err:

@@ -58,8 +58,8 @@ class ControlArm:
     """``base`` (no adapter), ``finetune`` (a bank's fine-tuning adapter), ``adapter`` (a PEFT
     LoRA folder) or ``bank`` (another bank, routed per request)."""
     bank: str | None = None
-    """For ``finetune``: the bank holding the adapter (default: the candidate's); for
-    ``bank``: the bank to route over."""
+    """For ``finetune``: the bank holding the adapter (default: the candidate the file
+    names, kept when a new candidate is swapped in); for ``bank``: the bank to route over."""
     path: str | None = None
     """For ``adapter``: the PEFT adapter folder."""
     routing: dict | None = None
@@ -273,8 +273,11 @@ class RolloutConfig:
                     f"steps must be a list of percentages, got {data['steps']!r}"
                 )
             data["steps"] = tuple(data["steps"])
-        config = cls(**data)
-        return config.resolved(Path(root) if root is not None else None)
+        config = cls(**data).resolved(Path(root) if root is not None else None)
+        if config.control.kind == "finetune" and config.control.bank is None:
+            # the model in use today stays fixed: a hot swap changes the candidate only
+            config = replace(config, control=replace(config.control, bank=config.candidate.bank))
+        return config
 
     def resolved(self, root: Path | None) -> RolloutConfig:
         """Relative paths made absolute against ``root`` (the rollout file's folder)."""

@@ -18,13 +18,13 @@ rollout answers 404 on all of them.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import math
 from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ttmm.serve.auth import bearer_token, is_key
 from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.rollout.config import RolloutConfigError
 from ttmm.serve.rollout.policy import RolloutStateError
@@ -66,20 +66,10 @@ def request_key(rollout: RolloutService | None, request: Request, user: str | No
     if source == "user":
         return user or None
     if source == "api_key":
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return token.strip() or None if scheme.lower() == "bearer" else None
+        return bearer_token(request) or None
     if source.startswith("header:"):
         return request.headers.get(source.removeprefix("header:")) or None
     return None
-
-
-def _bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def _is(token: str, key: str | None) -> bool:
-    return key is not None and bool(token) and hmac.compare_digest(token.encode(), key.encode())
 
 
 def _admin(settings: ServerSettings) -> Callable[[Request], None]:
@@ -92,7 +82,7 @@ def _admin(settings: ServerSettings) -> Callable[[Request], None]:
                 type="permission_error",
                 code="admin_disabled",
             )
-        if not _is(_bearer(request), settings.admin_key):
+        if not is_key(bearer_token(request), settings.admin_key):
             raise APIError(
                 401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
                 code="invalid_admin_key",
@@ -105,7 +95,7 @@ def _reader(settings: ServerSettings, user_guard: Callable) -> Callable[[Request
     """The users' key check, or the admin key."""
 
     def authorize(request: Request) -> None:
-        if _is(_bearer(request), settings.admin_key):
+        if is_key(bearer_token(request), settings.admin_key):
             return
         user_guard(request)
 

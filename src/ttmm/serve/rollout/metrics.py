@@ -70,8 +70,13 @@ class RolloutMetrics:
         )
         self.compute_seconds = Counter(
             "ttmm_compute_seconds",
-            "Engine seconds spent on an arm's rows (a batch's seconds split over its rows; "
-            "shadow scoring counted to the arm that scored).",
+            "Engine seconds spent serving an arm's rows (a batch's seconds split over its rows).",
+            ["arm"],
+            registry=r,
+        )
+        self.shadow_seconds = Counter(
+            "ttmm_shadow_compute_seconds",
+            "Engine seconds an arm spent scoring requests the other arm served (shadow mode).",
             ["arm"],
             registry=r,
         )

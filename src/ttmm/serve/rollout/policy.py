@@ -49,7 +49,7 @@ RUNNING, PAUSED, HELD, COMPLETE, ROLLED_BACK = (
     "rolled_back",
 )
 STATUSES = (RUNNING, PAUSED, HELD, COMPLETE, ROLLED_BACK)
-MAX_LATENCIES = 4096
+MAX_LATENCIES = 1000
 """Latencies kept per arm and step (the most recent), for the p95."""
 
 
@@ -146,6 +146,11 @@ class RolloutState:
     rollout_id: str
     fingerprint: str
     """What the rollout is of (candidate, control, mode, steps): a changed file starts anew."""
+    origin: str | None = None
+    """The fingerprint of the rollout file this rollout descends from (through hot swaps);
+    None: the rollout is the file's own."""
+    candidate: dict | None = None
+    """The swapped-in candidate (``bank``, ``routing``) when it is not the file's."""
     status: str = RUNNING
     step: int = 0
     started_at: float = field(default_factory=time.time)
@@ -184,7 +189,8 @@ class Decision:
     """One entry of the audit log."""
 
     action: str
-    """start, promote, complete, rollback, pause, resume, hold, swap."""
+    """start (also of a swapped-in candidate), promote, complete, rollback, pause, resume,
+    hold."""
     by: str
     """``policy`` or ``operator``."""
     reason: str
@@ -203,9 +209,13 @@ class Decision:
 class RolloutPolicy:
     """Steps, evidence and decisions of one rollout (see the module doc)."""
 
-    def __init__(self, config: RolloutConfig, state: RolloutState | None = None):
+    def __init__(
+        self, config: RolloutConfig, state: RolloutState | None = None, origin: str | None = None
+    ):
+        """A new rollout of ``config`` (swapped in from the file of fingerprint ``origin``),
+        or the one ``state`` holds."""
         self.config = config
-        self.state = state or RolloutState(uuid.uuid4().hex[:12], fingerprint(config))
+        self.state = state or RolloutState(uuid.uuid4().hex[:12], fingerprint(config), origin)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -101,19 +101,22 @@ class RolloutService:
                 logger.info("following the rollout to candidate %s", config.candidate.bank)
             return self.arms
 
-    def rows(self, assigned: Assigned, queries: Sequence[str]) -> list[dict]:
+    def rows(
+        self, assigned: Assigned, queries: Sequence[str], offsets: Sequence[int]
+    ) -> list[dict]:
         """Per query: the ``merge`` of the serving arm and the batcher's row options (the
-        engine, the scored prefix, and in shadow mode the other arm's merge)."""
+        engine, the scored prefix: the routing prefix after the ``offset`` tokens of the
+        prompt before its routed text, and in shadow mode the other arm's merge)."""
         arms, ticket = assigned.arms, assigned.ticket
         shadow = ticket.measured and ticket.config.mode == "shadow"
         return [
             {
                 "merge": arms.merge(assigned.arm, query),
                 "engine": arms.engine,
-                "score_prefix": arms.score_prefix,
+                "score_prefix": offset + arms.score_prefix,
                 "shadow": arms.merge(assigned.other, query) if shadow else None,
             }
-            for query in queries
+            for query, offset in zip(queries, offsets)
         ]
 
     def finish(
@@ -121,16 +124,18 @@ class RolloutService:
         assigned: Assigned,
         served: Sequence[Served],
         latency_s: float,
+        n: int = 1,
         error: bool = False,
         response_id: str | None = None,
     ) -> Decision | None:
-        """Record a finished request: ``served`` holds one row per prompt (the first sample
-        of each), empty if it failed."""
+        """Record a finished request: ``served`` holds its rows (``n`` samples of each
+        prompt, in order), empty if it failed. Each prompt's quality counts once."""
         arm, m = assigned.arm, self.metrics
         m.requests.labels(arm=arm, outcome="error" if error else "success").inc()
         m.e2e.labels(arm=arm).observe(latency_s)
-        nll = _per_token([s.generation.prompt_nll for s in served])
-        shadow = _per_token([s.shadow_nll for s in served])
+        firsts = served[::n]
+        nll = _per_token([s.generation.prompt_nll for s in firsts])
+        shadow = _per_token([s.shadow_nll for s in firsts])
         for s in served:
             self._observe_row(arm, assigned.other, s)
         if nll is not None:
@@ -169,7 +174,7 @@ class RolloutService:
         seconds = (timing.merge_s + timing.prefill_s + timing.decode_s) / served.rows
         m.observe_compute(arm, seconds, result.prompt_tokens + result.completion_tokens)
         if served.shadow_nll is not None:
-            m.observe_compute(other, served.shadow_s / served.rows, 0)
+            m.shadow_seconds.labels(arm=other).inc(served.shadow_s / served.rows)
 
     def _publish(self, decision: Decision | None = None) -> None:
         now = self.controller.snapshot()
@@ -234,12 +239,12 @@ def start_rollout(
     from ttmm.assets import load_base_model
     from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype, resolve_lora_dtype
     from ttmm.embed import Encoder
-    from ttmm.serve.rollout.arms import _load_bank
+    from ttmm.serve.rollout.arms import load_bank
 
     device = resolve_device(device or DEFAULT_DEVICE)
     dtype = resolve_dtype(dtype, device)
     resolve_lora_dtype(lora_dtype)
-    candidate = _load_bank(config.candidate.bank, "candidate.bank")  # fail before the model
+    candidate = load_bank(config.candidate.bank, "candidate.bank")  # fail before the model
     model, tokenizer = load_base_model(
         base_model or candidate.manifest.base_model["name"], dtype=dtype, device=device
     )

@@ -89,7 +89,9 @@ class RolloutStore:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 logger.warning("skipping a cut line in %s", self.decisions_path)
-        return rows[-limit:] if limit else rows
+        if limit is None:
+            return rows
+        return rows[-limit:] if limit > 0 else []
 
 
 @dataclass(frozen=True)
@@ -114,19 +116,21 @@ class RolloutController:
     def __init__(self, config: RolloutConfig):
         self._lock = threading.Lock()
         self.store = RolloutStore(config.state_dir)
-        self._open(config, resume=True)
+        self._open(config)
 
-    def _open(
-        self, config: RolloutConfig, resume: bool, reason: str | None = None
-    ) -> Decision | None:
-        """Resume the stored rollout of ``config`` (with ``resume``), or start a new one."""
-        state = self.store.load_state() if resume else None
-        if state is not None and state.fingerprint == fingerprint(config):
-            self.config, self.policy = config, RolloutPolicy(config, state)
-            logger.info("resuming rollout %s at step %d", state.rollout_id, state.step)
-            return None
+    def _open(self, config: RolloutConfig) -> Decision | None:
+        """Resume the stored rollout of the rollout file ``config`` (or of a candidate swapped
+        in since), or start a new one."""
+        state = self.store.load_state()
+        if state is not None and (state.origin or state.fingerprint) == fingerprint(config):
+            if state.candidate is not None:
+                config = config.with_candidate(state.candidate["bank"], state.candidate["routing"])
+            if state.fingerprint == fingerprint(config):
+                self.config, self.policy = config, RolloutPolicy(config, state)
+                logger.info("resuming rollout %s at step %d", state.rollout_id, state.step)
+                return None
         self.config, self.policy = config, RolloutPolicy(config)
-        why = reason or ("the rollout file changed" if state is not None else "rollout started")
+        why = "the rollout file changed" if state is not None else "rollout started"
         return self._record(self.policy.start(why))
 
     def _record(self, decision: Decision | None) -> Decision | None:
@@ -182,9 +186,14 @@ class RolloutController:
             return self._record(method(reason) if reason else method())
 
     def restart(self, config: RolloutConfig, reason: str) -> Decision:
-        """A new rollout (a new candidate): fresh evidence from the first step."""
+        """A new rollout of ``config`` (a new candidate swapped in): fresh evidence from the
+        first step; a restarted server resumes it, not the file's candidate."""
         with self._lock:
-            return self._open(config, resume=False, reason=reason)
+            origin = self.policy.state.origin or self.policy.state.fingerprint
+            self.config, self.policy = config, RolloutPolicy(config, origin=origin)
+            candidate = config.candidate
+            self.policy.state.candidate = {"bank": candidate.bank, "routing": candidate.routing}
+            return self._record(self.policy.start(reason))
 
     def status(self, decisions: int = 50) -> dict:
         with self._lock:
