@@ -88,6 +88,14 @@ def test_replicas_share_one_rollout_its_promotions_and_its_hot_swaps(deployed):
     assert totals["control"]["requests"] == 12  # both replicas reported to the one state
     assert before["evidence"]["quality"]["n"] == 12  # every request paired in shadow mode
 
+    # feedback on a response reaches the one state, whichever replica takes it
+    body = {"prompt": LONG[0], "max_tokens": 2, "temperature": 0, "user": "f"}
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+    for _ in range(4):
+        scored = httpx.post(f"{url}/v1/ttmm/feedback", json={"id": answer["id"], "score": 1.0})
+        assert scored.status_code == 200 and scored.json()["arm"] == "control"
+    assert status(url)["evidence"]["total"]["control"]["feedback"]["count"] == 4
+
     promoted = httpx.post(f"{url}/v1/ttmm/rollout/promote", headers=ADMIN, timeout=60)
     assert promoted.status_code == 200 and promoted.json()["decision"]["to_share"] == 50.0
     served = send(url, 16, "b")

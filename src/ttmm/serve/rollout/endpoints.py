@@ -141,7 +141,9 @@ def install_rollout(
         async def act(body: ActionRequest | None = None) -> dict:
             service = running()
             try:
-                decision = service.act(action, body.reason if body else None)
+                decision = await asyncio.to_thread(
+                    service.act, action, body.reason if body else None
+                )
             except RolloutStateError as err:
                 raise APIError(409, str(err), code="rollout_state") from None
             return {"object": "ttmm.rollout.decision", "decision": decision.to_dict()}
@@ -166,7 +168,7 @@ def install_rollout(
         service = running()
         if not math.isfinite(body.score):
             raise APIError(400, "score must be a number in [0, 1]", param="score")
-        arm = service.feedback(body.id, body.score)
+        arm = await asyncio.to_thread(service.feedback, body.id, body.score)
         if arm is None:
             raise APIError(
                 404, f"no recent completion of this rollout has the id {body.id!r}",

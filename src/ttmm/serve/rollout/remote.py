@@ -54,11 +54,11 @@ class RemoteController:
     def snapshot(self) -> dict:
         return self._call("snapshot")
 
-    def observe(self, obs: Observation) -> Decision | None:
-        return self._call("observe", obs)
+    def observe(self, obs: Observation, response_id: str | None = None) -> Decision | None:
+        return self._call("observe", obs, response_id)
 
-    def feedback(self, arm: str, score: float) -> None:
-        self._call("feedback", arm, score)
+    def feedback(self, response_id: str, score: float) -> str | None:
+        return self._call("feedback", response_id, score)
 
     def act(self, action: str, reason: str | None = None) -> Decision:
         return self._call("act", action, reason)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,9 +26,6 @@ from ttmm.serve.rollout.policy import Decision, Observation, fingerprint
 from ttmm.serve.rollout.store import RolloutController, Ticket
 
 logger = logging.getLogger(__name__)
-
-MAX_FEEDBACK_IDS = 100_000
-"""Response ids remembered for feedback (the most recent)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,6 @@ class RolloutService:
         hot swaps)."""
         self.controller, self.arms, self.loader = controller, arms, loader
         self.metrics = RolloutMetrics(CollectorRegistry())
-        self._responses: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._swapping = asyncio.Lock()
         self.on_swap: Callable[[Arms], None] = lambda arms: None
@@ -142,11 +137,6 @@ class RolloutService:
             m.nll.labels(arm=arm, scored="served").observe(nll)
         if shadow is not None:
             m.nll.labels(arm=assigned.other, scored="shadow").observe(shadow)
-        if response_id is not None:
-            with self._lock:
-                self._responses[response_id] = arm
-                while len(self._responses) > MAX_FEEDBACK_IDS:
-                    self._responses.popitem(last=False)
         ticket = assigned.ticket
         observation = Observation(
             arm=arm,
@@ -158,7 +148,7 @@ class RolloutService:
             latency_s=latency_s,
             error=error,
         )
-        decision = self.controller.observe(observation)
+        decision = self.controller.observe(observation, response_id)
         self._publish(decision)
         return decision
 
@@ -185,14 +175,11 @@ class RolloutService:
     # -- feedback and operators ------------------------------------------------------------
 
     def feedback(self, response_id: str, score: float) -> str | None:
-        """Record ``score`` for the arm that served ``response_id``; that arm, or None if the
-        id is unknown (too old, or never served by this rollout)."""
-        with self._lock:
-            arm = self._responses.get(response_id)
-        if arm is None:
-            return None
-        self.controller.feedback(arm, score)
-        self.metrics.feedback.labels(arm=arm).observe(score)
+        """Record ``score`` for the arm that served ``response_id`` (on any replica); that
+        arm, or None if the id is unknown (too old, or never served by this rollout)."""
+        arm = self.controller.feedback(response_id, score)
+        if arm is not None:
+            self.metrics.feedback.labels(arm=arm).observe(score)
         return arm
 
     def act(self, action: str, reason: str | None = None) -> Decision:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 DECISIONS_FILE = "decisions.jsonl"
+MAX_FEEDBACK_IDS = 100_000
+"""Response ids remembered for feedback (the most recent)."""
 ACTIONS = ("promote", "rollback", "pause", "resume")
 """What an operator may do to a running rollout (besides loading a new candidate)."""
 
@@ -115,6 +118,8 @@ class RolloutController:
 
     def __init__(self, config: RolloutConfig):
         self._lock = threading.Lock()
+        self._responses: OrderedDict[str, str] = OrderedDict()
+        """The arm of each recent response id (in memory: feedback after a restart is lost)."""
         self.store = RolloutStore(config.state_dir)
         self._open(config)
 
@@ -166,14 +171,24 @@ class RolloutController:
                 "quality": policy.interval().to_dict(),
             }
 
-    def observe(self, obs: Observation) -> Decision | None:
+    def observe(self, obs: Observation, response_id: str | None = None) -> Decision | None:
+        """Count a finished request; ``response_id`` is remembered for feedback."""
         with self._lock:
+            if response_id is not None:
+                self._responses[response_id] = obs.arm
+                while len(self._responses) > MAX_FEEDBACK_IDS:
+                    self._responses.popitem(last=False)
             return self._record(self.policy.observe(obs))
 
-    def feedback(self, arm: str, score: float) -> None:
+    def feedback(self, response_id: str, score: float) -> str | None:
+        """Count ``score`` for the arm that served ``response_id``; that arm, or None for an
+        id this rollout does not know (too old, served before a restart, or never)."""
         with self._lock:
-            self.policy.add_feedback(arm, score)
-            self.store.save_state(self.policy.state)
+            arm = self._responses.get(response_id)
+            if arm is not None:
+                self.policy.add_feedback(arm, score)
+                self.store.save_state(self.policy.state)
+            return arm
 
     # -- operators -------------------------------------------------------------------------
 
