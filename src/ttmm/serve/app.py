@@ -55,10 +55,14 @@ __all__ = ["ServerSettings", "create_app"]
 
 
 def create_app(
-    engine: TTMM, settings: ServerSettings | None = None, rollout: RolloutService | None = None
+    engine: TTMM | None,
+    settings: ServerSettings | None = None,
+    rollout: RolloutService | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving ``engine`` under ``settings``; with ``rollout``, requests are
-    served by its arms (its engine replaces ``engine``) and ``/v1/ttmm/rollout`` runs it."""
+    """A FastAPI app serving ``engine`` under ``settings``; with ``rollout`` (and ``engine``
+    None), requests are served by the rollout's arms and ``/v1/ttmm/rollout`` runs it."""
+    if (engine is None) == (rollout is None):
+        raise ValueError("create_app needs an engine, or a rollout (whose arms hold theirs)")
     settings = settings or ServerSettings()
     metrics = ServerMetrics(PATHS)
     engine = rollout.arms.engine if rollout is not None else engine
