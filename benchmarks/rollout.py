@@ -188,10 +188,11 @@ def plot(trace: list[dict], path: Path, title: str) -> None:
     )
     bottom.plot(x, est, color="tab:orange", label="estimate")
     bottom.axhline(0, color="black", linewidth=0.8)
-    finite = [v for v in low + high if v == v]
+    settled = len(x) // 8  # the first requests' bounds are wide: let the rest set the scale
+    finite = [v for v in low[settled:] + high[settled:] if v == v]
     if finite:
-        span = max(abs(min(finite)), abs(max(finite)), 0.05)
-        bottom.set_ylim(-min(span, 1.0), min(span, 1.0))
+        span = 1.3 * max(abs(min(finite)), abs(max(finite)), 0.02)
+        bottom.set_ylim(-span, span)
     bottom.set_ylabel("NLL/token, candidate − control")
     bottom.set_xlabel("requests")
     bottom.legend(loc="upper right", fontsize=8)
@@ -207,6 +208,16 @@ def plot(trace: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    """Draw ``rollout<tag>.png`` again from its JSON (no serving)."""
+    data = json.loads(json_path.read_text())
+    title = (
+        f"TTMM vs {data['config']['control']['kind']}, {data['config']['mode']}: "
+        f"{data['outcome']} after {data['requests']} requests"
+    )
+    plot(data["trace"], json_path.with_suffix(".png"), title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="suffix of the files written (rollout<tag>.*)")
+    parser.add_argument("--replot", type=Path, help="only draw the plot of a rollout JSON again")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        replot(args.replot)
+        return 0
     torch.set_num_threads(args.threads)
     bank = (args.bank or default_bank()).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -280,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     throughput = {mode: n / statistics.median(s) for mode, s in timings.items()}
     ratio = throughput["shadow"] / throughput["canary"]
     q = status["evidence"]["quality"]
-    title = (
-        f"{bank.parent.name[:8]}: TTMM vs {args.control}, {args.mode}: {status['status']} "
-        f"after {len(trace)} requests"
-    )
+    title = f"TTMM vs {args.control}, {args.mode}: {status['status']} after {len(trace)} requests"
     json_path, png_path = args.out / f"rollout{args.tag}.json", args.out / f"rollout{args.tag}.png"
     plot(trace, png_path, title)
     table = Table("", "value", title="rollout on unseen documents of the bank's corpora")
