@@ -177,7 +177,7 @@ def test_serve_passes_the_lora_dtype_to_its_engine_and_to_ray_replicas(tiny_engi
     assert seen["lora_dtype"] == "bfloat16"
 
     on_ray = {}
-    monkeypatch.setattr(serve_cli, "_serve_on_ray", lambda *args: on_ray.update(args[-1]))
+    monkeypatch.setattr(serve_cli, "_serve_on_ray", lambda *args, **kwargs: on_ray.update(args[-1]))
     result = CliRunner().invoke(app, ["serve", "--bank", bank, "--ray", "--lora-dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert on_ray["lora_dtype"] == "bf16"

@@ -153,7 +153,7 @@ def serve(
                 "dtype": dtype,
                 "lora_dtype": lora_dtype,
             },
-            config,
+            rollout=config,
         )
         return
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:

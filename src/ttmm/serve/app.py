@@ -34,6 +34,7 @@ from ttmm.serve.errors import (
 from ttmm.serve.export import install_export
 from ttmm.serve.limits import BodySizeLimit
 from ttmm.serve.metrics import ServerMetrics
+from ttmm.serve.responses import STREAMED
 from ttmm.serve.rollout.endpoints import install_rollout, request_key
 from ttmm.serve.rollout.service import RolloutService
 from ttmm.serve.schemas import ChatRequest, CompletionRequest, RouteRequest
@@ -110,12 +111,6 @@ def create_app(
 
 ROUTE_ERRORS = (400, 401, 404, 413, 429)
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 504)
-STREAMED = {
-    200: {
-        "description": "The completion; with `stream: true`, server-sent events of chunks.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    }
-}
 
 
 def _add_routes(app: FastAPI, service: Completions, guard) -> None:

@@ -27,6 +27,21 @@ from ttmm.serve.streaming import RowStream, StopScanner
 
 logger = logging.getLogger(__name__)
 
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
+"""One server-sent event as clients parse it: its ``data`` line holds a JSON chunk (and the
+last one ``[DONE]``)."""
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks.",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    }
+}
+"""The OpenAPI answer of an endpoint that streams when asked."""
+
 
 @dataclass(frozen=True)
 class Choice:

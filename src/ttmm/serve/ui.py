@@ -40,7 +40,7 @@ from ttmm.serve.bankmap import BankMap, build_map
 from ttmm.serve.batching import GenerationOptions, Served, follow, timings
 from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.limits import Slots
-from ttmm.serve.responses import Choice, Reply, stream_events
+from ttmm.serve.responses import STREAMED, Choice, Reply, stream_events
 from ttmm.serve.schemas import CompletionRequest, RoutingOverride
 from ttmm.serve.streaming import BatchStreamer, RowsCancelled, RowStream, cut_at_stop
 
@@ -48,12 +48,6 @@ STATIC_DIR = Path(__file__).with_name("static")
 READ_ERRORS = error_responses(401, 413, 429, 504)
 INPUT_ERRORS = error_responses(400, 401, 413, 429, 504)
 GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 504)
-STREAMED = {
-    200: {
-        "description": "The completion; with `stream: true`, server-sent events of chunks.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    }
-}
 FINETUNE = RoutingPlan.explicit({0: 1.0})
 """The fine-tuning merger holds one adapter, applied at full weight."""
 
