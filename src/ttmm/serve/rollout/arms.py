@@ -84,11 +84,14 @@ class Arms:
         encoder,
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
+        candidate: Bank | None = None,
     ) -> Arms:
         """Read both arms' banks and adapters and build the engine over ``model``; every
         mistake (a missing bank, a bank of another base model, no fine-tuning adapter) is a
-        :class:`RolloutConfigError` naming the arm."""
-        candidate = load_bank(config.candidate.bank, "candidate.bank")
+        :class:`RolloutConfigError` naming the arm. ``candidate``: the candidate's bank,
+        when the caller has already loaded it."""
+        if candidate is None:
+            candidate = load_bank(config.candidate.bank, "candidate.bank")
         try:
             candidate.check_compatible(model, encoder.dim)
         except BankError as err:

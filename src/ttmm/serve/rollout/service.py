@@ -240,5 +240,5 @@ def start_rollout(
     def loader(config: RolloutConfig) -> Arms:
         return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
 
-    arms = loader(config)
+    arms = Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype, candidate=candidate)
     return RolloutService(controller or RolloutController(config), arms, loader)
