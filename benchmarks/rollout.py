@@ -271,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         decisions = status["decisions"]
 
         # shadow mode's price: the same requests, never deciding, canary vs shadow
-        from ttmm.serve.rollout.arms import Arms
         from ttmm.serve.rollout.service import RolloutService
-        from ttmm.serve.rollout.store import RolloutController
 
         timings: dict[str, list[float]] = {"canary": [], "shadow": []}
         for round_ in range(args.rounds):
@@ -282,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     folder / f"{mode}-{round_}", bank, args, mode=mode, steps=[50, 100],
                     min_requests=10**9,
                 )  # fmt: skip
-                cfg_service = RolloutService(
-                    RolloutController(cfg),
-                    Arms.load(cfg, model, tokenizer, encoder),
-                    lambda c: Arms.load(c, model, tokenizer, encoder),
-                )
+                cfg_service = RolloutService.over(cfg, model, tokenizer, encoder)
                 with LiveServer(create_app(None, settings, cfg_service)) as url:
                     timings[mode].append(
                         asyncio.run(serve_round(url, traffic, args, f"{mode}{round_}"))

@@ -53,6 +53,14 @@ def build_tiny_gpt2(vocab_size: int, seed: int = 0):
     return model
 
 
+def save_tiny_llama(folder, tokenizer):
+    """A tiny Llama and ``tokenizer`` saved as a model folder (what a bank on disk names)."""
+    model = build_tiny_llama(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 @pytest.fixture
 def tiny_llama(smol_tokenizer):
     return build_tiny_llama(len(smol_tokenizer))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama
+from conftest import save_tiny_llama
 
 
 def build_eval_bank(root: Path, tokenizer, experts: int = 3) -> Path:
@@ -15,8 +15,7 @@ def build_eval_bank(root: Path, tokenizer, experts: int = 3) -> Path:
     from ttmm.build.train import LoraTrainConfig
 
     model_dir = root / "tiny-llama"
-    build_tiny_llama(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_tiny_llama(model_dir, tokenizer)
     config = BuildConfig(
         corpora=("wiki@30", "stdlib@8"),
         experts=experts,

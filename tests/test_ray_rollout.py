@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import build_tiny_llama, write_random_bank
+from conftest import save_tiny_llama, write_random_bank
 from test_ray_serve import ENGINE, PROMPTS, free_port
 
 from ttmm.serve.app import ServerSettings
@@ -32,9 +32,7 @@ def deployed(tmp_path_factory, smol_tokenizer, encoder):
     from ttmm.serve.ray import connect, deploy
 
     root = tmp_path_factory.mktemp("ray-rollout")
-    model = build_tiny_llama(len(smol_tokenizer))
-    model.save_pretrained(root / "base")
-    smol_tokenizer.save_pretrained(root / "base")
+    model = save_tiny_llama(root / "base", smol_tokenizer)
     bank = write_random_bank(
         root / "bank", model, encoder.dim, with_finetune=True, base_model_name=str(root / "base")
     )

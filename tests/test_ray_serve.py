@@ -13,7 +13,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import build_tiny_llama, write_random_bank
+from conftest import build_tiny_llama, save_tiny_llama, write_random_bank
 
 from ttmm.model import TTMM, InputError
 from ttmm.routing import RoutingPlan
@@ -133,9 +133,7 @@ def test_local_ray_gets_proxy_timeouts_a_busy_machine_survives(monkeypatch):
 def bank_on_disk(tmp_path_factory, smol_tokenizer, encoder):
     """A tiny Llama and its tokenizer saved as a model folder, and a bank naming it."""
     root = tmp_path_factory.mktemp("ray")
-    model = build_tiny_llama(len(smol_tokenizer))
-    model.save_pretrained(root / "base")
-    smol_tokenizer.save_pretrained(root / "base")
+    model = save_tiny_llama(root / "base", smol_tokenizer)
     write_random_bank(root / "bank", model, encoder.dim, base_model_name=str(root / "base"))
     return root / "bank", str(root / "base")
 

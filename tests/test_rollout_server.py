@@ -33,10 +33,8 @@ from ttmm.bank import Bank
 from ttmm.cli import app as cli_app
 from ttmm.eval.harness import held_out_documents
 from ttmm.serve.app import ServerSettings, create_app
-from ttmm.serve.rollout.arms import Arms
 from ttmm.serve.rollout.config import RolloutConfig
 from ttmm.serve.rollout.service import RolloutService
-from ttmm.serve.rollout.store import RolloutController
 
 ADMIN = {"Authorization": "Bearer root"}
 PREFIX = 50
@@ -95,12 +93,7 @@ def rollout_config(root: Path, candidate: Path, **changes) -> RolloutConfig:
 
 
 def rollout_app(engine, config: RolloutConfig, **settings):
-    model, tokenizer, encoder = engine.model, engine.tokenizer, engine.encoder
-
-    def loader(config: RolloutConfig) -> Arms:
-        return Arms.load(config, model, tokenizer, encoder)
-
-    service = RolloutService(RolloutController(config), loader(config), loader)
+    service = RolloutService.over(config, engine.model, engine.tokenizer, engine.encoder)
     return create_app(None, ServerSettings(admin_key="root", **settings), service), service
 
 

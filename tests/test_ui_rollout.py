@@ -36,10 +36,8 @@ def complete(url: str, user: str) -> None:
 
 @pytest.fixture(scope="module")
 def rollout_server(tmp_path_factory, smol_tokenizer, encoder):
-    from ttmm.serve.rollout.arms import Arms
     from ttmm.serve.rollout.config import RolloutConfig
     from ttmm.serve.rollout.service import RolloutService
-    from ttmm.serve.rollout.store import RolloutController
 
     tmp = tmp_path_factory.mktemp("rollout")
     model = build_tiny_llama(len(smol_tokenizer))
@@ -57,10 +55,7 @@ def rollout_server(tmp_path_factory, smol_tokenizer, encoder):
         root=tmp,
     )
 
-    def load(config: RolloutConfig) -> Arms:
-        return Arms.load(config, model, smol_tokenizer, encoder)
-
-    service = RolloutService(RolloutController(config), load(config), load)
+    service = RolloutService.over(config, model, smol_tokenizer, encoder)
     settings = ServerSettings(api_key=USER_KEY, admin_key=ADMIN_KEY)
     with running(create_app(None, settings, service)) as url:
         for i in range(3):  # evidence: at step 0 (0 %) control serves, the candidate shadows

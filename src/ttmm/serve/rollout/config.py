@@ -39,7 +39,6 @@ ARM_KINDS = ("base", "finetune", "adapter", "bank")
 MODES = ("canary", "shadow")
 KEY_SOURCES = ("user", "api_key", "request")
 INCONCLUSIVE_ACTIONS = ("hold", "rollback")
-ARM_NAMES = ("control", "candidate")
 EXPECTED_SD = {"shadow": 0.1, "canary": 3.0}
 """Spread of one quality observation by mode, measured on the recorded streams of
 ``benchmarks/results`` (benchmarks/rollout_simulation.py): paired NLL differences per token

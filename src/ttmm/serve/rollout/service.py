@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,11 +55,33 @@ class RolloutService:
         hot swaps)."""
         self.controller, self.arms, self.loader = controller, arms, loader
         self.metrics = RolloutMetrics(CollectorRegistry())
-        self._lock = threading.Lock()
         self._swapping = asyncio.Lock()
         self.on_swap: Callable[[Arms], None] = lambda arms: None
         """Called with the new arms after a swap (the app points its engine at them)."""
         self._publish()
+
+    @classmethod
+    def over(
+        cls,
+        config: RolloutConfig,
+        model,
+        tokenizer,
+        encoder,
+        lora_dtype: str = "auto",
+        controller=None,
+        candidate=None,
+    ) -> RolloutService:
+        """The rollout of ``config`` over a loaded base model, tokenizer and encoder: both arms
+        (the candidate's bank may be given, already loaded), the rollout's own controller
+        unless ``controller`` is given, and a loader that builds the arms of a hot swap."""
+
+        def loader(config: RolloutConfig) -> Arms:
+            return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
+
+        arms = Arms.load(
+            config, model, tokenizer, encoder, lora_dtype=lora_dtype, candidate=candidate
+        )
+        return cls(controller or RolloutController(config), arms, loader)
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
         """Register the rollout's metrics in the server's registry (its /metrics)."""
@@ -236,9 +257,4 @@ def start_rollout(
         base_model or candidate.manifest.base_model["name"], dtype=dtype, device=device
     )
     encoder = Encoder(encoder or candidate.manifest.encoder["name"], device=device)
-
-    def loader(config: RolloutConfig) -> Arms:
-        return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
-
-    arms = Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype, candidate=candidate)
-    return RolloutService(controller or RolloutController(config), arms, loader)
+    return RolloutService.over(config, model, tokenizer, encoder, lora_dtype, controller, candidate)
