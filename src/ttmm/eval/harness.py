@@ -83,6 +83,9 @@ class EvalConfig:
     """Prompts per domain timed for test-time cost (median over them)."""
     new_tokens: int = 100
     """Tokens generated per timed prompt (end of sequence suppressed, so always this many)."""
+    timed_methods: tuple[str, ...] | None = None
+    """Of ``methods``, those timed for test-time cost; None = all. (TTT's adaptation time is
+    also recorded per scored document, as ``ttt_seconds``, so a run may skip timing it.)"""
     ttt: TTTConfig = field(default_factory=TTTConfig)
     """The TTT baseline's retrieval and training (also the hybrids' and, with all weights,
     ``ttt_full``'s)."""
@@ -98,6 +101,10 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EvalError(f"EvalConfig.{name} must be >= 1 or None, got {value}")
+        if self.timed_methods is not None and (
+            extra := [m for m in self.timed_methods if m not in self.methods]
+        ):
+            raise EvalError(f"EvalConfig.timed_methods: {extra} are not among the methods")
         if self.timing_prompts < 0:
             raise EvalError(f"EvalConfig.timing_prompts must be >= 0, got {self.timing_prompts}")
         if self.max_tokens <= self.prefix_tokens + self.min_scored_tokens:
@@ -111,7 +118,12 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return data | {"methods": list(self.methods), "ttt": self.ttt.to_dict()}
+        timed = None if self.timed_methods is None else list(self.timed_methods)
+        return data | {
+            "methods": list(self.methods),
+            "ttt": self.ttt.to_dict(),
+            "timed_methods": timed,
+        }
 
 
 def held_out_documents(bank: Bank) -> list[Document]:
@@ -467,9 +479,10 @@ def _time_all(runners, documents, keys, path: Path, config: EvalConfig, progress
         prompts.append((doc, first.engine.query_texts([doc.text])[0]))  # the routing prefix
     jobs = []  # (runner name, method, result key), shared keys timed once
     seen = set()
+    timed = config.timed_methods or config.methods
     for name in runners:
         for method, key in keys[name].items():
-            if (key, method) not in seen:
+            if method in timed and (key, method) not in seen:
                 seen.add((key, method))
                 jobs.append((name, method, key))
     n = config.new_tokens

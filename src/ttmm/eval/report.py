@@ -12,7 +12,8 @@
     results          [{bank, domain, method, label, ppl, ci_low, ci_high, n_docs, n_tokens,
                        normalised_perplexity, normalised_ci_low, normalised_ci_high, nll,
                        mean_active_experts,
-                       comparisons {base|finetune|ttt: {diff, ci_low, ci_high, significant,
+                       comparisons {base|finetune|ttt: {diff, ci_low, ci_high, rel_diff,
+                                                        rel_ci_low, rel_ci_high, significant,
                                                         win_rate, n_docs}}}]
                                                       one row per bank × domain × method
     timing           [{bank, method, label, prompts, new_tokens, median_seconds, ratio_to_base,
@@ -23,7 +24,8 @@
 
 Perplexity is exp(Σ NLL / Σ scored tokens) over a domain's documents, with a 95% bootstrap
 interval over documents (:mod:`.intervals`). A comparison ``diff`` is ppl − ppl_ref on the
-documents both methods scored, with its paired interval; ``win_rate`` is the share of those
+documents both methods scored, with its paired interval (``rel_diff``: ppl / ppl_ref − 1, the
+same as a share); ``win_rate`` is the share of those
 documents where the method's NLL per token is lower. Normalised perplexity is
 (ppl − ppl_TTT) / (ppl_base − ppl_TTT) on the documents all three scored: 1 is the base model,
 0 is TTT (None without both). ``key`` says what a per-document number depends on
@@ -48,6 +50,7 @@ from ttmm.eval.intervals import (
     corpus_perplexity,
     draw,
     paired_difference,
+    paired_relative_difference,
     perplexity_interval,
     quantiles,
     win_rate,
@@ -100,6 +103,9 @@ COMPARISON_FIELDS: dict[str, tuple[type, ...]] = {
     "diff": (float,),
     "ci_low": (float,),
     "ci_high": (float,),
+    "rel_diff": (float,),
+    "rel_ci_low": (float,),
+    "rel_ci_high": (float,),
     "significant": (bool,),
     "win_rate": (float,),
     "n_docs": (int,),
@@ -185,11 +191,16 @@ def _domain_rows(name: str, domain: str, by_method: dict, config) -> list[dict]:
             if not common:
                 continue
             a, b = _arrays(records, common), _arrays(by_method[ref], common)
-            diff = paired_difference(*a, *b, draw(common, B, seed))
+            resamples = draw(common, B, seed)
+            diff = paired_difference(*a, *b, resamples)
+            relative = paired_relative_difference(*a, *b, resamples)
             row["comparisons"][ref] = {
                 "diff": diff.value,
                 "ci_low": diff.ci_low,
                 "ci_high": diff.ci_high,
+                "rel_diff": relative.value,
+                "rel_ci_low": relative.ci_low,
+                "rel_ci_high": relative.ci_high,
                 "significant": diff.excludes_zero and len(common) >= 2,  # 1 doc: no spread
                 "win_rate": win_rate(*a, *b),
                 "n_docs": len(common),
