@@ -11,6 +11,7 @@ from ttmm.cli.build import build, info
 from ttmm.cli.engine import generate, import_bank, route, score
 from ttmm.cli.eval import demo, eval_command
 from ttmm.cli.export import export
+from ttmm.cli.poc import poc
 from ttmm.cli.rollout import rollout_app
 from ttmm.cli.serve import serve
 from ttmm.cli.ui import ui
@@ -43,6 +44,7 @@ VERBS = {
     "export": export,
     "eval": eval_command,
     "demo": demo,
+    "poc": poc,
     "serve": serve,
     "ui": ui,
 }
