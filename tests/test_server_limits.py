@@ -68,6 +68,7 @@ OPERATIONS = [
     ("POST", "/v1/ttmm/locate"),
     ("POST", "/v1/ttmm/score"),
     ("POST", "/v1/ttmm/finetune/completions"),
+    ("GET", "/v1/ttmm/poc/report.html"),  # a bank no PoC built: 404
     ("POST", "/v1/ttmm/export"),  # ttmm.serve.export
     ("GET", "/v1/ttmm/rollout"),  # ttmm.serve.rollout (a server without one: 404, 403)
     ("POST", "/v1/ttmm/rollout/candidate"),

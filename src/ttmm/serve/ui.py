@@ -12,7 +12,9 @@
   TTMM (and the fine-tuning baseline when the bank has it), as in the evaluation protocol
   (design notes §3);
 - ``POST /v1/ttmm/finetune/completions``: a completion (streamed or whole) from the base
-  model with the bank's fine-tuning adapter, the page's third column.
+  model with the bank's fine-tuning adapter, the page's third column;
+- ``GET /v1/ttmm/poc/report.html``: the ``ttmm poc`` report of the bank being served, when
+  the PoC built it (``/v1/ttmm/bank`` then names it in ``poc_report`` and the page links it).
 
 The ``/v1/ttmm`` endpoints take the same ``dependencies`` (the API key check) as the rest.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import StoppingCriteriaList
@@ -46,6 +49,15 @@ from ttmm.serve.streaming import BatchStreamer, RowsCancelled, RowStream, cut_at
 
 STATIC_DIR = Path(__file__).with_name("static")
 READ_ERRORS = error_responses(401, 413, 429, 504)
+POC_REPORT_PATH = "/v1/ttmm/poc/report.html"
+"""Where the page finds the ``ttmm poc`` report of the bank being served."""
+POC_REPORT_RESPONSES = {
+    200: {
+        "description": "the report, one self-contained HTML page",
+        "content": {"text/html": {"schema": {"type": "string"}}},
+    },
+    **error_responses(401, 404, 413, 429, 504),
+}
 INPUT_ERRORS = error_responses(400, 401, 413, 429, 504)
 GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 504)
 FINETUNE = RoutingPlan.explicit({0: 1.0})
@@ -158,6 +170,20 @@ def bank_json(engine: TTMM, bank_map: BankMap) -> dict:
     }
 
 
+def poc_report(bank_path: str | Path) -> Path | None:
+    """The ``report.html`` of the ``ttmm poc`` run that built this bank (its folder's parent
+    holds ``poc.json`` naming this bank), or None."""
+    bank = Path(bank_path).resolve()
+    summary = bank.parent / "poc.json"
+    try:
+        named = json.loads(summary.read_text(encoding="utf-8"))["files"]["bank"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    report = bank.parent / "report.html"
+    same = Path(named).expanduser().resolve() == bank
+    return report if same and report.is_file() else None
+
+
 def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slots) -> None:
     """Serve the page at ``/`` and its JSON endpoints under ``/v1/ttmm`` (see module doc),
     guarded by ``dependencies`` and counted in the server's request and stream ``slots``."""
@@ -174,7 +200,21 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
     async def bank() -> dict:
         bank_map = await state.run(state.bank_map)
         rollout = getattr(app.state, "rollout", None) is not None  # the page's Rollout section
-        return bank_json(state.engine, bank_map) | {"rollout": rollout}
+        report = POC_REPORT_PATH if poc_report(state.engine.bank.path) else None
+        return bank_json(state.engine, bank_map) | {"rollout": rollout, "poc_report": report}
+
+    @router.get("/poc/report.html", responses=POC_REPORT_RESPONSES)
+    async def poc_report_page() -> HTMLResponse:
+        """The ``ttmm poc`` report of the bank being served (404 when it has none)."""
+        path = poc_report(state.engine.bank.path)
+        if path is None:
+            raise APIError(
+                404,
+                "the bank being served was not built by `ttmm poc` (no poc.json beside it); "
+                "run `ttmm poc --out DIR` and serve DIR/bank",
+                code="not_found",
+            )
+        return HTMLResponse(path.read_text(encoding="utf-8"))
 
     @router.post("/locate", responses=INPUT_ERRORS)
     async def locate(body: LocateRequest) -> dict:

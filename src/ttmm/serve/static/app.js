@@ -203,12 +203,33 @@ function showTip(target, text) {
   tip.hidden = false;
 }
 
+/** Link the `ttmm poc` report of the bank, when the server has one. With an API key the
+ * browser cannot send it on a plain link: the page fetches the report and opens a copy. */
+function showPocLink(path) {
+  const link = $("poc-link");
+  link.hidden = !path;
+  if (!path) return;
+  const anchor = link.firstElementChild;
+  anchor.href = path;
+  anchor.onclick = async (event) => {
+    if (!state.key) return;
+    event.preventDefault();
+    try {
+      const blob = await (await api(path)).blob();
+      window.open(URL.createObjectURL(blob), "_blank", "noopener");
+    } catch (err) {
+      report(err);
+    }
+  };
+}
+
 async function loadBank() {
   try {
     const bank = await getJSON("/v1/ttmm/bank");
     clearError();
     $("key-form").hidden = true;
     renderBank(bank);
+    showPocLink(bank.poc_report);
     window.rollout.start({ $, api, getJSON, report, clearError }, bank.rollout);
   } catch (err) {
     report(err);
