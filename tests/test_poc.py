@@ -407,3 +407,30 @@ def test_an_output_folder_that_holds_something_else_is_refused(tmp_path):
     code, output = _cli("--out", str(tmp_path))
     assert code == 2 and "holds no ttmm PoC" in output
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_the_page_links_the_report_and_opens_it_with_the_api_key(poc_run, encoder):
+    from playwright.sync_api import sync_playwright
+    from test_server import running
+    from test_ui_browser import CHROMIUM, CHROMIUM_ARGS
+
+    from ttmm.model import TTMM
+    from ttmm.serve.app import create_app
+    from ttmm.serve.settings import ServerSettings
+
+    out, _, poc = poc_run
+    engine = TTMM.from_bank(out / "bank", encoder=encoder)
+    app = create_app(engine, ServerSettings(api_key="sesame"))
+    with running(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(f"{url}/#key=sesame")
+        link = page.locator("#poc-link a")
+        link.wait_for(state="visible", timeout=30_000)
+        assert link.get_attribute("href") == "/v1/ttmm/poc/report.html"
+        with page.context.expect_page(timeout=30_000) as opened:
+            link.click()  # the key cannot ride on a link: the page fetches the report with it
+        report = opened.value
+        report.wait_for_load_state()
+        assert "The three answers" in report.inner_text("body")
+        browser.close()

@@ -310,7 +310,9 @@ def plan_run(
             tuple(reasons),
             shared_seconds=free,
         )
-    train_seconds = round(free - evaluation.seconds, 1)
+    # the evaluation is planned again from the time left after the build; training keeps at
+    # least its share even where one timed prompt a domain alone overruns the evaluation's
+    train_seconds = round(max(free - evaluation.seconds, (1 - EVAL_SHARE) * free), 1)
     data_cap = MAX_EPOCHS * facts.train_tokens
     budget_tokens = int(train_seconds * rates.train_tokens_per_second / 2)
     if budget_tokens > data_cap:
