@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -130,6 +130,11 @@ class EvalPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalPlan:
+        """From :meth:`to_dict`'s keys; others beside them (notes) are left out."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -162,7 +167,7 @@ class Plan:
             **(
                 data
                 | {
-                    "evaluation": EvalPlan(**data["evaluation"]),
+                    "evaluation": EvalPlan.from_dict(data["evaluation"]),
                     "reasons": tuple(data["reasons"]),
                 }
             )
@@ -345,7 +350,7 @@ def plan_run(
     reasons.append(
         f"evaluation: {evaluation.docs} held-out documents a domain for every method, TTT "
         f"({evaluation.neighbours} neighbours) on {evaluation.ttt_docs} of them, "
-        f"{evaluation.timing_prompts} timed prompts of {evaluation.new_tokens} tokens: "
+        f"{evaluation.timing_prompts} timed prompt(s) a domain of {evaluation.new_tokens} tokens: "
         f"{evaluation.seconds / 60:.1f} min predicted (planned again after the build)"
     )
     return Plan(

@@ -21,10 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
-from ttmm.atomic import atomic_write_json, atomic_write_text
+from ttmm.atomic import atomic_write_json
 from ttmm.poc.config import PocConfig, PocError
 from ttmm.poc.plan import (
     CHEAP_METHODS,
@@ -329,13 +328,7 @@ class PocRun:
                 "seconds_left": round(left, 1),
             }
             self._save()
-        plan = EvalPlan(
-            **{
-                k: v
-                for k, v in self.state["eval_plan"].items()
-                if k in EvalPlan.__dataclass_fields__
-            }
-        )
+        plan = EvalPlan.from_dict(self.state["eval_plan"])
         methods = CHEAP_METHODS + (("ttt",) if plan.ttt_docs else ())
         config = EvalConfig(
             methods=methods,
@@ -386,35 +379,6 @@ def _bank(path: Path):
     from ttmm.bank import Bank
 
     return Bank.load(path, verify=False)
-
-
-def write_rollout(out: Path, bank: Path, has_finetune: bool) -> Path:
-    """A staged-rollout file for this bank (shadow mode, against the fine-tuning adapter when
-    the bank has one), checked by loading it back."""
-    from ttmm.serve.rollout.config import RolloutConfig
-
-    try:
-        bank_ref = str(bank.resolve().relative_to(out.resolve()))
-    except ValueError:
-        bank_ref = str(bank.resolve())
-    data = {
-        "control": {"kind": "finetune" if has_finetune else "base"},
-        "candidate": {"bank": bank_ref},
-        "mode": "shadow",
-        "assignment": {"key": "user", "salt": "ttmm-poc"},
-        "steps": [5, 25, 50, 100],
-        "min_requests": 200,
-        "state_dir": "rollout-state",
-    }
-    path = out / "rollout.yaml"
-    text = (
-        "# Staged rollout of the PoC's bank (ttmm serve --rollout rollout.yaml); see the\n"
-        "# README's 'Rolling out'. Shadow mode scores every request under both arms.\n"
-        + yaml.safe_dump(data, sort_keys=False)
-    )
-    atomic_write_text(path, text)
-    RolloutConfig.load(path)
-    return path
 
 
 def run_poc(config: PocConfig, out: str | Path, progress: bool = True) -> dict:

@@ -41,6 +41,7 @@ from ttmm.poc.inference import cost_per_million, daily_cost
 from ttmm.poc.plan import EvalPlan
 from ttmm.poc.plots import plot_quality, plot_stages
 from ttmm.poc.report import answers, write_reports
+from ttmm.poc.rollout_file import write_rollout
 from ttmm.poc.verdict import NARROW_DOCS, domain_verdict
 
 SCHEMA_VERSION = 1
@@ -131,8 +132,6 @@ def warnings_for(poc: dict, eval_plan: dict) -> list[str]:
 
 def assemble(run, report_started: float) -> dict:
     """Bring the stages together, write poc.json, the reports, the plots and rollout.yaml."""
-    from ttmm.poc.runner import write_rollout
-
     out: Path = run.out
     stored = run.read_stage("plan")
     report = json.loads((out / "eval" / "results.json").read_text())
@@ -156,7 +155,7 @@ def assemble(run, report_started: float) -> dict:
         "rates": stored["rates"],
         "facts": stored["facts"],
         "plan": stored["plan"],
-        "evaluation": {k: eval_plan[k] for k in EvalPlan.__dataclass_fields__},
+        "evaluation": EvalPlan.from_dict(eval_plan).to_dict(),
         "run": {
             "budget_seconds": stored["plan"]["budget_seconds"],
             "wall_seconds": wall,
