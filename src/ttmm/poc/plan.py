@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from ttmm.poc.config import PocError
+from ttmm.poc.inference import BATCH, BATCH_METHODS, BATCH_TOKENS, REPEATS
+from ttmm.routing import PREFIX_TOKENS
 
 EVAL_SHARE = 0.45
 """Most of the budget (after fixed costs) that evaluation and timing take."""
@@ -199,8 +201,11 @@ def validation_seconds(rates: Rates, facts: CorpusFacts) -> float:
 def inference_seconds(rates: Rates) -> float:
     """The inference measurement (a fresh process loads the engine, then 3 methods generate a
     batch of 8 prompts, 32 tokens each, twice) and writing the report."""
-    batch = 32 * rates.decode_seconds_per_token * 1.5 + 8 * 50 / rates.score_tokens_per_second
-    return rates.load_seconds + 3 * 2 * batch + REPORT_SECONDS
+    batch = (
+        BATCH_TOKENS * rates.decode_seconds_per_token * 1.5  # a batch's step: 1.5 × a token's
+        + BATCH * PREFIX_TOKENS / rates.score_tokens_per_second
+    )
+    return rates.load_seconds + len(BATCH_METHODS) * REPEATS * batch + REPORT_SECONDS
 
 
 def seconds_per_doc(rates: Rates, doc_tokens: float) -> float:
@@ -300,13 +305,12 @@ def plan_run(
             f"({elapsed_seconds + fixed:.0f} s: loading the models, embedding the corpus, "
             f"timing); give --budget-minutes {_minutes(elapsed_seconds + fixed) + 2} or more"
         )
-    evaluation = plan_evaluation(rates, facts, EVAL_SHARE * free, max_docs)
     if not build:
         reasons.append(f"evaluating the given bank: the whole {free:.0f} s go to the evaluation")
         evaluation = plan_evaluation(rates, facts, free, max_docs)
         return Plan(
             round(budget, 1),
-            round(fixed, 1),
+            fixed,
             experts or 0,
             0,
             0.0,
@@ -315,6 +319,7 @@ def plan_run(
             tuple(reasons),
             shared_seconds=free,
         )
+    evaluation = plan_evaluation(rates, facts, EVAL_SHARE * free, max_docs)
     # the evaluation is planned again from the time left after the build; training keeps at
     # least its share even where one timed prompt a domain alone overruns the evaluation's
     train_seconds = round(max(free - evaluation.seconds, (1 - EVAL_SHARE) * free), 1)
@@ -355,7 +360,7 @@ def plan_run(
     )
     return Plan(
         budget_seconds=round(budget, 1),
-        fixed_seconds=round(fixed, 1),
+        fixed_seconds=fixed,
         experts=int(experts),
         budget_tokens=int(budget_tokens),
         train_seconds=round(train_seconds, 1),

@@ -128,7 +128,7 @@ def answers(poc: dict) -> dict:
 # -- blocks ------------------------------------------------------------------------------------
 
 
-def _quality_table(domain: str, d: dict) -> Block:
+def _quality_table(d: dict) -> Block:
     rows = []
     for r in d["methods"].values():
         vs = {ref: r["comparisons"].get(ref) for ref in ("finetune", "base")}
@@ -167,7 +167,6 @@ def _quality_table(domain: str, d: dict) -> Block:
             "documents",
         ],
         rows=rows,
-        text=f"'{domain}'",
     )
 
 
@@ -261,7 +260,7 @@ def build_blocks(poc: dict, images: dict[str, str]) -> list[Block]:
     )
     for domain, d in poc["quality"]["domains"].items():
         blocks.append(Block("heading", f"'{domain}'", level=3))
-        blocks.append(_quality_table(domain, d))
+        blocks.append(_quality_table(d))
     if "quality" in images:
         blocks.append(
             Block("image", "Perplexity against fine-tuning, per method", image=images["quality"])

@@ -19,6 +19,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,12 +45,14 @@ from ttmm.poc.plan import (
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".ttmm-poc.json"
-STAGES = ("plan", "build", "evaluate", "inference", "engineering", "report")
-SCHEMA_VERSION = 1
-PREFIX_TOKENS = 50
-MIN_SCORED_TOKENS = 16
-MAX_TOKENS = 512
-WINDOW = 256
+
+
+def _defaults():
+    """The build's and the evaluation's defaults, which a PoC runs with (each has one home)."""
+    from ttmm.build.config import BuildConfig
+    from ttmm.eval.harness import EvalConfig
+
+    return BuildConfig(), EvalConfig()
 
 
 class PocRun:
@@ -202,10 +205,18 @@ class PocRun:
             )
         fraction = choose_test_fraction(counts, self.config.max_docs)
         split = split_documents(documents, fraction, self.config.seed)
-        chunks = chunk_documents(split.train, tokenizer, window=WINDOW, max_chunks_per_document=2)
+        build, _ = _defaults()
+        chunks = chunk_documents(
+            split.train,
+            tokenizer,
+            window=build.window,
+            min_tokens=build.min_tokens,
+            max_chunks_per_document=build.max_chunks_per_document,
+        )
         if not chunks:
             raise PocError(
-                "the training documents give no chunk of at least 32 tokens; add longer documents"
+                f"the training documents give no chunk of at least {build.min_tokens} tokens; "
+                "add longer documents"
             )
         return self._facts(
             tokenizer,
@@ -232,32 +243,21 @@ class PocRun:
             counts,
             held_out_documents(bank),
             chunks,
-            chunks * data.get("window", WINDOW),
+            chunks * data.get("window", _defaults()[0].window),
             (bank.manifest.build or {}).get("config", {}).get("test_fraction", 0.15),
         ), texts
 
     def _facts(self, tokenizer, counts, held_out_docs, n_chunks, n_tokens, fraction) -> CorpusFacts:
-        lengths = {d: [] for d in counts}
-        ids = tokenizer([d.text for d in held_out_docs], add_special_tokens=False)["input_ids"]
-        for doc, row in zip(held_out_docs, ids):
-            if len(row) >= PREFIX_TOKENS + MIN_SCORED_TOKENS + 1:
-                lengths.setdefault(doc.domain, []).append(min(len(row), MAX_TOKENS))
-        if not any(lengths.values()):
-            raise PocError(
-                f"no held-out document has more than {PREFIX_TOKENS + MIN_SCORED_TOKENS} tokens: "
-                "quality is measured on documents the bank never trained on; add more (or "
-                "longer) documents"
-            )
-        every = [n for v in lengths.values() for n in v]
+        held_out, doc_tokens = _held_out(tokenizer, held_out_docs, sorted(counts))
         return CorpusFacts(
             domains=tuple(sorted(counts)),
             documents=dict(counts),
-            held_out={d: len(lengths.get(d, [])) for d in sorted(counts)},
+            held_out=held_out,
             train_chunks=n_chunks,
             train_tokens=n_tokens,
-            window=WINDOW,
+            window=_defaults()[0].window,
             test_fraction=fraction,
-            doc_tokens=float(statistics.mean(every)),
+            doc_tokens=doc_tokens,
         )
 
     def build(self) -> dict:
@@ -275,7 +275,6 @@ class PocRun:
             test_fraction=plan.test_fraction,
             split_seed=c.seed,
             seed=c.seed,
-            window=WINDOW,
             with_finetune=True,
             budget_tokens=plan.budget_tokens,
             device=c.device,
@@ -305,14 +304,11 @@ class PocRun:
         rates = Rates.from_dict(stored["rates"])
         engine = self._engine()
         if "eval_plan" not in self.state:  # planned once, from the time actually left
-            facts = self._facts(
-                engine.tokenizer,
-                {d: 0 for d in CorpusFacts.from_dict(stored["facts"]).domains},
-                held_out_documents(engine.bank),
-                0,
-                0,
-                0.0,
+            facts = CorpusFacts.from_dict(stored["facts"])  # the bank's split, after dedup:
+            held_out, doc_tokens = _held_out(
+                engine.tokenizer, held_out_documents(engine.bank), facts.domains
             )
+            facts = replace(facts, held_out=held_out, doc_tokens=doc_tokens)
             budget = SAFETY * self.config.budget_minutes * 60
             left = budget - self.elapsed() - inference_seconds(rates)
             plan = plan_evaluation(rates, facts, left, self.config.max_docs)
@@ -335,8 +331,6 @@ class PocRun:
             docs=plan.docs,
             ttt_docs=plan.ttt_docs or None,
             seed=self.config.seed,
-            prefix_tokens=PREFIX_TOKENS,
-            max_tokens=MAX_TOKENS,
             timing_prompts=plan.timing_prompts,
             new_tokens=plan.new_tokens,
             timed_methods=TIMED_METHODS,
@@ -357,7 +351,7 @@ class PocRun:
         prompts = [by_id[i].text for i in report["banks"]["bank"]["documents"] if i in by_id]
         return measure_serving_in_subprocess(
             str(self.bank_path),
-            prompts[:: max(1, len(prompts) // 8)][:8] or prompts,
+            prompts[:: max(1, len(prompts) // 8)][:8],
             self.config.device,
             self.config.dtype,
             torch.get_num_threads(),
@@ -373,6 +367,25 @@ class PocRun:
         from ttmm.poc.summary import assemble
 
         return assemble(self, self.stage_started)
+
+
+def _held_out(tokenizer, documents, domains) -> tuple[dict[str, int], float]:
+    """Held-out documents a domain long enough to score (more tokens than the routing prefix
+    and the shortest scored continuation), and their mean tokens read (at most max_tokens)."""
+    _, evaluation = _defaults()
+    shortest = evaluation.prefix_tokens + evaluation.min_scored_tokens + 1
+    lengths: dict[str, list[int]] = {d: [] for d in domains}
+    ids = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    for doc, row in zip(documents, ids):
+        if len(row) >= shortest:
+            lengths.setdefault(doc.domain, []).append(min(len(row), evaluation.max_tokens))
+    every = [n for v in lengths.values() for n in v]
+    if not every:
+        raise PocError(
+            f"no held-out document has more than {shortest - 1} tokens: quality is measured on "
+            "documents the bank never trained on; add more (or longer) documents"
+        )
+    return {d: len(lengths.get(d, [])) for d in domains}, float(statistics.mean(every))
 
 
 def _bank(path: Path):

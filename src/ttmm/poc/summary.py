@@ -42,7 +42,7 @@ from ttmm.poc.plan import EvalPlan
 from ttmm.poc.plots import plot_quality, plot_stages
 from ttmm.poc.report import answers, write_reports
 from ttmm.poc.rollout_file import write_rollout
-from ttmm.poc.verdict import NARROW_DOCS, domain_verdict
+from ttmm.poc.verdict import domain_verdict
 
 SCHEMA_VERSION = 1
 ROW_FIELDS = ("label", "ppl", "ci_low", "ci_high", "n_docs", "n_tokens", "comparisons")
@@ -188,6 +188,3 @@ def assemble(run, report_started: float) -> dict:
     atomic_write_json(out / "poc.json", poc)
     write_reports(poc, out, images)
     return poc
-
-
-__all__ = ["NARROW_DOCS", "assemble"]
