@@ -171,6 +171,21 @@ def test_cost_per_million_tokens():
     assert cost_per_million(0.05, None)["cost_per_million"] is None
 
 
+def test_the_memory_sampler_sees_a_peak_that_is_gone_by_the_end():
+    import time
+
+    from ttmm.poc.inference import _MemorySampler
+
+    size = 200_000_000
+    with _MemorySampler(interval=0.005) as sampler:
+        before = sampler.process.memory_info().rss
+        block = bytearray(size)  # touched: resident
+        time.sleep(0.05)
+        del block
+    assert sampler.peak >= before + 0.9 * size
+    assert sampler.process.memory_info().rss < sampler.peak - 0.5 * size
+
+
 # -- the whole command -------------------------------------------------------------------------
 
 CORPORA = ("wiki@80", "stdlib@20")
