@@ -176,14 +176,15 @@ class Plan:
         )
 
 
-def fixed_seconds(rates: Rates, facts: CorpusFacts, engines: int = 3) -> float:
-    """Costs that do not depend on the plan: ``engines`` loads of the model and the encoder
-    (build, evaluation, inference measurement), embedding the chunks, clustering, the batch
-    runs of the inference measurement and writing the report."""
-    embed = facts.train_chunks * rates.embed_seconds_per_chunk
+def fixed_seconds(rates: Rates, facts: CorpusFacts, build: bool = True) -> float:
+    """Costs that do not depend on the plan: loading the model and the encoder again (for the
+    build, then for the inference measurement), the build's embedding of the chunks and its
+    validation losses (when it builds), clustering, the inference measurement and the report."""
+    if not build:
+        return rates.load_seconds + 5.0 + inference_seconds(rates)
     return (
-        (engines - 1) * rates.load_seconds
-        + embed
+        2 * rates.load_seconds
+        + facts.train_chunks * rates.embed_seconds_per_chunk
         + validation_seconds(rates, facts)
         + 5.0
         + inference_seconds(rates)
@@ -286,10 +287,7 @@ def plan_run(
     """Share ``budget_minutes`` (of which ``elapsed_seconds`` are already spent measuring)
     between the build and the evaluation. Raises :class:`PocError` when no expert fits."""
     budget = budget_minutes * 60.0
-    fixed = fixed_seconds(rates, facts, engines=3 if build else 2)
-    if not build:
-        fixed -= facts.train_chunks * rates.embed_seconds_per_chunk
-    fixed = round(fixed, 1)
+    fixed = round(fixed_seconds(rates, facts, build), 1)
     free = round(SAFETY * budget - elapsed_seconds - fixed, 1)
     reasons = [
         f"measured: {rates.train_tokens_per_second:.0f} training tokens/s, "

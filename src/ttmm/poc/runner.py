@@ -310,7 +310,7 @@ class PocRun:
             )
             facts = replace(facts, held_out=held_out, doc_tokens=doc_tokens)
             budget = SAFETY * self.config.budget_minutes * 60
-            left = budget - self.elapsed() - inference_seconds(rates)
+            left = round(budget - self.elapsed() - inference_seconds(rates), 1)
             plan = plan_evaluation(rates, facts, left, self.config.max_docs)
             notes = []
             if plan.docs < MIN_EVAL_DOCS:
@@ -321,7 +321,7 @@ class PocRun:
                 plan = EvalPlan(MIN_EVAL_DOCS, 0, plan.neighbours, 1, plan.new_tokens, plan.seconds)
             self.state["eval_plan"] = plan.to_dict() | {
                 "notes": notes,
-                "seconds_left": round(left, 1),
+                "seconds_left": left,
             }
             self._save()
         plan = EvalPlan.from_dict(self.state["eval_plan"])

@@ -5,7 +5,8 @@
     schema_version, created, config (the PocConfig), environment (as results.json's)
     corpora, base_model, device
     rates, facts, plan          what was measured first and what was planned from it
-    evaluation                  the evaluation's plan as run (docs, ttt_docs, neighbours, ...)
+    evaluation                  the evaluation's plan as run (docs, ttt_docs, neighbours, ...,
+                                 seconds_left: what the build left it)
     run                         {budget_seconds, wall_seconds, budget_used, stage_seconds}
     quality                     {prefix_tokens, bootstrap, level, domains: {domain: {methods:
                                  {method: {label, ppl, ci_low, ci_high, n_docs, n_tokens,
@@ -155,7 +156,8 @@ def assemble(run, report_started: float) -> dict:
         "rates": stored["rates"],
         "facts": stored["facts"],
         "plan": stored["plan"],
-        "evaluation": EvalPlan.from_dict(eval_plan).to_dict(),
+        "evaluation": EvalPlan.from_dict(eval_plan).to_dict()
+        | {"seconds_left": eval_plan["seconds_left"]},
         "run": {
             "budget_seconds": stored["plan"]["budget_seconds"],
             "wall_seconds": wall,
