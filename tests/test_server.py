@@ -97,6 +97,16 @@ def test_completion_routes_the_prompt_and_matches_the_engine(client, tiny_engine
     assert metric(client, "ttmm_active_experts_count") == 1
 
 
+@pytest.mark.parametrize("temperature", [1e-290, 5e-324, 1e-5])
+def test_a_vanishing_temperature_decodes_greedily(client, temperature):
+    # logits / 1e-290 overflow to inf and sampling failed on NaN probabilities (a fuzzer's find)
+    greedy = client.post("/v1/completions", json={"prompt": "0", **GREEDY}).json()
+    body = {"prompt": "0", "max_tokens": NEW, "temperature": temperature}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
 def test_chat_uses_the_template_and_routes_on_the_last_user_message(client, tiny_engine):
     messages = [
         {"role": "system", "content": "You answer briefly."},

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-4
+"""Temperatures below this decode greedily. At 1e-4 a logit gap of 0.01 already makes the
+runner-up e^-100 times less likely, so sampling is greedy but for exact ties; far below it the
+scaled logits overflow float32 to inf and sampling fails on NaN probabilities (a fuzzer found
+temperature 1e-290)."""
+
+
 class SamplingError(ValueError):
     """A sampling setting out of range; the message names the field."""
 
@@ -41,14 +48,15 @@ class Sampling:
 
     @classmethod
     def from_openai(cls, temperature: float, top_p: float, seed: int | None) -> Sampling:
-        """OpenAI's semantics: temperature 0 is greedy decoding, where the rest does not matter."""
-        if temperature == 0:
+        """OpenAI's semantics: temperature 0 is greedy decoding, where the rest does not matter
+        (as is any temperature below :data:`GREEDY_BELOW_TEMPERATURE`)."""
+        if temperature < GREEDY_BELOW_TEMPERATURE:
             return cls()
         return cls(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
 
     def generate_kwargs(self) -> dict:
         """The arguments of transformers' ``generate`` that choose tokens."""
-        if self.do_sample:
+        if self.do_sample and self.temperature >= GREEDY_BELOW_TEMPERATURE:
             return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
         # None, not 1.0: transformers warns about sampling settings under greedy decoding
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
