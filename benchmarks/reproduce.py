@@ -17,7 +17,9 @@ tokens each) with 15% of documents held out:
   seed phase), 250k tokens, and the fine-tuning adapter continued for as many tokens as the
   experts took (the equal-compute control, method ``finetune_continued``), scored on the
   merges and both fine-tuning adapters;
-- ``k4`` and ``k64``: K = 4 and 64 at the same 250k tokens, scored on the merges only.
+- ``k4`` and ``k64``: K = 4 and 64 at the same 250k tokens, scored on the merges only;
+- ``k256``: K = 256 on 125k tokens, without its own fine-tuning baseline, scored on the
+  merges only (``--only k256 --out DIR``; compare it with the others by compare_banks.py).
 
 The costly methods (ensembles, TTT on all weights, the hybrids) run on ``k16`` only; base and
 TTT read no experts, so every bank of the corpus shares their records.
@@ -105,6 +107,15 @@ BANKS = {
         ),
         BankSpec("k4", 4, budget_tokens=250_000, methods=MERGES),
         BankSpec("k64", 64, budget_tokens=250_000, methods=MERGES),
+        # the K sweep past 64 (issue 21) on half the budget, as 2 CPU cores allow in an hour:
+        # about 500 tokens an expert; compared with the others by compare_banks.py
+        BankSpec(
+            "k256",
+            256,
+            budget_tokens=125_000,
+            with_finetune=False,
+            methods=("base", "top1", "top3", "top10", "ttmm"),
+        ),
     ),
     "full": (
         BankSpec("k16", 16),
