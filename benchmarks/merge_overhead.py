@@ -130,8 +130,8 @@ def peak_added_bytes(fn) -> int | None:
 def gemm_seconds(merger: ExpertMerger, rank: int, repeats: int, device) -> float:
     """The bare products (d_out x R) @ (R x d_in) of every adapted layer, each into its own
     preallocated output, as a merge writes them: the machine's GEMM rate for these shapes."""
-    shapes = [s.module.weight.shape for s in merger.layers.values()]
-    like = next(iter(merger.layers.values())).A_all
+    shapes = [m.weight.shape for g in merger.groups for m in g.modules]
+    like = torch.empty(0, dtype=merger.lora_dtype)
     B = [torch.randn(shape[0], rank, dtype=like.dtype, device=device) for shape in shapes]
     A = [torch.randn(rank, shape[1], dtype=like.dtype, device=device) for shape in shapes]
     out = [torch.zeros(shape, dtype=like.dtype, device=device) for shape in shapes]

@@ -82,8 +82,10 @@ def test_corrupt_or_truncated_safetensors_is_a_clear_error(bank_path, damage):
     weights = bank_path / expert_dir(1) / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    bank = Bank.load(bank_path, verify=False)  # an expert is read when first used
+    bank.read_expert(0)
     with pytest.raises(BankError, match="expert 1: .*corrupt or truncated"):
-        Bank.load(bank_path, verify=False)
+        bank.read_expert(1)
 
 
 def test_truncated_centroids_are_a_clear_error(bank_path):
@@ -226,8 +228,12 @@ def test_a_flipped_byte_anywhere_is_caught_and_named(bank_path, target):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, same shape: only the checksum can tell
     path.write_bytes(bytes(data))
+    bank = Bank.load(bank_path)  # the experts' files are checked on each one's first read
+    assert len(bank.read_expert(1).layers) > 0
     with pytest.raises(BankError, match=f"{expert_dir(2)}/{target} has sha256 .* corrupt"):
-        Bank.load(bank_path)
+        bank.read_expert(2)
+    with pytest.raises(BankError, match=f"{expert_dir(2)}/{target} has sha256 .* corrupt"):
+        bank.adapters()
     checks = {
         c.path: c.status for c in check_files(bank_path, Bank.load(bank_path, False).manifest)
     }

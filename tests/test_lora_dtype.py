@@ -73,7 +73,7 @@ def test_factors_are_stored_in_the_lora_dtype_at_half_the_bytes():
     exact = ExpertMerger(model, adapters)
     half = ExpertMerger(model, adapters, lora_dtype=torch.bfloat16)
     assert exact.lora_dtype == torch.float32 and half.lora_dtype == torch.bfloat16
-    assert all(s.A_all.dtype == torch.bfloat16 for s in half.layers.values())
+    assert all(A.dtype == torch.bfloat16 for A in half.experts.get([0])[0].A)
     assert half.factor_bytes * 2 == exact.factor_bytes
     assert ExpertMerger(model, adapters, lora_dtype=torch.float32).lora_dtype == torch.float32
 

@@ -7,7 +7,8 @@ import torch
 from conftest import ATOL, build_tiny_gpt2, build_tiny_llama, random_adapter
 
 from ttmm.adapter import LoraAdapter, load_adapter, save_adapter
-from ttmm.merge import ExpertMerger, MergeError, linear_modules, merged_factors
+from ttmm.factors import ExpertFactors, merge_group
+from ttmm.merge import ExpertMerger, MergeError, linear_modules
 from ttmm.routing import RoutingPlan
 
 VOCAB = 512
@@ -51,16 +52,20 @@ def name_is_conv(module):
     return not isinstance(module, torch.nn.Linear)
 
 
-def test_merged_factors_is_one_lora_of_summed_rank():
+def test_merge_group_is_one_lora_of_summed_rank():
     g = torch.Generator().manual_seed(0)
     As = [torch.randn(r, 5, generator=g) for r in (2, 3)]
     Bs = [torch.randn(4, r, generator=g) for r in (2, 3)]
-    rows = torch.tensor([0, 1, 2, 3, 4])
-    row_scale = torch.tensor([0.3 * 2.0] * 2 + [0.7 * 0.5] * 3)
-    A, B = merged_factors(torch.cat(As), torch.cat(Bs, dim=1).T, rows, row_scale)
-    assert A.shape == (5, 5) and B.shape == (4, 5)
+    scales, weights = (2.0, 0.5), (0.3, 0.7)
+    experts = [  # one group of one layer; the scale is folded into A
+        ExpertFactors([(A * s).unsqueeze(0)], [B.T.unsqueeze(0)]) for A, B, s in zip(As, Bs, scales)
+    ]
+    merged = merge_group(experts, weights, 0)
+    A, B = merged.A[0], merged.B[0]
+    assert A.shape == (5, 5) and B.shape == (4, 5) and merged.rank == 5
     expected = 0.3 * 2.0 * Bs[0] @ As[0] + 0.7 * 0.5 * Bs[1] @ As[1]
     torch.testing.assert_close(B @ A, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(merged.B_t[0].T, B, atol=0, rtol=0)
     # averaging A and B separately is a different model: make sure we did not do that
     wrong = (0.3 * Bs[0][:, :2] + 0.7 * Bs[1][:, :2]) @ (0.3 * As[0] + 0.7 * As[1][:2])
     assert not torch.allclose(B @ A, wrong, atol=ATOL)
@@ -192,10 +197,11 @@ def test_merger_holds_no_copy_of_base_weights_at_rest():
     model = build_tiny_llama(VOCAB)
     merger = ExpertMerger(model, [random_adapter(model, rank=2, seed=1)])
     base_ptrs = {p.data_ptr() for p in model.parameters()}
-    held = [t for s in merger.layers.values() for t in (s.A_all, s.B_t_all)]
+    [expert] = merger.experts.get([0])
+    held = [t for t in (*expert.A, *expert.B_t) if t is not None]
     assert all(t.data_ptr() not in base_ptrs for t in held)
     adapter_numel = sum(t.numel() for t in held)
-    assert adapter_numel == merger.n_parameters
+    assert adapter_numel == merger.n_parameters == merger.source.read(0).n_parameters
     assert adapter_numel < sum(p.numel() for p in model.parameters()) / 4
 
 

@@ -19,6 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from test_merge import assert_bitwise_unchanged, snapshot
 
+from ttmm.factors import GroupFactors
 from ttmm.routing import RoutingPlan
 from ttmm.serve.app import ServerSettings, create_app
 from ttmm.serve.batching import MergeCache
@@ -417,7 +418,7 @@ def test_merge_cache_is_lru_by_bytes_and_counts_hits(client):
     cache = MergeCache(max_bytes=3 * 4 * 4)  # room for three entries of 4 + 0 floats
 
     def entry():
-        return {"layer": (torch.zeros(4), torch.zeros(0))}
+        return {0: GroupFactors(torch.zeros(1, 1, 4), torch.zeros(1, 1, 0))}
 
     cache[("a",)], cache[("b",)], cache[("c",)] = entry(), entry(), entry()
     assert cache.get(("a",)) is not None  # "a" is now the most recently used

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ttmm.atomic import atomic_directory
@@ -161,6 +161,23 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     if dtype is not None:
         state = {key: tensor.to(dtype) for key, tensor in state.items()}
     return LoraAdapter.from_state_dict(state, config, source=str(path))
+
+
+def adapter_layer_ranks(weights_path: str | os.PathLike) -> dict[str, int]:
+    """``{layer path: rank}`` of a PEFT weight file, from its header alone (no tensor read)."""
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(
+            f"{weights_path}: corrupt or truncated safetensors file ({err}); retrain or re-copy it"
+        ) from err
+    ranks = {}
+    for key, shape in shapes.items():
+        match = _LORA_KEY.match(key)
+        if match is not None and match["factor"] == "A" and len(shape) == 2:
+            ranks[match["module"].removeprefix(PEFT_PREFIX)] = int(shape[0])
+    return ranks
 
 
 def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:

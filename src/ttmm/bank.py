@@ -11,8 +11,11 @@ Layout::
       finetune_continued/      optional equal-compute control: the baseline continued for as
                                many tokens as the experts took together
 
-A folder without ``manifest.json`` is not a bank. :meth:`Bank.load` validates all of it and
-:meth:`Bank.check_compatible` checks it against a base model and an encoder before any merge.
+A folder without ``manifest.json`` is not a bank. :meth:`Bank.load` validates the manifest,
+the centroids and every file but the experts' against their checksums; an expert's files are
+checked when it is first read (:meth:`Bank.read_expert`), so that a bank of 10,000 experts
+opens in a second and a merge reads and checks only its own experts.
+:meth:`Bank.check_compatible` checks the bank against a base model and an encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +34,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ttmm.adapter import WEIGHTS_NAME, AdapterError, LoraAdapter, load_adapter
+from ttmm.adapter import (
+    WEIGHTS_NAME,
+    AdapterError,
+    LoraAdapter,
+    adapter_layer_ranks,
+    load_adapter,
+)
 from ttmm.atomic import atomic_file, atomic_write_json
 from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan
 
@@ -128,13 +139,22 @@ class BankManifest:
     """The resolved build configuration, stage timings and cluster quality."""
     files: dict[str, str] = field(default_factory=dict)
     """sha256 of every file of the bank but the manifest, by path relative to the bank;
-    filled in by :func:`write_manifest` and checked by :meth:`Bank.load`."""
+    filled in by :func:`write_manifest` and checked by :meth:`Bank.load` (an expert's files
+    on its first read)."""
+    adapted_layers: dict[str, int] = field(default_factory=dict)
+    """Every layer some expert adapts, with the largest rank any expert gives it; filled in
+    by :func:`write_manifest`, so that a merger can lay out a large bank without reading
+    every expert (empty in banks written before it: then they are read once)."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     ttmm_version: str = field(default_factory=ttmm_version)
+    _by_folder: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+    """``files`` by folder, built on first use (not written)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["_by_folder"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> BankManifest:
@@ -194,10 +214,24 @@ def write_centroids(bank_dir: str | os.PathLike, centroids) -> None:
 
 
 def write_manifest(bank_dir: str | os.PathLike, manifest: BankManifest) -> None:
-    """Write ``manifest.json`` atomically, with the checksum of every other file of the bank;
-    call it last: it is what makes the folder a bank."""
+    """Write ``manifest.json`` atomically, with the checksum of every other file of the bank
+    and the layers its experts adapt; call it last: it is what makes the folder a bank."""
     manifest.files = file_checksums(bank_dir)
+    manifest._by_folder = None
+    if not manifest.adapted_layers:
+        manifest.adapted_layers = adapted_layers(
+            Path(bank_dir) / info.path / WEIGHTS_NAME for info in manifest.experts
+        )
     atomic_write_json(Path(bank_dir) / MANIFEST_NAME, manifest.to_dict())
+
+
+def adapted_layers(weight_files) -> dict[str, int]:
+    """``{layer path: largest rank}`` over PEFT weight files, from their headers only."""
+    layers: dict[str, int] = {}
+    for path in weight_files:
+        for layer, rank in adapter_layer_ranks(path).items():
+            layers[layer] = max(rank, layers.get(layer, 0))
+    return dict(sorted(layers.items()))
 
 
 def _bank_files(bank_dir: Path) -> list[Path]:
@@ -237,11 +271,14 @@ class FileCheck:
     actual: str | None = None
 
 
-def check_files(bank_dir: str | os.PathLike, manifest: BankManifest) -> list[FileCheck]:
-    """Every file the manifest records, checked against its sha256."""
+def check_files(
+    bank_dir: str | os.PathLike, manifest: BankManifest, paths: Iterable[str] | None = None
+) -> list[FileCheck]:
+    """Every file the manifest records (or those of ``paths``), checked against its sha256."""
     root = Path(bank_dir)
     checks = []
-    for rel, expected in sorted(manifest.files.items()):
+    chosen = manifest.files if paths is None else {p: manifest.files[p] for p in paths}
+    for rel, expected in sorted(chosen.items()):
         path = root / rel
         if not path.is_file():
             checks.append(FileCheck(rel, "missing", expected))
@@ -252,13 +289,16 @@ def check_files(bank_dir: str | os.PathLike, manifest: BankManifest) -> list[Fil
 
 
 class Bank:
-    """A validated expert bank; adapters are read once, on first use."""
+    """A validated expert bank; an expert's adapter is read (and its files checked) on use."""
 
     def __init__(self, path: Path, manifest: BankManifest, centroids: torch.Tensor):
         self.path = path
         self.manifest = manifest
         self.centroids = centroids  # (K, dim), unit rows
-        self._adapters: list[LoraAdapter] | None = None
+        self.verify = True
+        """Check an expert's files against the manifest's sha256 when first read."""
+        self._verified: set[int] = set()
+        self._verified_lock = threading.Lock()
 
     @property
     def num_experts(self) -> int:
@@ -280,9 +320,10 @@ class Bank:
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> Bank:
-        """Open and validate a bank: manifest fields, every file's checksum, centroids, every
-        adapter folder. ``verify=False`` skips the checksums (for a trusted, very large bank);
-        banks written before checksums existed load with a warning."""
+        """Open and validate a bank: manifest fields, the checksum of every file but the
+        experts' (theirs are checked on each expert's first read), centroids. ``verify=False``
+        skips the checksums (for a trusted bank); banks written before checksums existed load
+        with a warning."""
         path = Path(path)
         if not path.is_dir():
             raise BankError(f"bank folder {path} does not exist")
@@ -300,27 +341,44 @@ class Bank:
             raise BankError(f"{manifest_path}: must hold a JSON object")
         manifest = BankManifest.from_dict(raw, str(manifest_path))
         if verify:
-            _verify_files(path, manifest)
+            experts = {p for info in manifest.experts for p in _folder_files(manifest, info.path)}
+            _verify_files(path, manifest, [p for p in manifest.files if p not in experts])
         try:
             RoutingConfig.from_dict(manifest.routing)
         except (RoutingError, TypeError) as err:
             raise BankError(f"{manifest_path}: bad routing defaults: {err}") from err
         centroids = _load_centroids(path, len(manifest.experts), int(manifest.encoder["dim"]))
         bank = cls(path, manifest, centroids)
-        bank.adapters()  # validate every adapter now, not half-way through a request
+        bank.verify = verify
         return bank
 
+    def read_expert(self, expert_id: int, dtype: torch.dtype | None = torch.float32) -> LoraAdapter:
+        """Expert ``expert_id``'s adapter, read from disk (its files checked on the first
+        read by this bank object, unless it was loaded with ``verify=False``)."""
+        info = self.manifest.experts[expert_id]
+        folder = self.path / info.path
+        if self.verify and self.manifest.files and expert_id not in self._verified:
+            _verify_files(self.path, self.manifest, _folder_files(self.manifest, info.path))
+            with self._verified_lock:
+                self._verified.add(expert_id)
+        try:
+            return load_adapter(folder, dtype)
+        except AdapterError as err:
+            raise BankError(f"expert {expert_id}: {err}") from err
+
     def adapters(self) -> list[LoraAdapter]:
-        """All expert adapters in id order (read from disk once)."""
-        if self._adapters is None:
-            adapters = []
-            for info in self.manifest.experts:
-                try:
-                    adapters.append(load_adapter(self.path / info.path))
-                except AdapterError as err:
-                    raise BankError(f"expert {info.id}: {err}") from err
-            self._adapters = adapters
-        return self._adapters
+        """All expert adapters in id order, read from disk (for export, import and tests;
+        an engine reads them through its merger's cache)."""
+        return [self.read_expert(k) for k in range(self.num_experts)]
+
+    def layer_ranks(self) -> dict[str, int]:
+        """Every layer some expert adapts, with its largest rank: from the manifest, or read
+        from every expert's header (banks written before the manifest recorded them)."""
+        if self.manifest.adapted_layers:
+            return dict(self.manifest.adapted_layers)
+        return adapted_layers(
+            self.path / info.path / WEIGHTS_NAME for info in self.manifest.experts
+        )
 
     def finetune_adapter(self, continued: bool = False) -> LoraAdapter | None:
         """The fine-tuning baseline, or (``continued``) its equal-compute continuation."""
@@ -351,7 +409,19 @@ class Bank:
             )
 
 
-def _verify_files(path: Path, manifest: BankManifest) -> None:
+def _folder_files(manifest: BankManifest, folder: str) -> list[str]:
+    """The recorded files directly inside ``folder`` (an adapter's folder), by relative path."""
+    if manifest._by_folder is None:
+        by_folder: dict[str, list[str]] = {}
+        for rel in manifest.files:
+            by_folder.setdefault(rel.rpartition("/")[0], []).append(rel)
+        manifest._by_folder = by_folder
+    return manifest._by_folder.get(folder.rstrip("/"), [])
+
+
+def _verify_files(path: Path, manifest: BankManifest, paths: Iterable[str] | None = None) -> None:
+    """Check the bank's files (or those of ``paths``); the first bad one is named in the
+    error."""
     if not manifest.files:
         logger.warning(
             "bank %s records no file checksums (written by ttmm before 0.2): its files cannot "
@@ -359,7 +429,7 @@ def _verify_files(path: Path, manifest: BankManifest) -> None:
             path,
         )
         return
-    bad = [check for check in check_files(path, manifest) if check.status != "ok"]
+    bad = [check for check in check_files(path, manifest, paths) if check.status != "ok"]
     if bad:
         first = bad[0]
         what = (

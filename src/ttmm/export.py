@@ -1,8 +1,8 @@
 """A routed merge written as ONE PEFT LoRA adapter (design notes §7, "Export").
 
 The merge of n experts, ΔW = Σ_k w_k s_k B_k A_k, is one LoRA of rank R = Σ_k r_k with
-B' = [B_1 … B_n] and A' = [w_1 s_1 A_1; …; w_n s_n A_n] (:func:`ttmm.merge.merged_factors`
-writes that formula; this module only lays the experts out and writes the folder). Written
+B' = [B_1 … B_n] and A' = [w_1 s_1 A_1; …; w_n s_n A_n] (as :mod:`ttmm.factors` builds it for
+a merge; here every layer is written out for a PEFT folder). Written
 with ``r = lora_alpha = R``, the adapter's own scale is 1, so any LoRA runtime (PEFT, vLLM,
 LoRAX) that applies x A'ᵀ B'ᵀ runs exactly ttmm's merge.
 
@@ -24,7 +24,7 @@ from safetensors.torch import save, save_file
 from ttmm.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, LoraLayer
 from ttmm.atomic import atomic_directory
 from ttmm.bank import Bank
-from ttmm.merge import MergeError, merged_factors
+from ttmm.merge import MergeError
 from ttmm.routing import RoutingPlan
 
 PROVENANCE_NAME = "ttmm_merge.json"
@@ -81,11 +81,11 @@ def merged_adapter(bank: Bank, plan: RoutingPlan) -> ExportedMerge:
     """The plan's merge as one LoRA adapter of rank Σ r_k (see the module docstring)."""
     if plan.is_base:
         raise MergeError("the plan keeps no expert: the base model needs no adapter")
-    adapters = bank.adapters()
-    bad = [k for k in plan.expert_ids if not 0 <= k < len(adapters)]
+    K = bank.num_experts
+    bad = [k for k in plan.expert_ids if not 0 <= k < K]
     if bad:
-        raise MergeError(f"unknown expert id(s) {bad}; the bank has experts 0..{len(adapters) - 1}")
-    chosen = [(k, w, adapters[k]) for k, w in zip(plan.expert_ids, plan.weights)]
+        raise MergeError(f"unknown expert id(s) {bad}; the bank has experts 0..{K - 1}")
+    chosen = [(k, w, bank.read_expert(k)) for k, w in zip(plan.expert_ids, plan.weights)]
     blocks, offset = {}, 0
     for k, _, adapter in chosen:
         blocks[k] = (offset, offset + adapter.rank)
@@ -110,8 +110,8 @@ def merged_adapter(bank: Bank, plan: RoutingPlan) -> ExportedMerge:
             rows = slice(start, start + layer.rank)  # a lower per-layer rank leaves zero rows
             A_stack[rows], B_t_stack[rows] = layer.A, layer.B.T
             row_scale[rows] = w * layer.scale
-        A, B = merged_factors(A_stack, B_t_stack, torch.arange(R), row_scale)
-        layers[name] = LoraLayer(A=A.contiguous(), B=B.contiguous(), scale=1.0)
+        A = A_stack * row_scale.unsqueeze(1)  # A' = [w_k s_k A_k], B' = [B_k]
+        layers[name] = LoraLayer(A=A, B=B_t_stack.T.contiguous(), scale=1.0)
     config = _peft_config(bank, plan, [a for _, _, a in chosen], names, R)
     adapter = LoraAdapter(layers=layers, config=config)
     return ExportedMerge(bank=bank, plan=plan, adapter=adapter, blocks=blocks)

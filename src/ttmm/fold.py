@@ -61,31 +61,14 @@ def default_memory(adapted_bytes: int, device: torch.device, ram_bytes: int | No
 
 @dataclass(eq=False)
 class FoldGroup:
-    """Adapted layers of one weight shape and one layout, folded by one batched product.
+    """Adapted layers of one weight shape, folded by one batched product; every expert's
+    factors are laid out by these groups (:class:`ttmm.factors.ExpertFactors`)."""
 
-    Its stacks are the only copy of the factors: each layer's ``A_all`` and ``B_t_all`` are
-    views of one row of them.
-    """
-
+    names: list[str]
     modules: list[nn.Module]
     transposed: bool  # Conv1D: the weights are (d_in, d_out)
-    A_all: torch.Tensor  # (L, Σ_k r_k, d_in)
-    B_t_all: torch.Tensor  # (L, Σ_k r_k, d_out)
-    layout: object  # the layers' shared row layout (ttmm.merge)
-
-    @classmethod
-    def stack(cls, layers: Sequence) -> FoldGroup:
-        """Stack ``ttmm.merge`` layers' factors, leaving each layer a view of its row."""
-        group = cls(
-            modules=[layer.module for layer in layers],
-            transposed=layers[0].transposed,
-            A_all=torch.stack([layer.A_all for layer in layers]),
-            B_t_all=torch.stack([layer.B_t_all for layer in layers]),
-            layout=layers[0].layout,
-        )
-        for i, layer in enumerate(layers):
-            layer.A_all, layer.B_t_all = group.A_all[i], group.B_t_all[i]
-        return group
+    d_in: int
+    d_out: int
 
 
 class FoldOutputs:

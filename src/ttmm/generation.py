@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 GREEDY_BELOW_TEMPERATURE = 1e-4
 """Temperatures below this decode greedily. At 1e-4 a logit gap of 0.01 already makes the
 runner-up e^-100 times less likely, so sampling is greedy but for exact ties; far below it the

@@ -7,8 +7,8 @@ A' = [w_1 s_1 A_1; …; w_n s_n A_n] (:mod:`ttmm.factors`). Two ways to run it:
   weight is computed into an output tensor and swapped into the parameter; the original tensor
   is set aside untouched and swapped back on exit, so the restore is bitwise exact by
   construction (subtracting ΔW is not) and costs nothing. The outputs are kept buffers or
-  fresh tensors, by memory policy (:mod:`ttmm.fold`). Layers of one shape adapted by the same
-  experts are merged by one batched product.
+  fresh tensors, by memory policy (:mod:`ttmm.fold`). Layers of one shape are merged by one
+  batched product.
 - :meth:`ExpertMerger.lowrank`: W is never touched; forward hooks (:mod:`ttmm.lowrank`) add
   x A'ᵀ B'ᵀ, and every row of a batch may carry its own merge.
 
@@ -20,8 +20,10 @@ then added to the float32 weights or outputs, so only the update is rounded
 AVX512-BF16 that makes the fold about twice as fast; low-rank's products of a few rows gain
 nothing there (per-call costs of oneDNN's bfloat16 kernels; benchmarks/merge_overhead.py).
 
-Adapters are stacked per layer in memory when the merger is built, so a merge reads no disk.
-Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
+Experts are read through an LRU cache of their laid-out factors (:mod:`ttmm.expert_cache`):
+without a budget every expert is read when the merger is built and a merge reads no disk;
+with one (a bank of thousands of experts), a merge reads the experts it misses, and only
+those. Layers are matched by module type (``nn.Linear``, and transformers' ``Conv1D``, a transposed
 linear) and by module path; nothing depends on an architecture's parameter names.
 """
 
@@ -30,14 +32,15 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, MutableMapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ttmm.adapter import LoraAdapter
+from ttmm.adapter import LoraAdapter, LoraLayer
 from ttmm.cost import AdaptedShape
-from ttmm.factors import MergeError, merged_factors, row_selection, union_selection
+from ttmm.expert_cache import ExpertCache
+from ttmm.expert_source import ExpertSource
+from ttmm.factors import ExpertFactors, MergeError, PlanFactors, merge_group, union_group
 from ttmm.fold import MEMORY_POLICIES, FoldGroup, FoldOutputs, default_memory, fold_product
 from ttmm.lowrank import per_row_hook, shared_hook
 from ttmm.routing import RoutingPlan
@@ -49,10 +52,6 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
-PlanFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""A plan's merged (A', B') by layer path, for the layers it adapts (or, for a fold, stacked
-by group of layers)."""
-
 LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes the factors may be kept in (``lora_dtype``)."""
 
@@ -62,7 +61,6 @@ __all__ = [
     "MergeError",
     "PlanFactors",
     "linear_modules",
-    "merged_factors",
 ]
 
 
@@ -97,67 +95,29 @@ def _resolve(path: str, modules: dict[str, nn.Module], where: str) -> str:
     raise MergeError(f"{where}: layer {path!r} is ambiguous, it matches {candidates}")
 
 
-@dataclass(eq=False)
-class _Layout:
-    """Where each expert's rows sit in a layer's stacked factors, and its scale s_k there.
-
-    Layers adapted by the same experts with the same ranks and scales share one layout, so
-    a plan's rows are selected once per layout (typically once), not once per layer.
-    """
-
-    spans: dict[int, tuple[int, int]]  # expert id → rows [start, end) in the stacked factors
-    scales: dict[int, float]  # expert id → s_k
-
-
-@dataclass
-class _StackedLayer:
-    """All experts' factors of one linear layer, stacked so a merge is an index + one GEMM."""
-
-    module: nn.Module
-    transposed: bool  # Conv1D: weight is (d_in, d_out)
-    A_all: torch.Tensor  # (Σ_k r_k, d_in): every adapting expert's A, stacked on rows
-    B_t_all: torch.Tensor  # (Σ_k r_k, d_out): every adapting expert's B, transposed, stacked
-    layout: _Layout
-    half_step: float | None = None  # half the rounding step of mean |W| (half precision)
-    update_bounds: dict[int, float] | None = None  # per expert, a bound on max |ΔW_k|
-
-    def factors(
-        self, plan: RoutingPlan, selection: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A', B') of this layer for a plan, or None if no expert of the plan adapts it.
-
-        ``selection`` is the plan's :func:`row_selection` for this layer's layout, if known.
-        """
-        if selection is None:
-            selection = row_selection(self.layout.spans, self.layout.scales, plan)
-        if selection is None:
-            return None
-        rows, row_scale = selection  # built on the CPU; the scale moves to the stacks' device
-        return merged_factors(
-            self.A_all, self.B_t_all, rows, row_scale.to(self.A_all.device, self.A_all.dtype)
-        )
-
-
 class ExpertMerger:
-    """Holds a bank's adapters stacked per layer and executes routing plans on one model.
+    """Executes routing plans on one model with a bank's experts, read through an LRU cache.
 
-    ``memory`` is the fold's memory policy, ``"buffer"``, ``"swap"`` or ``"auto"`` (see
-    :mod:`ttmm.fold`); :attr:`memory` says which one runs. ``grouped`` merges layers of one
-    shape with one batched product (faster on the measured machine; ``False`` runs one product
-    per layer). ``lora_dtype`` is the dtype the factors are kept and multiplied in (None: the
-    weights' dtype; see the module docstring).
+    ``experts`` are adapters held in memory, or an :class:`~ttmm.expert_source.ExpertSource`
+    (a bank read from disk). ``cache_bytes`` bounds the bytes of laid-out experts held at once
+    (:mod:`ttmm.expert_cache`): a merge reads the experts it misses and evicts the least
+    recently used; None holds every expert, all read when the merger is built. ``memory`` is
+    the fold's memory policy, ``"buffer"``, ``"swap"`` or ``"auto"`` (see :mod:`ttmm.fold`);
+    :attr:`memory` says which one runs. ``grouped`` merges layers of one shape with one batched
+    product (faster on the measured machine; ``False`` runs one product per layer).
+    ``lora_dtype`` is the dtype the factors are kept and multiplied in (None: the weights'
+    dtype; see the module docstring).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        adapters: Sequence[LoraAdapter],
+        experts: Sequence[LoraAdapter] | ExpertSource,
         memory: str = "auto",
         grouped: bool = True,
         lora_dtype: torch.dtype | None = None,
+        cache_bytes: int | None = None,
     ):
-        if not adapters:
-            raise MergeError("no adapters to merge")
         if memory not in MEMORY_POLICIES:
             raise MergeError(f"memory={memory!r} is unknown; choose one of {MEMORY_POLICIES}")
         if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
@@ -165,77 +125,99 @@ class ExpertMerger:
                 f"lora_dtype={lora_dtype} is not supported; use one of "
                 f"{', '.join(str(d) for d in LORA_DTYPES)}, or None for the weights' dtype"
             )
+        source = (
+            experts if isinstance(experts, ExpertSource) else ExpertSource.from_adapters(experts)
+        )
         self.model = model
-        self.num_experts = len(adapters)
+        self.source = source
+        self.num_experts = source.num_experts
         modules = linear_modules(model)
-        per_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
-        for expert_id, adapter in enumerate(adapters):
-            where = f"expert {expert_id}"
-            for path, layer in adapter.layers.items():
-                name = _resolve(path, modules, where)
-                d_in, d_out = _in_out(modules[name])
-                if layer.A.shape[1] != d_in or layer.B.shape[0] != d_out:
-                    raise MergeError(
-                        f"{where}: layer {name} has A {tuple(layer.A.shape)} and B "
-                        f"{tuple(layer.B.shape)}, but the model's layer maps {d_in} → {d_out} "
-                        "features; the adapter was trained on another base model"
-                    )
-                per_layer.setdefault(name, []).append((expert_id, layer.A, layer.B, layer.scale))
-        tied = _tied_weights(model)
-        self.layers: dict[str, _StackedLayer] = {}
-        layouts: dict[tuple, _Layout] = {}
-        for name, entries in per_layer.items():
-            spans, offset = {}, 0
-            for expert_id, A, _, _ in entries:
-                spans[expert_id] = (offset, offset + A.shape[0])
-                offset += A.shape[0]
-            scales = {expert_id: s for expert_id, _, _, s in entries}
-            layout_key = (tuple(spans.items()), tuple(scales.items()))
-            layout = layouts.setdefault(layout_key, _Layout(spans=spans, scales=scales))
-            module = modules[name]
-            weight = module.weight  # the stacks live where the layer's weight does
-            dtype = lora_dtype or weight.dtype
-            self.layers[name] = _StackedLayer(
-                module=module,
-                transposed=not isinstance(module, nn.Linear),
-                A_all=torch.cat([A for _, A, _, _ in entries]).to(weight.device, dtype),
-                B_t_all=torch.cat([B for _, _, B, _ in entries], dim=1)
-                .T.contiguous()
-                .to(weight.device, dtype),
-                layout=layout,
+        self._layer_of = {
+            path: _resolve(path, modules, "the experts") for path in source.layer_ranks
+        }
+        order = {name: i for i, name in enumerate(modules)}
+        adapted = sorted(set(self._layer_of.values()), key=order.__getitem__)
+        members: dict[tuple, list[str]] = {}
+        for name in adapted:
+            weight = modules[name].weight
+            key = (
+                weight.shape,
+                weight.dtype,
+                weight.device,
+                not isinstance(modules[name], nn.Linear),
             )
-        self.tied_layers = sorted(name for name in self.layers if id(modules[name].weight) in tied)
-        members: dict[tuple, list[_StackedLayer]] = {}
-        for name, stacked in self.layers.items():
-            weight = stacked.module.weight
-            key = (id(stacked.layout), stacked.transposed, weight.shape, weight.dtype)
-            members.setdefault(key if grouped else (name,), []).append(stacked)
-        self.groups = [FoldGroup.stack(layers) for layers in members.values()]
+            members.setdefault(key if grouped else (name,), []).append(name)
+        self.groups: list[FoldGroup] = []
+        self._position: dict[str, tuple[int, int]] = {}  # layer → (group, index in the group)
+        for names in members.values():
+            d_in, d_out = _in_out(modules[names[0]])
+            for i, name in enumerate(names):
+                self._position[name] = (len(self.groups), i)
+            self.groups.append(
+                FoldGroup(
+                    names=names,
+                    modules=[modules[n] for n in names],
+                    transposed=not isinstance(modules[names[0]], nn.Linear),
+                    d_in=d_in,
+                    d_out=d_out,
+                )
+            )
+        self._dtypes = [lora_dtype or g.modules[0].weight.dtype for g in self.groups]
+        self._group_ranks = [0] * len(self.groups)  # the largest rank any expert gives a group
+        for path, rank in source.layer_ranks.items():
+            g, _ = self._position[self._layer_of[path]]
+            self._group_ranks[g] = max(self._group_ranks[g], rank)
+        tied = _tied_weights(model)
+        self.tied_layers = [name for name in adapted if id(modules[name].weight) in tied]
         if memory == "auto":
-            weights = [stacked.module.weight for stacked in self.layers.values()]
+            weights = [modules[name].weight for name in adapted]
             adapted_bytes = sum(w.numel() * w.element_size() for w in weights)
             memory = default_memory(adapted_bytes, weights[0].device)
         self.memory = memory
         """The fold's memory policy that runs: ``"buffer"`` or ``"swap"``."""
         self._outputs = FoldOutputs(memory)
         self._open_folds = 0  # folds of this merger whose block is running
+        self._half_steps: dict[tuple[int, int], float] = {}
+        self.experts = ExpertCache(
+            self._lay_out, [self.expert_bytes(k) for k in range(self.num_experts)], cache_bytes
+        )
+        """The laid-out experts held, an LRU bounded by ``cache_bytes``."""
+        if cache_bytes is None:
+            self.experts.get(range(self.num_experts))  # every expert now, checked up front
         self.factor_cache: MutableMapping[tuple, PlanFactors] | None = None
-        """Optional store of each plan's (A', B') per layer by ``plan.key()`` (e.g. the server's
+        """Optional store of each plan's merged factors by ``plan.key()`` (e.g. the server's
         LRU): stacking A' and B' over ~200 layers costs about as much as a few decoding steps."""
 
-    @property
-    def n_parameters(self) -> int:
-        return sum(s.A_all.numel() + s.B_t_all.numel() for s in self.layers.values())
+    # -- sizes --------------------------------------------------------------------------
 
     @property
     def lora_dtype(self) -> torch.dtype:
         """The dtype the factors are kept and multiplied in."""
-        return next(iter(self.layers.values())).A_all.dtype
+        return self._dtypes[0]
+
+    def expert_bytes(self, expert_id: int) -> int:
+        """Bytes of expert ``expert_id`` laid out (its rank in every group it may adapt;
+        exact for the experts of a ttmm bank, an upper bound for others until read)."""
+        rank = self.source.ranks[expert_id]
+        return sum(
+            len(g.modules) * min(rank, r) * (g.d_in + g.d_out) * dtype.itemsize
+            for g, r, dtype in zip(self.groups, self._group_ranks, self._dtypes)
+        )
+
+    def smallest_cache_bytes(self, max_active: int) -> int:
+        """The smallest cache that holds any merge of ``max_active`` experts (the largest)."""
+        largest = sorted(self.experts.sizes, reverse=True)[:max_active]
+        return self.experts.smallest_budget([]) + sum(largest)
 
     @property
     def factor_bytes(self) -> int:
-        """Bytes of the stacked factors (every expert's A and B), held for the merger's life."""
-        return self.n_parameters * self.lora_dtype.itemsize
+        """Bytes of the laid-out experts held now (all of them without a cache budget)."""
+        return self.experts.nbytes
+
+    @property
+    def n_parameters(self) -> int:
+        """Factor entries held now (padding of experts that skip layers included)."""
+        return self.factor_bytes // self.lora_dtype.itemsize
 
     @property
     def buffer_bytes(self) -> int:
@@ -249,17 +231,65 @@ class ExpertMerger:
     @functools.cached_property
     def adapted_shape(self) -> AdaptedShape:
         """The adapted layers' sizes, as the fold/low-rank cost model needs them."""
-        sizes = [_in_out(s.module) for s in self.layers.values()]  # (d_in, d_out)
         return AdaptedShape(
-            layers=len(sizes),
-            weights=sum(d_in * d_out for d_in, d_out in sizes),
-            fan_sum=sum(d_in + d_out for d_in, d_out in sizes),
+            layers=sum(len(g.modules) for g in self.groups),
+            weights=sum(len(g.modules) * g.d_in * g.d_out for g in self.groups),
+            fan_sum=sum(len(g.modules) * (g.d_in + g.d_out) for g in self.groups),
         )
 
+    # -- experts ------------------------------------------------------------------------
+
+    def _lay_out(self, expert_id: int) -> ExpertFactors:
+        """Read expert ``expert_id`` and lay its factors out by group (see :mod:`ttmm.factors`)."""
+        adapter = self.source.read(expert_id)
+        where = f"expert {expert_id}"
+        by_group: dict[int, dict[int, LoraLayer]] = {}
+        for path, layer in adapter.layers.items():
+            name = self._layer_of.get(path)
+            if name is None:
+                raise MergeError(
+                    f"{where}: adapts layer {path!r}, which the bank's manifest does not list "
+                    "among its adapted layers; the manifest is stale: rebuild the bank"
+                )
+            g, i = self._position[name]
+            group = self.groups[g]
+            if layer.A.shape[1] != group.d_in or layer.B.shape[0] != group.d_out:
+                raise MergeError(
+                    f"{where}: layer {name} has A {tuple(layer.A.shape)} and B "
+                    f"{tuple(layer.B.shape)}, but the model's layer maps {group.d_in} → "
+                    f"{group.d_out} features; the adapter was trained on another base model"
+                )
+            by_group.setdefault(g, {})[i] = layer
+        A: list[torch.Tensor | None] = [None] * len(self.groups)
+        B_t: list[torch.Tensor | None] = [None] * len(self.groups)
+        for g, layers in by_group.items():
+            group = self.groups[g]
+            device = group.modules[0].weight.device
+            rank = max(layer.rank for layer in layers.values())
+            if len(layers) == len(group.modules) and all(l.rank == rank for l in layers.values()):
+                ordered = [layers[i] for i in range(len(group.modules))]
+                A_g = torch.stack([l.A.float() * l.scale for l in ordered])
+                B_g = torch.stack([l.B.float().T for l in ordered])
+            else:  # zeros where a layer is not adapted, or past its own rank
+                A_g = torch.zeros(len(group.modules), rank, group.d_in)
+                B_g = torch.zeros(len(group.modules), rank, group.d_out)
+                for i, l in layers.items():
+                    A_g[i, : l.rank] = l.A.float() * l.scale
+                    B_g[i, : l.rank] = l.B.float().T
+            A[g] = A_g.to(device, self._dtypes[g])
+            B_t[g] = B_g.to(device, self._dtypes[g])
+        return ExpertFactors(A, B_t)
+
+    def prefetch(self, plans: Sequence[RoutingPlan]) -> None:
+        """Read the plans' experts into the cache ahead of their merge (as far as it fits)."""
+        self.experts.prefetch(k for plan in plans for k in plan.expert_ids)
+
+    # -- plans --------------------------------------------------------------------------
+
     def plan_rank(self, plan: RoutingPlan) -> int:
-        """R = Σ r_k of the plan's experts (the largest over layers), 0 for the base model."""
-        selections = self._selections(plan).values()
-        return max((len(sel[0]) for sel in selections if sel is not None), default=0)
+        """R = Σ r_k of the plan's experts (the largest over groups), 0 for the base model."""
+        entries = self.experts.get(plan.expert_ids)
+        return max((sum(e.rank(g) for e in entries) for g in range(len(self.groups))), default=0)
 
     def fold_keeps_update(self, plan: RoutingPlan) -> bool:
         """Whether folding the plan into the weights keeps its update, in their dtype.
@@ -272,40 +302,31 @@ class ExpertMerger:
         of the layer's mean |W|. (Measured on experts trained by ttmm, the fold keeps their
         effect: benchmarks/half_precision.py; this guards against much smaller updates.)
         """
-        layers = list(self.layers.values())
-        if not layers or layers[0].module.weight.dtype not in (torch.bfloat16, torch.float16):
+        if not self.groups or self.groups[0].modules[0].weight.dtype not in (
+            torch.bfloat16,
+            torch.float16,
+        ):
             return True
-        weights = dict(zip(plan.expert_ids, plan.weights))
+        entries = self.experts.get(plan.expert_ids)
         lossy = adapted = 0
-        for stacked in layers:
-            bounds = self._update_bounds(stacked)
-            bound = sum(abs(w) * bounds[k] for k, w in weights.items() if k in bounds)
-            if bound == 0:
-                continue
-            adapted += 1
-            lossy += bound < self._half_step(stacked)
+        for g, group in enumerate(self.groups):
+            for i, module in enumerate(group.modules):
+                bound = sum(
+                    abs(w) * e.update_bounds(g)[i]
+                    for e, w in zip(entries, plan.weights)
+                    if e.A[g] is not None
+                )
+                if bound == 0:
+                    continue
+                adapted += 1
+                lossy += bound < self._half_step(g, i, module.weight)
         return adapted == 0 or lossy * 2 <= adapted
 
-    @staticmethod
-    def _half_step(stacked: _StackedLayer) -> float:
-        weight = stacked.module.weight
-        if stacked.half_step is None:
+    def _half_step(self, g: int, i: int, weight: torch.Tensor) -> float:
+        if (g, i) not in self._half_steps:
             eps = torch.finfo(weight.dtype).eps  # relative spacing of the weights' values
-            stacked.half_step = float(weight.detach().abs().float().mean()) * eps / 2
-        return stacked.half_step
-
-    @staticmethod
-    def _update_bounds(stacked: _StackedLayer) -> dict[int, float]:
-        """Per expert, s_k max_i ||B_k[i, :]|| max_j ||A_k[:, j]|| (>= max |ΔW_k|)."""
-        if stacked.update_bounds is None:
-            bounds = {}
-            for expert_id, (start, end) in stacked.layout.spans.items():
-                A = stacked.A_all[start:end].float()  # (r_k, d_in)
-                B_t = stacked.B_t_all[start:end].float()  # (r_k, d_out)
-                scale = abs(float(stacked.layout.scales[expert_id]))
-                bounds[expert_id] = scale * float(B_t.norm(dim=0).max() * A.norm(dim=0).max())
-            stacked.update_bounds = bounds
-        return stacked.update_bounds
+            self._half_steps[g, i] = float(weight.detach().abs().float().mean()) * eps / 2
+        return self._half_steps[g, i]
 
     def check_plan(self, plan: RoutingPlan) -> None:
         bad = [k for k in plan.expert_ids if not 0 <= k < self.num_experts]
@@ -314,53 +335,25 @@ class ExpertMerger:
                 f"unknown expert id(s) {bad}; the bank has experts 0..{self.num_experts - 1}"
             )
 
-    def _selections(self, plan: RoutingPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor] | None]:
-        """The plan's :func:`row_selection` for each distinct layout, by ``id(layout)``."""
-        selections = {}
-        for stacked in self.layers.values():
-            layout = stacked.layout
-            if id(layout) not in selections:
-                selections[id(layout)] = row_selection(layout.spans, layout.scales, plan)
-        return selections
-
-    def plan_factors(self, plan: RoutingPlan) -> PlanFactors:
-        """(A', B') of every layer the plan adapts, from ``factor_cache`` when it holds the plan."""
-        cache, key = self.factor_cache, plan.key()
+    def plan_factors(self, plan: RoutingPlan, for_fold: bool = False) -> PlanFactors:
+        """The plan's merged factors by group, from ``factor_cache`` when it holds the plan.
+        ``for_fold`` also makes each group's contiguous B' (the fold's batched product wants
+        it; low-rank does not), under its own cache key so the cache counts its bytes."""
+        cache, key = self.factor_cache, (("fold",) if for_fold else ()) + plan.key()
         if cache is not None and (hit := cache.get(key)) is not None:
             return hit
-        selections = self._selections(plan)
+        entries = self.experts.get(plan.expert_ids)
         factors = {}
-        for name, stacked in self.layers.items():
-            selection = selections[id(stacked.layout)]
-            if selection is not None:
-                factors[name] = stacked.factors(plan, selection)
+        for g in range(len(self.groups)):
+            if (merged := merge_group(entries, plan.weights, g)) is not None:
+                if for_fold:
+                    merged.B  # noqa: B018 - made now, before the cache sizes the entry
+                factors[g] = merged
         if cache is not None:
             cache[key] = factors
         return factors
 
-    def _group_factors(self, plan: RoutingPlan) -> PlanFactors:
-        """(A', B') stacked per group of layers ("group i"), B' contiguous, from
-        ``factor_cache`` when it holds the plan."""
-        cache, key = self.factor_cache, ("fold groups", *plan.key())
-        if cache is not None and (hit := cache.get(key)) is not None:
-            return hit
-        selections = self._selections(plan)
-        factors = {}
-        for number, group in enumerate(self.groups):
-            if (selection := selections[id(group.layout)]) is None:
-                continue
-            rows, row_scale = selection
-            A, B = merged_factors(
-                group.A_all,
-                group.B_t_all,
-                rows,
-                row_scale.to(group.A_all.device, group.A_all.dtype),
-            )
-            # B' (L, d_out, Σr) contiguous: faster in the batched product than a view
-            factors[f"group {number}"] = (A, B.contiguous())
-        if cache is not None:
-            cache[key] = factors
-        return factors
+    # -- running merges -----------------------------------------------------------------
 
     @contextlib.contextmanager
     def fold(self, plan: RoutingPlan) -> Iterator[None]:
@@ -387,17 +380,16 @@ class ExpertMerger:
         self._open_folds += 1
         try:
             with torch.no_grad():
-                factors = self._group_factors(plan)
-                for number, group in enumerate(self.groups):
-                    if (pair := factors.get(f"group {number}")) is None:
-                        continue
-                    A, B = pair  # (L, Σr, d_in), (L, d_out, Σr)
+                for g, merged in self.plan_factors(plan, for_fold=True).items():
+                    group = self.groups[g]
                     weights = [module.weight for module in group.modules]
-                    out = self._outputs.get(number, (len(weights), *weights[0].shape), weights[0])
-                    fold_product(out, [w.data for w in weights], A, B, group.transposed)
-                    for weight, merged in zip(weights, out):
+                    out = self._outputs.get(g, (len(weights), *weights[0].shape), weights[0])
+                    fold_product(
+                        out, [w.data for w in weights], merged.A, merged.B, group.transposed
+                    )
+                    for weight, new in zip(weights, out):
                         set_aside.append((weight, weight.data))
-                        weight.data = merged
+                        weight.data = new
             yield
         finally:
             for weight, original in set_aside:
@@ -415,24 +407,28 @@ class ExpertMerger:
         plans = list(plans)
         for plan in plans:
             self.check_plan(plan)
+        hooks = {}
         if len({plan.key() for plan in plans}) == 1:  # one merge for every row
-            factors = self.plan_factors(plans[0])
-            hooks = {name: shared_hook(*pair) for name, pair in factors.items()}
+            for g, merged in self.plan_factors(plans[0]).items():
+                for i, module in enumerate(self.groups[g].modules):
+                    hooks[module] = shared_hook(merged.A[i], merged.B_t[i])
         else:
-            per_row = [self._selections(plan) for plan in plans]
-            unions = {  # one union of experts and row-scale matrix S per layout
-                layout: union_selection([selections[layout] for selections in per_row])
-                for layout in per_row[0]
-            }
-            hooks = {
-                name: per_row_hook(stacked, *unions[id(stacked.layout)])
-                for name, stacked in self.layers.items()
-                if unions[id(stacked.layout)] is not None
-            }
+            union = sorted({k for plan in plans for k in plan.expert_ids})
+            entries = self.experts.get(union)
+            position = {k: j for j, k in enumerate(union)}
+            row_weights = [
+                {position[k]: w for k, w in zip(plan.expert_ids, plan.weights)} for plan in plans
+            ]
+            for g, group in enumerate(self.groups):
+                if (stacked := union_group(entries, row_weights, g)) is None:
+                    continue
+                A_U, B_U_t, S = stacked
+                for i, module in enumerate(group.modules):
+                    hooks[module] = per_row_hook(A_U[i], B_U_t[i], S)
         handles = []
         try:
-            for name, hook in hooks.items():
-                handles.append(self.layers[name].module.register_forward_hook(hook))
+            for module, hook in hooks.items():
+                handles.append(module.register_forward_hook(hook))
             yield
         finally:
             for handle in handles:

@@ -32,6 +32,8 @@ from ttmm.device import (
     resolve_lora_dtype,
 )
 from ttmm.embed import Encoder
+from ttmm.expert_cache import MB, CacheBudgetError
+from ttmm.expert_source import ExpertSource
 from ttmm.generation import (
     Sampling,
     TokenLogprobs,
@@ -91,25 +93,41 @@ class TTMM:
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
         extra_adapters: Sequence[LoraAdapter] = (),
+        adapter_cache_mb: float | None = None,
     ):
         """``memory`` is the fold's memory policy: ``"buffer"``, ``"swap"`` or ``"auto"``
         (see :mod:`ttmm.fold`); ``lora_dtype`` the dtype the experts' factors are kept and
         multiplied in, ``"auto"`` for the base model's (see :mod:`ttmm.merge`).
         ``extra_adapters`` join the merger after the bank's K experts, as ids K, K + 1, ...:
         adapters that explicit plans may apply beside the bank's (a rollout's control arm),
-        so that rows of both run in one batch over the one model."""
+        so that rows of both run in one batch over the one model.
+        ``adapter_cache_mb`` bounds the experts held in memory (:mod:`ttmm.expert_cache`):
+        the others stay on disk until a merge uses them. None reads and holds every expert
+        now; a budget smaller than the routing's largest merge is refused with the smallest
+        that works."""
         bank.check_compatible(model, encoder.dim)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.bank = bank
         self.routing = routing or bank.routing
+        cache_bytes = _cache_bytes(adapter_cache_mb)
         self.merger = ExpertMerger(
             model,
-            [*bank.adapters(), *extra_adapters],
+            ExpertSource.from_bank(bank, extra_adapters),
             memory=memory,
             lora_dtype=resolve_lora_dtype(lora_dtype),
+            cache_bytes=cache_bytes,
         )
+        if cache_bytes is not None:
+            needed = self.merger.smallest_cache_bytes(self.routing.max_active)
+            if needed > cache_bytes:
+                raise CacheBudgetError(
+                    f"--adapter-cache-mb {adapter_cache_mb:g} cannot hold one merge: routing "
+                    f"merges up to {self.routing.max_active} experts, "
+                    f"{needed / MB:.1f} MB laid out; the smallest budget that works is "
+                    f"--adapter-cache-mb {-(-needed // MB)}"
+                )
         self.mode_costs = measured_costs(self.device, model.dtype, self.merger.lora_dtype)
         """The constants ``mode="auto"`` weighs fold against low-rank with (:mod:`ttmm.cost`)."""
 
@@ -124,23 +142,29 @@ class TTMM:
         dtype: str | torch.dtype | None = None,
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
+        adapter_cache_mb: float | None = None,
     ) -> TTMM:
         """Load the bank, then its base model and encoder (the ones it names, unless given).
 
         ``device`` and ``dtype`` place the base model and the encoder (see :mod:`ttmm.device`);
         ``memory`` is the fold's memory policy (see :mod:`ttmm.fold`); ``lora_dtype`` the
-        experts' factors' dtype (``"auto"``: the base model's; see :mod:`ttmm.merge`).
+        experts' factors' dtype (``"auto"``: the base model's; see :mod:`ttmm.merge`);
+        ``adapter_cache_mb`` the experts' memory budget (None: every expert, read now).
         """
         bank = bank if isinstance(bank, Bank) else Bank.load(bank)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)  # all checked before the bank's adapters load
         resolve_lora_dtype(lora_dtype)
+        _cache_bytes(adapter_cache_mb)
         model, tokenizer = load_base_model(
             base_model or bank.manifest.base_model["name"], dtype=dtype, device=device
         )
         if not isinstance(encoder, Encoder):
             encoder = Encoder(encoder or bank.manifest.encoder["name"], device=device)
-        return cls(model, tokenizer, encoder, bank, routing, memory, lora_dtype)
+        return cls(
+            model, tokenizer, encoder, bank, routing, memory, lora_dtype,
+            adapter_cache_mb=adapter_cache_mb,
+        )  # fmt: skip
 
     @classmethod
     def from_banks(
@@ -152,17 +176,17 @@ class TTMM:
         device: str | torch.device | None = DEFAULT_DEVICE,
         dtype: str | torch.dtype | None = None,
         lora_dtype: str | torch.dtype | None = "auto",
+        adapter_cache_mb: float | None = None,
     ) -> list[TTMM]:
         """Engines over several banks built on one base model, sharing that model and the
         encoder (loaded once, the first bank's unless given); e.g. banks of several K."""
         if not banks:
             raise InputError("no banks given")
         loaded = [bank if isinstance(bank, Bank) else Bank.load(bank) for bank in banks]
-        first = cls.from_bank(
-            loaded[0], base_model, encoder, routing, device, dtype, lora_dtype=lora_dtype
-        )
+        cache = {"lora_dtype": lora_dtype, "adapter_cache_mb": adapter_cache_mb}
+        first = cls.from_bank(loaded[0], base_model, encoder, routing, device, dtype, **cache)
         rest = [
-            cls(first.model, first.tokenizer, first.encoder, b, routing, lora_dtype=lora_dtype)
+            cls(first.model, first.tokenizer, first.encoder, b, routing, **cache)
             for b in loaded[1:]
         ]
         return [first, *rest]
@@ -177,6 +201,19 @@ class TTMM:
         """The base model's lock (see :func:`model_lock`): every engine, TTT run or evaluation
         over the same model holds the same one while it runs or changes that model."""
         return model_lock(self.model)
+
+    # -- experts in memory -------------------------------------------------------------------
+
+    def pin_experts(self, expert_ids: Sequence[int]) -> None:
+        """Keep these experts in memory whatever the cache's use (read now)."""
+        plan = RoutingPlan.explicit(dict.fromkeys(expert_ids, 1.0))
+        self.merger.check_plan(plan)
+        self.merger.experts.pin(plan.expert_ids)
+
+    def prefetch(self, plans: Sequence[RoutingPlan]) -> None:
+        """Read the plans' experts from disk ahead of their merge, without the model's lock
+        (the server does it for queued requests while a batch runs)."""
+        self.merger.prefetch(plans)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -371,6 +408,19 @@ class TTMM:
                 continuation_nll(logits, input_ids, attention, prefix_tokens), plans
             )
         ]
+
+
+def _cache_bytes(adapter_cache_mb: float | None) -> int | None:
+    if adapter_cache_mb is None:
+        return None
+    if not (isinstance(adapter_cache_mb, int | float) and math.isfinite(adapter_cache_mb)):
+        raise InputError(f"adapter_cache_mb must be a number of MB, got {adapter_cache_mb!r}")
+    if adapter_cache_mb <= 0:
+        raise InputError(
+            f"adapter_cache_mb must be > 0, got {adapter_cache_mb:g}; leave it unset to hold "
+            "every expert in memory"
+        )
+    return int(adapter_cache_mb * MB)
 
 
 def right_pad(

@@ -183,8 +183,14 @@ def build(
 
 
 def _print_summary(manifest, path: Path) -> None:
+    if len(manifest.experts) > LISTED_EXPERTS:
+        console.print(_bank_summary_table(manifest))
     console.print(_experts_table(manifest, f"bank {path}"))
     console.print(_build_table(manifest.build))
+
+
+LISTED_EXPERTS = 40
+"""Banks with more experts are summarised: totals, spreads, and the experts at both ends."""
 
 
 def _experts_table(manifest, title: str) -> Table:
@@ -192,7 +198,13 @@ def _experts_table(manifest, title: str) -> Table:
     columns = ("expert", "label", "chunks", "planned", "tokens", "rank", "MB")
     for column in (*columns, "loss start → end", "val before → after"):
         table.add_column(column, justify="left" if column == "label" else "right")
-    rows = [(str(e.id), e) for e in manifest.experts]
+    experts = manifest.experts
+    if len(experts) > LISTED_EXPERTS:  # the five with the most and the fewest tokens
+        by_tokens = sorted(experts, key=lambda e: (-e.n_tokens, e.id))
+        experts = [*by_tokens[:5], *by_tokens[-5:]]
+        title = f"{title}: the 5 with the most tokens, then the 5 with the fewest"
+        table.title = title
+    rows = [(str(e.id), e) for e in experts]
     if manifest.finetune is not None:
         rows.append(("finetune", manifest.finetune))
     if manifest.finetune_continued is not None:
@@ -214,6 +226,38 @@ def _experts_table(manifest, title: str) -> Table:
             f"{entry.size_bytes / 1e6:.2f}",
             loss,
             f"{before:.3f} → {after:.3f}" if before is not None and after is not None else "",
+        )
+    return table
+
+
+def _bank_summary_table(manifest) -> Table:
+    """A large bank in one screen: how many experts, how big, and the spread of their data
+    (min / median / max) and of their validation gains."""
+    experts = manifest.experts
+    table = Table(title=f"{len(experts)} experts")
+    table.add_column("item")
+    table.add_column("min / median / max", justify="right")
+
+    def spread(values) -> str:
+        values = sorted(values)
+        return f"{values[0]:,} / {values[len(values) // 2]:,} / {values[-1]:,}"
+
+    table.add_row("tokens trained", spread([e.n_tokens for e in experts]))
+    table.add_row("chunks", spread([e.n_chunks for e in experts]))
+    table.add_row("rank", spread([e.rank for e in experts]))
+    table.add_row("MB on disk", spread([round(e.size_bytes / 1e6, 2) for e in experts]))
+    total = sum(e.size_bytes for e in experts)
+    table.add_row("bank on disk", f"{total / 1e9:.2f} GB in all")
+    gains = [
+        e.extra["val_before"] - e.extra["val_after"]
+        for e in experts
+        if e.extra.get("val_before") is not None and e.extra.get("val_after") is not None
+    ]
+    if gains:
+        better = sum(g > 0 for g in gains)
+        table.add_row(
+            "validation loss gain",
+            f"{spread([round(g, 3) for g in gains])} ({better} of {len(gains)} improved)",
         )
     return table
 
@@ -303,6 +347,8 @@ def info(
         f"({manifest.base_model.get('architecture', '?')}), encoder {manifest.encoder['name']} "
         f"({manifest.encoder['dim']}-dim), created {manifest.created}"
     )
+    if len(manifest.experts) > LISTED_EXPERTS:
+        console.print(_bank_summary_table(manifest))
     console.print(_experts_table(manifest, "experts"))
     if manifest.build:
         console.print(_build_table(manifest.build))

@@ -48,6 +48,14 @@ LoraDtypeOption = Annotated[
         "over float32 weights halves the factors' memory and speeds merges."
     ),
 ]
+AdapterCacheOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Memory for experts' factors, in MiB: the rest stay on disk until a merge uses "
+        "them (least recently used evicted). Default: every expert, read at start.",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 HostOption = Annotated[
     str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
@@ -74,6 +82,7 @@ __all__ = [
     "DeviceOption",
     "DtypeOption",
     "LoraDtypeOption",
+    "AdapterCacheOption",
     "EncoderOption",
     "HostOption",
     "JsonOption",
@@ -111,6 +120,7 @@ class EngineArgs:
     device: str = DEFAULT_DEVICE
     dtype: str = DEFAULT_DTYPE
     lora_dtype: str = "auto"
+    adapter_cache_mb: float | None = None
     rule: str | None = None
     beta: float | None = None
     tau: float | None = None
@@ -128,6 +138,7 @@ class EngineArgs:
                 device=self.device,
                 dtype=self.dtype,
                 lora_dtype=self.lora_dtype,
+                adapter_cache_mb=self.adapter_cache_mb,
             )
 
     def routing(self, engine) -> RoutingConfig:
@@ -144,6 +155,7 @@ _ENGINE_OPTIONS = {
     "device": (DeviceOption, DEFAULT_DEVICE),
     "dtype": (DtypeOption, DEFAULT_DTYPE),
     "lora_dtype": (LoraDtypeOption, "auto"),
+    "adapter_cache_mb": (AdapterCacheOption, None),
     "rule": (RuleOption, None),
     "beta": (BetaOption, None),
     "tau": (TauOption, None),

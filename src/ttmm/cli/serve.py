@@ -12,6 +12,7 @@ import typer
 from ttmm.cli.options import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
+    AdapterCacheOption,
     ApiKeyOption,
     BaseModelOption,
     DeviceOption,
@@ -54,6 +55,15 @@ def serve(
     device: DeviceOption = DEFAULT_DEVICE,
     dtype: DtypeOption = DEFAULT_DTYPE,
     lora_dtype: LoraDtypeOption = "auto",
+    adapter_cache_mb: AdapterCacheOption = None,
+    pin_experts: Annotated[
+        str | None,
+        typer.Option(
+            help="Expert ids kept in memory whatever the cache's use, e.g. '0,5,9' (with "
+            "--adapter-cache-mb).",
+            show_default=False,
+        ),
+    ] = None,
     api_key: ApiKeyOption = None,
     model_id: Annotated[str, typer.Option(help="Model name the server answers to.")] = "ttmm",
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 2048,
@@ -137,6 +147,8 @@ def serve(
         export_dir=str(export_dir) if export_dir is not None else None,
     )
     resolve_lora_dtype(lora_dtype)  # a typo is refused before Ray or a model starts
+    if ray and pin_experts is not None:
+        raise ValueError("--pin-experts serves one engine; leave it out with --ray")
     if ray:
         _serve_on_ray(
             bank if config is None else config.candidate.bank,
@@ -152,6 +164,7 @@ def serve(
                 "device": device,
                 "dtype": dtype,
                 "lora_dtype": lora_dtype,
+                "adapter_cache_mb": adapter_cache_mb,
             },
             rollout=config,
         )
@@ -159,6 +172,11 @@ def serve(
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:
         raise ValueError("--replicas, --ray-address and --autoscaling-config need --ray")
     if config is not None:
+        if adapter_cache_mb is not None or pin_experts is not None:
+            raise ValueError(
+                "--adapter-cache-mb and --pin-experts serve one bank (--bank); a rollout holds "
+                "its banks' experts in memory"
+            )
         _serve_rollout(config, settings, host, port, base_model, encoder, device, dtype, lora_dtype)
         return
     with console.status("loading base model, encoder and bank"):
@@ -169,7 +187,10 @@ def serve(
             device=device,
             dtype=dtype,
             lora_dtype=lora_dtype,
+            adapter_cache_mb=adapter_cache_mb,
         )
+        if pin_experts:
+            engine.pin_experts(_expert_ids(pin_experts))
     _warn_if_open(host, api_key)
     console.print(
         f"serving {settings.model_id!r} ({engine.bank.num_experts} experts, "
@@ -219,3 +240,13 @@ def _serve_on_ray(
         f"on http://{host}:{port}; Ctrl-C stops it"
     )
     serve_until_interrupted(bank, engine_options, settings, config, rollout)
+
+
+def _expert_ids(text: str) -> list[int]:
+    """'0,5,9' → [0, 5, 9], with a clear error for anything else."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--pin-experts {text!r}: give expert ids separated by commas, e.g. 0,5,9"
+        ) from None
