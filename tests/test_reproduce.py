@@ -62,8 +62,10 @@ def test_banks_of_other_k_run_the_merges_only(reproduce):
     assert {specs["k4"].experts, specs["k64"].experts} == {4, 64}
     config = reproduce.eval_config(preset, reproduce.parse_args([]))
     chosen = reproduce.narrowed(specs, config.methods)
-    assert set(chosen) == {"k16-branched", "k4", "k64"}
+    assert set(chosen) == {"k16-branched", "k4", "k64", "k256"}
     assert chosen["k4"] == ["base", "finetune", "top1", "top3", "top10", "ttmm", "ttt"]
+    assert chosen["k256"] == ["base", "top1", "top3", "top10", "ttmm"]  # no fine-tuning of its own
+    assert specs["k256"].experts == 256 and not specs["k256"].with_finetune
     assert chosen["k16-branched"] == [*chosen["k4"][:2], "finetune_continued", *chosen["k4"][2:]]
     only = reproduce.narrowed(specs, ("base", "top10"))  # a narrower run narrows every bank
     assert only["k64"] == ["base", "top10"]
