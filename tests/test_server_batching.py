@@ -169,3 +169,41 @@ def test_the_batch_streamer_sends_each_row_its_text_whole_characters_only(smol_t
     assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
     assert streamer.tokens[1] == rows[1]  # nothing after its end of sequence
     assert streamer.ended_at[1] < streamer.ended_at[0]
+
+
+def test_queued_rows_experts_are_read_while_the_batch_window_is_open(tiny_engine):
+    from ttmm.model import TTMM
+
+    engine = TTMM(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.encoder, tiny_engine.bank,
+        adapter_cache_mb=1.0,
+    )  # fmt: skip
+    cache = engine.merger.experts
+    assert len(cache) == 0
+    read_before_merge = []
+    generate = engine.generate
+
+    def watched(prompts, **kwargs):
+        read_before_merge.append({k for k in range(engine.bank.num_experts) if k in cache})
+        return generate(prompts, **kwargs)
+
+    engine.generate = watched
+    batcher = Batcher(engine, max_batch_size=8, window_s=0.5)
+    fixed = RoutingPlan.explicit({1: 0.5, 3: 0.5})
+    [routed] = engine.route([OTHER])
+    options = GenerationOptions(max_new_tokens=2)
+
+    async def scenario() -> list[Served]:
+        rows = [
+            batcher.submit(PROMPT, MergeRequest(plan=fixed), options),
+            batcher.submit(OTHER, MergeRequest(query=OTHER, routing=engine.routing), options),
+        ]
+        served = await asyncio.gather(*rows)
+        await batcher.stop()
+        return served
+
+    served = asyncio.run(scenario())
+    assert served[1].generation.plan.key() == routed.key()
+    wanted = {1, 3, *routed.expert_ids}
+    assert read_before_merge == [wanted]  # read in the window, before the batch's merge
+    assert cache.stats.misses == 0 and cache.stats.hits >= len(wanted)

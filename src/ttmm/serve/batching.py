@@ -8,7 +8,9 @@ every row carries its own plan: the engine folds a merge that all rows share (on
 request included) and runs different merges side by side in low-rank mode. Routing inside
 the batch, not before queueing, keeps requests that arrive together in one batch.
 A sampled request with a seed runs alone, so its draws never depend on its neighbours;
-if a batch fails, its rows are retried one by one so that one bad row fails alone.
+if a batch fails, its rows are retried one by one so that one bad row fails alone. With an
+engine whose experts stay on disk (``adapter_cache_mb``), each queued row is routed and its
+experts read into the cache while the batch window is open (:func:`_read_ahead`).
 
 :class:`MergeCache` holds each plan's merged factors (A', B' of every adapted layer) by
 ``plan.key()``, the expert ids and rounded weights, and evicts the least recently used
@@ -298,10 +300,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await queue.get()]
+            self._prefetch(loop, jobs[0])
             deadline = loop.time() + self.window_s
             while len(jobs) < self.max_batch_size:
                 if not queue.empty():
                     jobs.append(queue.get_nowait())
+                    self._prefetch(loop, jobs[-1])
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -310,12 +314,22 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(queue.get(), remaining))
                 except TimeoutError:
                     break
+                self._prefetch(loop, jobs[-1])
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 if not job.future.done():  # its client timed out or went away
                     groups.setdefault(job.group, []).append(job)
             for group in groups.values():
                 await self._run(group)
+
+    def _prefetch(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+        """Read a queued row's experts from disk while its batch window is open (engines
+        whose experts stay on disk, ``adapter_cache_mb``): a thread routes the row (if it
+        asks for routing) and reads the experts of its plan into the cache, outside the
+        model's lock, so the batch's merge finds them in memory."""
+        engine = job.engine or self.engine
+        if engine.merger.experts.budget_bytes is not None:
+            loop.run_in_executor(None, _read_ahead, engine, job.merge)
 
     async def _run(self, jobs: list[_Job]) -> None:
         try:
@@ -404,6 +418,18 @@ class Batcher:
         for i, score in zip(rows, scored):
             scores[i] = score
         return scores, time.perf_counter() - start
+
+
+def _read_ahead(engine: TTMM, merge: MergeRequest) -> None:
+    """Route ``merge`` (if it asks for routing) and prefetch its plan's experts; a failure
+    only loses the head start (the batch routes and reads again, and reports errors)."""
+    try:
+        plan = merge.plan
+        if plan is None:
+            [plan] = (merge.router or engine).route([merge.query], merge.routing)
+        engine.prefetch([plan])
+    except Exception:
+        logger.debug("prefetch failed", exc_info=True)
 
 
 def _prefixes(jobs: Sequence[_Job]) -> list[int] | None:
