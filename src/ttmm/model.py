@@ -23,6 +23,7 @@ import torch
 from ttmm.adapter import LoraAdapter
 from ttmm.assets import load_base_model
 from ttmm.bank import Bank
+from ttmm.centroid_index import CentroidIndex
 from ttmm.cost import Workload, choose_mode, measured_costs
 from ttmm.device import (
     DEFAULT_DEVICE,
@@ -43,7 +44,7 @@ from ttmm.generation import (
     prefill_scored,
 )
 from ttmm.merge import ExpertMerger, MergeError
-from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route
+from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route, route_nearest
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class TTMM:
         self.encoder = encoder
         self.bank = bank
         self.routing = routing or bank.routing
+        self.index = CentroidIndex(bank.centroids)
+        """The centroids, searched by product or (``top_n`` over many experts) by faiss."""
         cache_bytes = _cache_bytes(adapter_cache_mb)
         self.merger = ExpertMerger(
             model,
@@ -232,15 +235,20 @@ class TTMM:
         self, texts: Sequence[str], routing: RoutingConfig | None = None
     ) -> torch.Tensor:
         """z = C q for each text, shape (n, K)."""
-        queries = self.query_texts(texts, routing)
-        q = torch.from_numpy(self.encoder.encode(queries))  # (n, dim)
-        return q @ self.bank.centroids.T  # (n, K)
+        return self.index.scores(self._queries(texts, routing))  # (n, K)
+
+    def _queries(self, texts: Sequence[str], routing: RoutingConfig | None) -> torch.Tensor:
+        """The embeddings of the texts' routing queries, (n, dim)."""
+        return torch.from_numpy(self.encoder.encode(self.query_texts(texts, routing)))
 
     def route(
         self, texts: Sequence[str], routing: RoutingConfig | None = None
     ) -> list[RoutingPlan]:
         texts = _check_texts(texts)
         routing = self.routing_for(routing)
+        if routing.rule == "top_n" and self.index.uses_index:  # the nearest experts suffice
+            scores, ids = self.index.nearest(self._queries(texts, routing), routing.max_active)
+            return [route_nearest(i, z, routing) for i, z in zip(ids, scores)]
         return [route(z, routing) for z in self.similarities(texts, routing)]
 
     def _plans(self, texts, routing, plans) -> list[RoutingPlan]:

@@ -214,3 +214,28 @@ def route(similarities: torch.Tensor, config: RoutingConfig) -> RoutingPlan:
         similarities=tuple(float(z[i]) for i in ids),
         rule=config.rule,
     )
+
+
+def route_nearest(
+    expert_ids: torch.Tensor, similarities: torch.Tensor, config: RoutingConfig
+) -> RoutingPlan:
+    """Route one prompt by ``top_n`` from its nearest experts alone (``expert_ids`` and their
+    z, at least ``max_active`` of them, e.g. from a faiss index): p_k / Σ_kept p_j does not
+    depend on the softmax's normaliser, so the plan is the one :func:`route` gives from all K
+    scores. The threshold rules need every score: use :func:`route`."""
+    if config.rule != "top_n":
+        raise RoutingError(f"rule {config.rule!r} needs every expert's score; use route()")
+    z = torch.as_tensor(similarities, dtype=torch.float64).flatten()
+    if torch.isnan(z).all():  # as route() does with NaN scores
+        return RoutingPlan((), (), (), rule=config.rule, fallback="base")
+    if torch.isnan(z).any():
+        nearest = int(torch.argmax(torch.nan_to_num(z, nan=-math.inf)))
+        k = int(expert_ids[nearest])
+        return RoutingPlan((k,), (1.0,), (float(z[nearest]),), config.rule, "nearest")
+    ids, weights = top_n(torch.softmax(z / config.beta, dim=0), config)
+    return RoutingPlan(
+        expert_ids=tuple(int(expert_ids[i]) for i in ids),
+        weights=tuple(float(w) for w in weights),
+        similarities=tuple(float(z[i]) for i in ids),
+        rule=config.rule,
+    )
