@@ -204,7 +204,7 @@ def poc_run(tmp_path_factory, tiny_model_dir):
     config = PocConfig(
         corpora=CORPORA,
         base_model=str(tiny_model_dir),
-        budget_minutes=1.5,
+        budget_minutes=1.0,
         max_docs=8,
         price_per_hour=0.5,
         tokens_per_day=2_000_000,
