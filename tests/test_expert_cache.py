@@ -204,3 +204,16 @@ def test_cli_summarises_a_large_bank_and_routes_within_a_cache_budget(
     assert routed.exit_code == 0, routed.output
     plan = json.loads(routed.output[routed.output.index("{\n") :])  # after the spinner
     assert len(plan["experts"]) == Bank.load(big_bank).routing.max_active
+
+
+def test_choosing_fold_or_lowrank_reads_no_expert(tiny_engine):
+    engine = TTMM(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.encoder, tiny_engine.bank,
+        adapter_cache_mb=1.0,
+    )  # fmt: skip
+    plan = RoutingPlan.explicit({0: 0.5, 2: 0.5})
+    ranks = [engine.bank.manifest.experts[k].rank for k in (0, 2)]
+    assert engine.merger.plan_rank(plan) == sum(ranks) and len(engine.merger.experts) == 0
+    engine.generate(["a prompt"], max_new_tokens=2, plans=[plan])
+    stats = engine.merger.experts.stats  # one miss per expert, no hit counted by the choice
+    assert (stats.misses, stats.hits) == (2, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from ttmm.atomic import atomic_directory
 
@@ -141,19 +141,27 @@ def _scale(config: dict, module: str, rank: int) -> float:
     return alpha / rank
 
 
-def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> LoraAdapter:
-    """Read a PEFT LoRA folder, with a clear error for anything missing or corrupt."""
+def load_adapter(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = torch.float32,
+    contents: dict[str, bytes] | None = None,
+) -> LoraAdapter:
+    """Read a PEFT LoRA folder, with a clear error for anything missing or corrupt.
+    ``contents`` holds files of the folder already read, by name (a bank that checked their
+    checksums): they are not read again."""
     path = Path(path)
+    contents = contents or {}
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     for required in (config_path, weights_path):
-        if not required.is_file():
+        if required.name not in contents and not required.is_file():
             raise AdapterError(f"{path}: missing {required.name}; is this a PEFT adapter folder?")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(contents.get(CONFIG_NAME) or config_path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_path}: not valid JSON ({err}); rewrite or retrain it") from err
     try:
-        state = load_file(weights_path)
+        weights = contents.get(WEIGHTS_NAME)
+        state = load_file(weights_path) if weights is None else load(weights)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(
             f"{weights_path}: corrupt or truncated safetensors file ({err}); retrain or re-copy it"

@@ -357,14 +357,34 @@ class Bank:
         read by this bank object, unless it was loaded with ``verify=False``)."""
         info = self.manifest.experts[expert_id]
         folder = self.path / info.path
+        contents = None
         if self.verify and self.manifest.files and expert_id not in self._verified:
-            _verify_files(self.path, self.manifest, _folder_files(self.manifest, info.path))
+            contents = self._read_checked(_folder_files(self.manifest, info.path))
             with self._verified_lock:
                 self._verified.add(expert_id)
         try:
-            return load_adapter(folder, dtype)
+            return load_adapter(folder, dtype, contents)
         except AdapterError as err:
             raise BankError(f"expert {expert_id}: {err}") from err
+
+    def _read_checked(self, paths: list[str]) -> dict[str, bytes]:
+        """The bytes of the bank's files at ``paths`` by file name, each checked against its
+        sha256 as read (one read per file: the adapter then loads from these bytes)."""
+        contents, checks = {}, []
+        for rel in paths:
+            expected = self.manifest.files[rel]
+            try:
+                data = (self.path / rel).read_bytes()
+            except FileNotFoundError:
+                checks.append(FileCheck(rel, "missing", expected))
+                continue
+            actual = hashlib.sha256(data).hexdigest()
+            checks.append(
+                FileCheck(rel, "ok" if actual == expected else "changed", expected, actual)
+            )
+            contents[rel.rpartition("/")[2]] = data
+        _raise_for_bad(self.path, checks)
+        return contents
 
     def adapters(self) -> list[LoraAdapter]:
         """All expert adapters in id order, read from disk (for export, import and tests;
@@ -429,7 +449,12 @@ def _verify_files(path: Path, manifest: BankManifest, paths: Iterable[str] | Non
             path,
         )
         return
-    bad = [check for check in check_files(path, manifest, paths) if check.status != "ok"]
+    _raise_for_bad(path, check_files(path, manifest, paths))
+
+
+def _raise_for_bad(path: Path, checks: list[FileCheck]) -> None:
+    """Raise :class:`BankError` naming the first file of ``checks`` that is not ok."""
+    bad = [check for check in checks if check.status != "ok"]
     if bad:
         first = bad[0]
         what = (

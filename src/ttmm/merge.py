@@ -287,9 +287,11 @@ class ExpertMerger:
     # -- plans --------------------------------------------------------------------------
 
     def plan_rank(self, plan: RoutingPlan) -> int:
-        """R = Σ r_k of the plan's experts (the largest over groups), 0 for the base model."""
-        entries = self.experts.get(plan.expert_ids)
-        return max((sum(e.rank(g) for e in entries) for g in range(len(self.groups))), default=0)
+        """R = Σ r_k of the plan's experts (the largest over groups), 0 for the base model;
+        from the bank's ranks, reading no expert (exact for a ttmm bank, an upper bound where
+        an expert skips a group)."""
+        ranks = [self.source.ranks[k] for k in plan.expert_ids]
+        return max((sum(min(r, top) for r in ranks) for top in self._group_ranks), default=0)
 
     def fold_keeps_update(self, plan: RoutingPlan) -> bool:
         """Whether folding the plan into the weights keeps its update, in their dtype.
