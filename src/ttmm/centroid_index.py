@@ -8,8 +8,8 @@ centroids gives the same plans. They take one matrix product, (n, dim) @ (dim, K
 ``top_n`` keeps the n largest p and renormalises over them, and there the normaliser cancels:
 w_k = exp(z_k / β) / Σ_{j in top n} exp(z_j / β). Its plans need only the n nearest centroids,
 which an exact inner-product index (``faiss.IndexFlatIP``) finds faster than the product and a
-full sort once the bank is large enough (:data:`INDEX_MIN_EXPERTS`). The index gives the same experts with weights equal to the product's
-up to float rounding of the scores (tested).
+full sort once the bank is large enough (:data:`INDEX_MIN_EXPERTS`). The index gives the same
+experts with weights equal to the product's up to float rounding of the scores (tested).
 """
 
 from __future__ import annotations
