@@ -204,7 +204,7 @@ def poc_run(tmp_path_factory, tiny_model_dir):
     config = PocConfig(
         corpora=CORPORA,
         base_model=str(tiny_model_dir),
-        budget_minutes=1.0,
+        budget_minutes=2.0,
         max_docs=8,
         price_per_hour=0.5,
         tokens_per_day=2_000_000,
@@ -469,7 +469,7 @@ def test_an_existing_bank_is_evaluated_without_building(poc_run, tmp_path, monke
         corpora=(),
         bank=str(out / "bank"),
         base_model=config.base_model,
-        budget_minutes=0.6,
+        budget_minutes=0.8,
         max_docs=4,
     )
     poc = run_poc(given, tmp_path / "poc", progress=False)
