@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
 from conftest import ATOL, build_tiny_gpt2, build_tiny_llama, random_adapter, write_random_bank
 from safetensors.torch import save_file
 
-from ttmm.adapter import AdapterError, load_adapter, save_adapter
+from ttmm.adapter import AdapterError, LoraLayer, load_adapter, save_adapter
 from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, check_files, expert_dir
 from ttmm.build.reference import import_reference_bank
 from ttmm.merge import MergeError
@@ -171,6 +173,33 @@ def test_adapter_errors_are_specific(tmp_path, model):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterError, match="DoRA"):
         load_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, "mixed"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_infinity_in_an_adapter_file_names_its_layer(tmp_path, model, dtype, bad):
+    """Files of one dtype are checked in one pass over their bytes, others per tensor."""
+    adapter = random_adapter(model, seed=3)
+    for i, (name, layer) in enumerate(sorted(adapter.layers.items())):
+        to = (torch.float32, torch.bfloat16)[i % 2] if dtype == "mixed" else dtype
+        adapter.layers[name] = LoraLayer(layer.A.to(to), layer.B.to(to), layer.scale)
+    bad_layer = sorted(adapter.layers)[5]
+    adapter.layers[bad_layer].B[1, 0] = bad
+    save_adapter(adapter, tmp_path / "a")
+    with pytest.raises(AdapterError, match=rf"layer {re.escape(bad_layer)} holds NaN or infinite"):
+        load_adapter(tmp_path / "a")
+
+
+def test_an_adapter_of_extreme_finite_values_loads_in_its_dtype(tmp_path, model):
+    adapter = random_adapter(model, seed=4)
+    name = sorted(adapter.layers)[0]
+    A = adapter.layers[name].A.to(torch.bfloat16)
+    A[0, :3] = torch.tensor([3.38e38, -3.38e38, 1e-40])  # near bf16's largest, a subnormal
+    adapter.layers[name] = LoraLayer(A, adapter.layers[name].B.to(torch.bfloat16), 2.0)
+    save_adapter(adapter, tmp_path / "a")
+    loaded = load_adapter(tmp_path / "a", dtype=None)
+    assert loaded.layers[name].A.dtype == torch.bfloat16
+    assert torch.equal(loaded.layers[name].A, A)
 
 
 def test_import_reference_layout(tmp_path, model, encoder):

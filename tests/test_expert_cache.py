@@ -12,7 +12,7 @@ from conftest import build_tiny_llama, random_adapter, save_tiny_llama, write_ra
 
 from ttmm.bank import Bank
 from ttmm.expert_cache import MB, CacheBudgetError, ExpertCache
-from ttmm.factors import ExpertFactors
+from ttmm.factors import ExpertFactors, MergeError
 from ttmm.merge import ExpertMerger
 from ttmm.model import TTMM, InputError
 from ttmm.routing import RoutingConfig, RoutingPlan
@@ -24,14 +24,14 @@ def entry(nbytes: int) -> ExpertFactors:
     return ExpertFactors([torch.zeros(nbytes // 4)], [None])
 
 
-def counting_cache(budget: int | None, sizes=(100,) * 10):
+def counting_cache(budget: int | None, sizes=(100,) * 10, readers: int = 1):
     reads = []
 
     def read(k):
         reads.append(k)
         return entry(sizes[k])
 
-    return ExpertCache(read, sizes, budget), reads
+    return ExpertCache(read, sizes, budget, readers=readers), reads
 
 
 def test_the_least_recently_used_expert_goes_first_and_the_budget_holds():
@@ -86,6 +86,37 @@ def test_two_threads_needing_one_expert_read_it_once():
     for t in threads:
         t.join(5)
     assert reads == [2] and 2 in cache
+
+
+def test_a_merge_reads_its_missing_experts_in_parallel_in_recency_order():
+    together = threading.Barrier(3, timeout=5)  # broken unless 3 reads run at once
+    reads = []
+
+    def read(k):
+        reads.append(k)
+        if k < 3:
+            together.wait()
+        return entry(100 * (k + 1))
+
+    cache = ExpertCache(read, [100 * (k + 1) for k in range(6)], budget_bytes=None, readers=4)
+    got = cache.get([2, 0, 1, 2])
+    assert [e.nbytes for e in got] == [300, 100, 200, 300] and sorted(reads) == [0, 1, 2]
+    assert list(cache._entries) == [2, 0, 1]  # recency as asked, whichever read ended first
+    cache.get([0, 4])  # one miss: read in the calling thread
+    assert list(cache._entries) == [2, 1, 0, 4] and cache.stats.misses == 4
+
+
+def test_a_failed_read_among_parallel_reads_is_raised_after_the_others_end():
+    def read(k):
+        if k == 1:
+            raise MergeError("expert 1: corrupt")
+        return entry(100)
+
+    cache = ExpertCache(read, [100] * 4, budget_bytes=200, readers=4)
+    with pytest.raises(MergeError, match="expert 1: corrupt"):
+        cache.get([0, 1])
+    assert 0 in cache and 1 not in cache and not cache._in_use and not cache._reading
+    assert len(cache.get([2, 3])) == 2 and cache.nbytes == 200  # 0 evicted as usual
 
 
 @pytest.fixture(scope="module")

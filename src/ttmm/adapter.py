@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, save_file
 
 from ttmm.atomic import atomic_directory
 
@@ -67,8 +68,16 @@ class LoraAdapter:
         return sum(layer.A.numel() + layer.B.numel() for layer in self.layers.values())
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], config: dict, source: str = "adapter"):
-        """Build from a PEFT state dict (``...q_proj.lora_A.weight`` keys) and its config."""
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        config: dict,
+        source: str = "adapter",
+        finite_checked: bool = False,
+    ):
+        """Build from a PEFT state dict (``...q_proj.lora_A.weight`` keys) and its config.
+        ``finite_checked``: the caller has checked every value is finite (as
+        :func:`load_adapter` does over a file's bytes in one pass)."""
         _check_supported(config, source)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
@@ -93,7 +102,7 @@ class LoraAdapter:
                     f"{source}: layer {module} has lora_A {tuple(A.shape)} and lora_B "
                     f"{tuple(B.shape)}; expected (r, d_in) and (d_out, r)"
                 )
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            if not finite_checked and not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise AdapterError(f"{source}: layer {module} holds NaN or infinite values")
             layers[module] = LoraLayer(A=A, B=B, scale=_scale(config, module, A.shape[0]))
         return cls(layers=layers, config=dict(config))
@@ -160,15 +169,49 @@ def load_adapter(
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_path}: not valid JSON ({err}); rewrite or retrain it") from err
     try:
-        weights = contents.get(WEIGHTS_NAME)
-        state = load_file(weights_path) if weights is None else load(weights)
+        weights = contents.get(WEIGHTS_NAME) or weights_path.read_bytes()
+        state = load(weights)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(
             f"{weights_path}: corrupt or truncated safetensors file ({err}); retrain or re-copy it"
         ) from err
     if dtype is not None:
         state = {key: tensor.to(dtype) for key, tensor in state.items()}
-    return LoraAdapter.from_state_dict(state, config, source=str(path))
+    # one pass over the file's values; where it finds a NaN or infinity (or cannot tell),
+    # the per-layer check names the layer
+    finite = _all_finite(weights)
+    return LoraAdapter.from_state_dict(state, config, source=str(path), finite_checked=finite)
+
+
+# the exponent bits of IEEE floats (and bfloat16): all ones means infinity or NaN
+_EXPONENT_BITS = {
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+}
+
+
+def _all_finite(weights: bytes) -> bool:
+    """Whether every value in a safetensors file is finite, read from its bytes in one pass
+    (~1 ms for an expert's 420 tensors, where a check per tensor takes ~30 ms). False where
+    its tensors are not all of one floating dtype laid end to end: then check per tensor."""
+    try:
+        header_len = int.from_bytes(weights[:8], "little")
+        header = json.loads(weights[8 : 8 + header_len])
+        entries = [v for k, v in header.items() if k != "__metadata__"]
+        (dtype,) = {entry["dtype"] for entry in entries}
+        end = max(entry["data_offsets"][1] for entry in entries)
+        size = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries)
+    except (ValueError, KeyError, TypeError):  # also: no tensors, or several dtypes
+        return False
+    if dtype not in _EXPONENT_BITS or size != end:
+        return False
+    kind, exponent = _EXPONENT_BITS[dtype]
+    count, rest = divmod(end, np.dtype(kind).itemsize)
+    if rest or 8 + header_len + end > len(weights):
+        return False
+    values = np.frombuffer(weights, dtype=kind, count=count, offset=8 + header_len)
+    return not np.any((values & kind(exponent)) == kind(exponent))
 
 
 def adapter_layer_ranks(weights_path: str | os.PathLike) -> dict[str, int]:

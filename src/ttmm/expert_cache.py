@@ -11,15 +11,19 @@ as an engine holding everything in memory does.
 Sizes are known before a read (:attr:`ExpertCache.sizes`, from the bank's layer ranks), so a
 merge that cannot fit is refused before anything is read, with the smallest budget that would
 hold it. The cache is thread-safe; a read runs outside its lock, so a prefetch does not hold up
-a merge of cached experts, and two threads needing one expert read it once.
+a merge of cached experts, and two threads needing one expert read it once. A merge that misses
+several experts reads them in parallel (``readers`` threads): reading a file, checking its hash
+and laying it out release the GIL, so a cold merge costs about its slowest reads, not their sum.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from ttmm.factors import ExpertFactors, MergeError
@@ -47,7 +51,8 @@ class ExpertCache:
 
     ``read(k)`` reads and lays out expert k; ``sizes[k]`` is its size in bytes once laid out
     (exact for the experts the merger lays out; see :meth:`ttmm.merge.ExpertMerger.expert_bytes`).
-    ``budget_bytes=None`` keeps every expert read.
+    ``budget_bytes=None`` keeps every expert read. ``readers``: threads that read a merge's
+    missing experts in parallel (1: one after another).
     """
 
     def __init__(
@@ -55,10 +60,15 @@ class ExpertCache:
         read: Callable[[int], ExpertFactors],
         sizes: Sequence[int],
         budget_bytes: int | None = None,
+        readers: int = min(4, os.cpu_count() or 1),
     ):
         if budget_bytes is not None and budget_bytes < 0:
             raise CacheBudgetError(f"the adapter cache budget must be >= 0, got {budget_bytes}")
+        if readers < 1:
+            raise ValueError(f"readers must be >= 1, got {readers}")
         self._read = read
+        self.readers = readers
+        self._pool: ThreadPoolExecutor | None = None
         self.sizes = list(sizes)
         self.budget_bytes = budget_bytes
         self.stats = CacheStats()
@@ -114,7 +124,7 @@ class ExpertCache:
             for k in unique:
                 self._in_use[k] = self._in_use.get(k, 0) + 1
         try:
-            found = {k: self._get_one(k, keep=True) for k in unique}
+            found = self._get_all(unique)
         finally:
             with self._lock:
                 for k in unique:
@@ -123,6 +133,25 @@ class ExpertCache:
                         del self._in_use[k]
                 self._evict()
         return [found[k] for k in ids]
+
+    def _get_all(self, unique: list[int]) -> dict[int, ExpertFactors]:
+        """``_get_one(k, keep=True)`` for each of ``unique``, the misses read in parallel."""
+        with self._lock:
+            missing = [k for k in unique if k not in self._entries]
+        if self.readers == 1 or len(missing) < 2:
+            return {k: self._get_one(k, keep=True) for k in unique}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="ttmm-expert-read")
+        reads = {k: self._pool.submit(self._get_one, k, True) for k in missing}
+        wait(reads.values())  # all of them, even when one fails, before the caller goes on
+        found = {
+            k: reads[k].result() if k in reads else self._get_one(k, keep=True) for k in unique
+        }
+        with self._lock:  # recency in the order asked, as reads one after another give
+            for k in unique:
+                if k in self._entries:
+                    self._entries.move_to_end(k)
+        return found
 
     def prefetch(self, ids: Iterable[int]) -> None:
         """Read ``ids`` ahead of their merge, as far as the budget allows without evicting an

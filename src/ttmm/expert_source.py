@@ -56,6 +56,7 @@ class ExpertSource:
         ranks = [info.rank or widest for info in bank.manifest.experts]
 
         def read(k: int) -> LoraAdapter:
-            return bank.read_expert(k) if k < K else extra[k - K]
+            # in the file's dtype: the merger converts each group once as it lays it out
+            return bank.read_expert(k, dtype=None) if k < K else extra[k - K]
 
         return cls(read, layers, (*ranks, *(a.rank for a in extra)))

@@ -267,9 +267,12 @@ class ExpertMerger:
             device = group.modules[0].weight.device
             rank = max(layer.rank for layer in layers.values())
             if len(layers) == len(group.modules) and all(l.rank == rank for l in layers.values()):
+                # one stack, conversion and scaling per group (not per layer: an expert of
+                # SmolLM2 has 210 layers, and a small op costs as much as a large one)
                 ordered = [layers[i] for i in range(len(group.modules))]
-                A_g = torch.stack([l.A.float() * l.scale for l in ordered])
-                B_g = torch.stack([l.B.float().T for l in ordered])
+                scales = torch.tensor([l.scale for l in ordered]).view(-1, 1, 1)
+                A_g = torch.stack([l.A for l in ordered]).float().mul_(scales)
+                B_g = torch.stack([l.B.T for l in ordered]).float()
             else:  # zeros where a layer is not adapted, or past its own rank
                 A_g = torch.zeros(len(group.modules), rank, group.d_in)
                 B_g = torch.zeros(len(group.modules), rank, group.d_out)
