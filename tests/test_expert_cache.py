@@ -166,6 +166,14 @@ def test_an_engine_over_2000_experts_on_disk_evicts_and_merges_exactly(
             with torch.no_grad(), engine.merged(rows, "lowrank"):
                 logits.append(model(input_ids=ids).logits)
         assert torch.equal(*logits)
+    wide = torch.randint(0, len(smol_tokenizer), (8, 9), generator=generator)
+    rows = plans[:8]  # up to 24 experts, read and stacked in runs of at most 12
+    assert len({k for p in rows for k in p.expert_ids}) > 12
+    logits = []
+    for engine in (held, lazy):
+        with torch.no_grad(), engine.merged(rows, "lowrank"):
+            logits.append(model(input_ids=wide).logits)
+    assert torch.equal(*logits)
     stats = lazy.merger.experts.stats
     assert stats.evictions > 0 and stats.misses > 12
     assert stats.peak_bytes <= lazy.merger.experts.budget_bytes
@@ -248,3 +256,69 @@ def test_choosing_fold_or_lowrank_reads_no_expert(tiny_engine):
     engine.generate(["a prompt"], max_new_tokens=2, plans=[plan])
     stats = engine.merger.experts.stats  # one miss per expert, no hit counted by the choice
     assert (stats.misses, stats.hits) == (2, 0)
+
+
+def test_a_rollout_reads_both_banks_through_one_bounded_cache(tmp_path, smol_tokenizer, encoder):
+    """A rollout whose control is another bank: its experts join the merger after the
+    candidate's, read on use through the same cache, and merge as when held in memory."""
+    from ttmm.serve.rollout.arms import Arms
+    from ttmm.serve.rollout.config import RolloutConfig, RolloutConfigError
+
+    model = build_tiny_llama(len(smol_tokenizer))
+    candidate = write_random_bank(tmp_path / "candidate", model, num_experts=12, seed=1)
+    control = write_random_bank(tmp_path / "control", model, num_experts=9, seed=2)
+    config = RolloutConfig.from_dict(
+        {
+            "candidate": {"bank": str(candidate), "routing": {"rule": "top_n", "max_active": 3}},
+            "control": {
+                "kind": "bank",
+                "bank": str(control),
+                "routing": {"rule": "top_n", "max_active": 3},
+            },
+            "mode": "shadow",
+            "steps": [0, 100],
+            "state_dir": str(tmp_path / "state"),
+        }
+    )
+    held = Arms.load(config, model, smol_tokenizer, encoder)
+    one_expert = max(held.engine.merger.experts.sizes)
+    bounded = Arms.load(
+        config, model, smol_tokenizer, encoder, adapter_cache_mb=4 * one_expert / MB
+    )
+    cache = bounded.engine.merger.experts
+    assert len(held.engine.merger.experts) == 21 and len(cache) == 0  # nothing read yet
+
+    prompts = [f"a prompt about {word} number {i}" for i, word in enumerate("abcdefgh")]
+    ids = torch.randint(0, len(smol_tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
+    control_ids = set()
+    for prompt in prompts:
+        rows = []
+        for arms in (held, bounded):
+            ask = arms.merge("control", prompt)
+            [control_plan] = ask.router.route([prompt], ask.routing)
+            [candidate_plan] = arms.engine.route([prompt])
+            rows.append([candidate_plan, control_plan])
+        assert [p.key() for p in rows[0]] == [p.key() for p in rows[1]]
+        assert min(rows[0][1].expert_ids) >= 12  # the control's ids follow the candidate's
+        control_ids |= set(rows[0][1].expert_ids)
+        logits = []
+        for arms, plans in zip((held, bounded), rows):
+            with torch.no_grad(), arms.engine.merged(plans, "lowrank"):
+                logits.append(model(input_ids=ids).logits)
+        assert torch.equal(*logits), prompt
+    assert len(control_ids) > 1 and cache.stats.evictions > 0
+    assert cache.stats.peak_bytes <= cache.budget_bytes  # 6 experts a batch, 4 held at most
+    with pytest.raises(RolloutConfigError, match=r"adapter_cache_mb: .*--adapter-cache-mb \d+"):
+        Arms.load(config, model, smol_tokenizer, encoder, adapter_cache_mb=one_expert / MB)
+    wide = RolloutConfig.from_dict(
+        config.to_dict()
+        | {
+            "control": {
+                "kind": "bank",
+                "bank": str(control),
+                "routing": {"rule": "top_n", "max_active": 6},
+            }
+        }
+    )
+    with pytest.raises(RolloutConfigError, match=r"control bank \(up to 6 experts"):
+        Arms.load(wide, model, smol_tokenizer, encoder, adapter_cache_mb=4 * one_expert / MB)

@@ -51,7 +51,9 @@ def deployed(tmp_path_factory, smol_tokenizer, encoder):
     settings = ServerSettings(admin_key="root", batch_window_ms=5)
     assert connect(num_cpus=2)
     try:
-        url = deploy(bank, {"base_model": str(root / "base"), **ENGINE}, settings, config, rollout)
+        # each replica holds its experts in a bounded cache (the CLI's --adapter-cache-mb)
+        options = {"base_model": str(root / "base"), "adapter_cache_mb": 8.0, **ENGINE}
+        url = deploy(bank, options, settings, config, rollout)
         yield url, root
     finally:
         serve.shutdown()

@@ -85,6 +85,7 @@ def test_replica_count_is_validated():
     "args, message",
     [
         (["--replicas", "2"], "need --ray"),
+        (["--ray", "--pin-experts", "0"], "leave it out with --ray"),
         (["--ray", "--autoscaling-config", "{min_replicas"], "not valid JSON"),
         (["--ray", "--autoscaling-config", '{"max_replicas": 0}'], "autoscaling config"),
         (["--ray", "--replicas", "0"], "RayServeConfig.replicas"),

@@ -113,6 +113,24 @@ class ExpertCache:
                 f"{_mb_ceil(needed)} or more (adapter_cache_mb in Python)"
             )
 
+    def chunks(self, ids: Sequence[int]) -> list[list[int]]:
+        """``ids`` cut, in order, into runs that each fit the budget beside the pinned experts
+        (one run without a budget): what a batch whose experts do not fit at once reads one
+        run after another."""
+        if self.budget_bytes is None:
+            return [list(ids)]
+        room = self.budget_bytes - self.smallest_budget([])
+        runs: list[list[int]] = [[]]
+        used = 0
+        for k in ids:
+            size = 0 if k in self._pinned else self.sizes[k]
+            if runs[-1] and used + size > room:
+                runs.append([])
+                used = 0
+            runs[-1].append(k)
+            used += size
+        return runs
+
     # -- getting experts -----------------------------------------------------------------
 
     def get(self, ids: Sequence[int]) -> list[ExpertFactors]:

@@ -9,11 +9,11 @@ checksums on the first read), so opening a bank of 10,000 experts reads none of 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ttmm.adapter import LoraAdapter
-from ttmm.factors import MergeError
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,14 @@ class ExpertSource:
         return len(self.ranks)
 
     @classmethod
+    def of(cls, experts: Sequence[LoraAdapter] | ExpertSource) -> ExpertSource:
+        """``experts`` if a source already, else adapters held in memory."""
+        return experts if isinstance(experts, ExpertSource) else cls.from_adapters(experts)
+
+    @classmethod
     def from_adapters(cls, adapters: Sequence[LoraAdapter]) -> ExpertSource:
         """Adapters held in memory."""
         adapters = list(adapters)
-        if not adapters:
-            raise MergeError("no adapters to merge")
         layers: dict[str, int] = {}
         for adapter in adapters:
             for path, layer in adapter.layers.items():
@@ -44,19 +47,35 @@ class ExpertSource:
         return cls(adapters.__getitem__, layers, tuple(a.rank for a in adapters))
 
     @classmethod
-    def from_bank(cls, bank, extra: Sequence[LoraAdapter] = ()) -> ExpertSource:
-        """A bank's experts, read from its folders on first use, then ``extra`` adapters held
-        in memory as ids K, K + 1, ... (a rollout's control arm beside the bank's experts)."""
-        K, extra = bank.num_experts, list(extra)
+    def from_bank(cls, bank) -> ExpertSource:
+        """A bank's experts, each read from its folder on first use."""
         layers = bank.layer_ranks()
-        for adapter in extra:
-            for path, layer in adapter.layers.items():
-                layers[path] = max(layer.rank, layers.get(path, 0))
         widest = max(layers.values(), default=0)
-        ranks = [info.rank or widest for info in bank.manifest.experts]
+        ranks = tuple(info.rank or widest for info in bank.manifest.experts)
 
         def read(k: int) -> LoraAdapter:
             # in the file's dtype: the merger converts each group once as it lays it out
-            return bank.read_expert(k, dtype=None) if k < K else extra[k - K]
+            return bank.read_expert(k, dtype=None)
 
-        return cls(read, layers, (*ranks, *(a.rank for a in extra)))
+        return cls(read, layers, ranks)
+
+    @classmethod
+    def concat(cls, *sources: ExpertSource) -> ExpertSource:
+        """The experts of ``sources`` one after another: the second's expert 0 is id K of
+        the first's K, and so on (a rollout's control arm beside the candidate's bank)."""
+        sources = tuple(s for s in sources if s.num_experts)
+        if len(sources) == 1:
+            return sources[0]
+        layers: dict[str, int] = {}
+        for source in sources:
+            for path, rank in source.layer_ranks.items():
+                layers[path] = max(rank, layers.get(path, 0))
+        starts = [0]
+        for source in sources:
+            starts.append(starts[-1] + source.num_experts)
+
+        def read(k: int) -> LoraAdapter:
+            i = bisect_right(starts, k) - 1
+            return sources[i].read(k - starts[i])
+
+        return cls(read, layers, tuple(r for source in sources for r in source.ranks))

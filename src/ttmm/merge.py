@@ -125,9 +125,9 @@ class ExpertMerger:
                 f"lora_dtype={lora_dtype} is not supported; use one of "
                 f"{', '.join(str(d) for d in LORA_DTYPES)}, or None for the weights' dtype"
             )
-        source = (
-            experts if isinstance(experts, ExpertSource) else ExpertSource.from_adapters(experts)
-        )
+        source = ExpertSource.of(experts)
+        if not source.num_experts:
+            raise MergeError("no adapters to merge")
         self.model = model
         self.source = source
         self.num_experts = source.num_experts
@@ -402,6 +402,28 @@ class ExpertMerger:
             set_aside.clear()
             self._open_folds -= 1
 
+    def _union_factors(
+        self, plans: Sequence[RoutingPlan]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, the union of the rows' experts stacked with their row weights
+        (:func:`ttmm.factors.union_group`). A union larger than the adapter cache is stacked
+        run by run of experts that fit (:meth:`ExpertCache.chunks`), concatenated after:
+        the same tensors, with the cache within its budget."""
+        union = sorted({k for plan in plans for k in plan.expert_ids})
+        parts: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        for run in self.experts.chunks(union):
+            entries = self.experts.get(run)
+            at = {k: j for j, k in enumerate(run)}
+            row_weights = [
+                {at[k]: w for k, w in zip(plan.expert_ids, plan.weights) if k in at}
+                for plan in plans
+            ]
+            for g in range(len(self.groups)):
+                if (stacked := union_group(entries, row_weights, g)) is not None:
+                    parts.setdefault(g, []).append(stacked)
+            del entries  # evictable while the next run is read
+        return {g: _joined(runs) for g, runs in parts.items()}
+
     @contextlib.contextmanager
     def lowrank(self, plans: Sequence[RoutingPlan]) -> Iterator[None]:
         """Add x A'ᵀ B'ᵀ to each adapted layer's output, row i of the batch using ``plans[i]``.
@@ -418,17 +440,8 @@ class ExpertMerger:
                 for i, module in enumerate(self.groups[g].modules):
                     hooks[module] = shared_hook(merged.A[i], merged.B_t[i])
         else:
-            union = sorted({k for plan in plans for k in plan.expert_ids})
-            entries = self.experts.get(union)
-            position = {k: j for j, k in enumerate(union)}
-            row_weights = [
-                {position[k]: w for k, w in zip(plan.expert_ids, plan.weights)} for plan in plans
-            ]
-            for g, group in enumerate(self.groups):
-                if (stacked := union_group(entries, row_weights, g)) is None:
-                    continue
-                A_U, B_U_t, S = stacked
-                for i, module in enumerate(group.modules):
+            for g, (A_U, B_U_t, S) in self._union_factors(plans).items():
+                for i, module in enumerate(self.groups[g].modules):
                     hooks[module] = per_row_hook(A_U[i], B_U_t[i], S)
         handles = []
         try:
@@ -438,6 +451,14 @@ class ExpertMerger:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _joined(runs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """A union's runs, stacked apart, joined along the rank: A and Bᵀ on dim 1, S on dim 2."""
+    if len(runs) == 1:
+        return runs[0]
+    A, B_t, S = zip(*runs)
+    return torch.cat(A, 1), torch.cat(B_t, 1), torch.cat(S, 2)
 
 
 def _tied_weights(model: nn.Module) -> set[int]:

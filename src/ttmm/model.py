@@ -93,7 +93,7 @@ class TTMM:
         routing: RoutingConfig | None = None,
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
-        extra_adapters: Sequence[LoraAdapter] = (),
+        extra_adapters: Sequence[LoraAdapter] | ExpertSource = (),
         adapter_cache_mb: float | None = None,
     ):
         """``memory`` is the fold's memory policy: ``"buffer"``, ``"swap"`` or ``"auto"``
@@ -101,7 +101,9 @@ class TTMM:
         multiplied in, ``"auto"`` for the base model's (see :mod:`ttmm.merge`).
         ``extra_adapters`` join the merger after the bank's K experts, as ids K, K + 1, ...:
         adapters that explicit plans may apply beside the bank's (a rollout's control arm),
-        so that rows of both run in one batch over the one model.
+        so that rows of both run in one batch over the one model; held in memory, or an
+        :class:`~ttmm.expert_source.ExpertSource` (another bank's experts, read through the
+        same cache).
         ``adapter_cache_mb`` bounds the experts held in memory (:mod:`ttmm.expert_cache`):
         the others stay on disk until a merge uses them. None reads and holds every expert
         now; a budget smaller than the routing's largest merge is refused with the smallest
@@ -117,7 +119,7 @@ class TTMM:
         cache_bytes = _cache_bytes(adapter_cache_mb)
         self.merger = ExpertMerger(
             model,
-            ExpertSource.from_bank(bank, extra_adapters),
+            ExpertSource.concat(ExpertSource.from_bank(bank), ExpertSource.of(extra_adapters)),
             memory=memory,
             lora_dtype=resolve_lora_dtype(lora_dtype),
             cache_bytes=cache_bytes,

@@ -172,12 +172,15 @@ def serve(
     if replicas != 1 or ray_address is not None or autoscaling_config is not None:
         raise ValueError("--replicas, --ray-address and --autoscaling-config need --ray")
     if config is not None:
-        if adapter_cache_mb is not None or pin_experts is not None:
+        if pin_experts is not None:
             raise ValueError(
-                "--adapter-cache-mb and --pin-experts serve one bank (--bank); a rollout holds "
-                "its banks' experts in memory"
+                "--pin-experts names one bank's experts (--bank); a rollout serves two: leave "
+                "it out with --rollout"
             )
-        _serve_rollout(config, settings, host, port, base_model, encoder, device, dtype, lora_dtype)
+        _serve_rollout(
+            config, settings, host, port, base_model, encoder, device, dtype, lora_dtype,
+            adapter_cache_mb,
+        )  # fmt: skip
         return
     with console.status("loading base model, encoder and bank"):
         engine = TTMM.from_bank(
@@ -199,14 +202,19 @@ def serve(
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
 
 
-def _serve_rollout(config, settings, host, port, base_model, encoder, device, dtype, lora_dtype):
+def _serve_rollout(
+    config, settings, host, port, base_model, encoder, device, dtype, lora_dtype, adapter_cache_mb
+):
     import uvicorn
 
     from ttmm.serve.app import create_app
     from ttmm.serve.rollout.service import start_rollout
 
     with console.status("loading base model, encoder and both arms"):
-        rollout = start_rollout(config, base_model, encoder, device, dtype, lora_dtype)
+        rollout = start_rollout(
+            config, base_model, encoder, device, dtype, lora_dtype,
+            adapter_cache_mb=adapter_cache_mb,
+        )  # fmt: skip
     _warn_if_open(host, settings.api_key)
     status = rollout.controller.status(decisions=0)
     console.print(

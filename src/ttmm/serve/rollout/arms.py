@@ -20,7 +20,9 @@ import torch
 
 from ttmm.adapter import AdapterError, LoraAdapter, load_adapter
 from ttmm.bank import Bank, BankError
-from ttmm.model import TTMM
+from ttmm.expert_cache import MB, CacheBudgetError
+from ttmm.expert_source import ExpertSource
+from ttmm.model import TTMM, InputError
 from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan, route
 from ttmm.serve.batching import MergeRequest
 from ttmm.serve.rollout.config import RolloutConfig, RolloutConfigError
@@ -85,11 +87,13 @@ class Arms:
         memory: str = "auto",
         lora_dtype: str | torch.dtype | None = "auto",
         candidate: Bank | None = None,
+        adapter_cache_mb: float | None = None,
     ) -> Arms:
         """Read both arms' banks and adapters and build the engine over ``model``; every
         mistake (a missing bank, a bank of another base model, no fine-tuning adapter) is a
         :class:`RolloutConfigError` naming the arm. ``candidate``: the candidate's bank,
-        when the caller has already loaded it."""
+        when the caller has already loaded it. ``adapter_cache_mb`` bounds the experts of
+        both banks held in memory (one cache; see :mod:`ttmm.expert_cache`)."""
         if candidate is None:
             candidate = load_bank(config.candidate.bank, "candidate.bank")
         try:
@@ -118,12 +122,14 @@ class Arms:
             except BankError as err:
                 raise RolloutConfigError(f"control.bank: {err}") from None
             _check_same_encoder(candidate, control_bank)
-            extra = control_bank.adapters()
+            extra = ExpertSource.from_bank(control_bank)  # read on use, like the candidate's
         try:
             engine = TTMM(
                 model, tokenizer, encoder, candidate, memory=memory, lora_dtype=lora_dtype,
-                extra_adapters=extra,
+                extra_adapters=extra, adapter_cache_mb=adapter_cache_mb,
             )  # fmt: skip
+        except (InputError, CacheBudgetError) as err:  # a cache budget too small for a merge
+            raise RolloutConfigError(f"adapter_cache_mb: {err}") from None
         except Exception as err:  # an adapter that does not fit the base model's layers
             raise RolloutConfigError(f"control: {err}") from None
         try:
@@ -134,6 +140,7 @@ class Arms:
                 control_routing = control_bank.routing.replace(**(control.routing or {}))
         except (RoutingError, TypeError) as err:
             raise RolloutConfigError(f"routing: {err}") from None
+        _check_cache_fits(engine, adapter_cache_mb, control_routing)
         return cls(engine, config, control_bank, control_routing)
 
     @property
@@ -162,6 +169,21 @@ class Arms:
             source = self.config.control.path or "fine-tuning"
             described = {"rule": plan.rule, "fallback": None, "experts": [], "adapter": source}
         return described | {"arm": arm}
+
+
+def _check_cache_fits(
+    engine: TTMM, adapter_cache_mb: float | None, control_routing: RoutingConfig | None
+) -> None:
+    """The engine checked that its cache holds one candidate merge; the control's must fit too."""
+    if adapter_cache_mb is None or control_routing is None:
+        return
+    needed = engine.merger.smallest_cache_bytes(control_routing.max_active)
+    if needed > engine.merger.experts.budget_bytes:
+        raise RolloutConfigError(
+            f"adapter_cache_mb: {adapter_cache_mb:g} MB cannot hold one merge of the control "
+            f"bank (up to {control_routing.max_active} experts, {needed / MB:.1f} MB); give "
+            f"--adapter-cache-mb {-(-needed // MB)} or more"
+        )
 
 
 def load_bank(path: str, field: str) -> Bank:

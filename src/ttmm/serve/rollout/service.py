@@ -70,17 +70,18 @@ class RolloutService:
         lora_dtype: str = "auto",
         controller=None,
         candidate=None,
+        adapter_cache_mb: float | None = None,
     ) -> RolloutService:
         """The rollout of ``config`` over a loaded base model, tokenizer and encoder: both arms
         (the candidate's bank may be given, already loaded), the rollout's own controller
-        unless ``controller`` is given, and a loader that builds the arms of a hot swap."""
+        unless ``controller`` is given, and a loader that builds the arms of a hot swap;
+        ``adapter_cache_mb`` bounds the experts held in memory (None: all of them)."""
+        options = {"lora_dtype": lora_dtype, "adapter_cache_mb": adapter_cache_mb}
 
         def loader(config: RolloutConfig) -> Arms:
-            return Arms.load(config, model, tokenizer, encoder, lora_dtype=lora_dtype)
+            return Arms.load(config, model, tokenizer, encoder, **options)
 
-        arms = Arms.load(
-            config, model, tokenizer, encoder, lora_dtype=lora_dtype, candidate=candidate
-        )
+        arms = Arms.load(config, model, tokenizer, encoder, candidate=candidate, **options)
         return cls(controller or RolloutController(config), arms, loader)
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
@@ -239,11 +240,13 @@ def start_rollout(
     dtype: str | None = None,
     lora_dtype: str = "auto",
     controller=None,
+    adapter_cache_mb: float | None = None,
 ) -> RolloutService:
     """Load the base model (the candidate bank's, unless given) and the encoder once, both
     arms over them, and the stored state of this rollout (or start it); ``controller``
     replaces the rollout's own (a :class:`~ttmm.serve.rollout.remote.RemoteController`
-    shared by Ray replicas, whose ``config`` is the actor's)."""
+    shared by Ray replicas, whose ``config`` is the actor's); ``adapter_cache_mb`` bounds the
+    experts held in memory, of both arms together."""
     from ttmm.assets import load_base_model
     from ttmm.device import DEFAULT_DEVICE, resolve_device, resolve_dtype, resolve_lora_dtype
     from ttmm.embed import Encoder
@@ -257,4 +260,6 @@ def start_rollout(
         base_model or candidate.manifest.base_model["name"], dtype=dtype, device=device
     )
     encoder = Encoder(encoder or candidate.manifest.encoder["name"], device=device)
-    return RolloutService.over(config, model, tokenizer, encoder, lora_dtype, controller, candidate)
+    return RolloutService.over(
+        config, model, tokenizer, encoder, lora_dtype, controller, candidate, adapter_cache_mb
+    )
