@@ -17,8 +17,11 @@ def unit_rows(n: int, dim: int, seed: int) -> torch.Tensor:
 
 def test_the_index_finds_the_products_nearest_centroids_and_plans():
     centroids, queries = unit_rows(3000, 384, 0), unit_rows(16, 384, 1)
-    product, index = CentroidIndex(centroids), CentroidIndex(centroids, index_min_experts=0)
-    assert not product.uses_index and index.uses_index
+    product = CentroidIndex(centroids)
+    index = CentroidIndex(centroids, index_min_experts=0, index_max_queries=16)
+    assert not product.uses_index(1) and index.uses_index(16) and not index.uses_index(17)
+    assert CentroidIndex(centroids, index_min_experts=0).uses_index(2)
+    assert not CentroidIndex(centroids, index_min_experts=0).uses_index(3)
     config = RoutingConfig(rule="top_n", max_active=5, beta=0.02)
     by_product = [route(z, config) for z in product.scores(queries)]
     scores, ids = index.nearest(queries, config.max_active)
@@ -43,8 +46,13 @@ def test_an_engine_over_a_large_bank_routes_top_n_by_the_index(tiny_engine):
     texts = ["the history of the empire", "def quicksort(items): return items", "a recipe"]
     routing = RoutingConfig(rule="top_n", max_active=2)
     by_product = tiny_engine.route(texts, routing)
-    tiny_engine.index.index_min_experts = 0  # as if the bank had 20,000 experts
-    by_index = tiny_engine.route(texts, routing)
+    index = tiny_engine.index
+    tiny_engine.index = CentroidIndex(index.centroids, 0, len(texts))  # as if K were 10,000
+    try:
+        by_index = tiny_engine.route(texts, routing)
+        assert tiny_engine.index._faiss is not None  # the index answered
+    finally:
+        tiny_engine.index = index
     assert [p.expert_ids for p in by_index] == [p.expert_ids for p in by_product]
     for want, got in zip(by_product, by_index):
         torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-7)

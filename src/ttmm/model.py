@@ -248,7 +248,7 @@ class TTMM:
     ) -> list[RoutingPlan]:
         texts = _check_texts(texts)
         routing = self.routing_for(routing)
-        if routing.rule == "top_n" and self.index.uses_index:  # the nearest experts suffice
+        if routing.rule == "top_n" and self.index.uses_index(len(texts)):  # nearest suffice
             scores, ids = self.index.nearest(self._queries(texts, routing), routing.max_active)
             return [route_nearest(i, z, routing) for i, z in zip(ids, scores)]
         return [route(z, routing) for z in self.similarities(texts, routing)]
