@@ -143,9 +143,10 @@ def write_random_bank(
     with_finetune: bool = False,
     magnitude: float = 0.05,
     adapters: list | None = None,
+    centroids=None,
 ):
     """A valid bank on disk for ``model``: random non-zero adapters (or ``adapters``, one per
-    expert) and random unit centroids."""
+    expert) and random unit centroids (or ``centroids``, normalised)."""
     from ttmm.adapter import save_adapter
     from ttmm.bank import (
         FINETUNE_DIR,
@@ -177,10 +178,9 @@ def write_random_bank(
         save_adapter(adapter, path / FINETUNE_DIR)
         finetune = ExpertInfo.describe(-1, FINETUNE_DIR, adapter, path, label="fine-tuning")
     generator = torch.Generator().manual_seed(seed)
-    centroids = torch.nn.functional.normalize(
-        torch.randn(num_experts, encoder_dim, generator=generator), dim=1
-    )
-    write_centroids(path, centroids)
+    if centroids is None:
+        centroids = torch.randn(num_experts, encoder_dim, generator=generator)
+    write_centroids(path, torch.nn.functional.normalize(torch.as_tensor(centroids), dim=1))
     manifest = BankManifest(
         base_model=base_model_record(base_model_name, model),
         encoder={"name": encoder_name, "dim": encoder_dim},

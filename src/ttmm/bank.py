@@ -89,6 +89,10 @@ class ExpertInfo:
     n_tokens: int = 0
     loss_curve: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    health: dict = field(default_factory=dict)
+    """Validation losses on its own cluster (:class:`ttmm.quality_gate.ExpertHealth`)."""
+    disabled: dict | None = None
+    """``{"by", "reason", "at"}`` when routing must not select it (:mod:`ttmm.quality_gate`)."""
 
     @classmethod
     def describe(
@@ -145,6 +149,8 @@ class BankManifest:
     """Every layer some expert adapts, with the largest rank any expert gives it; filled in
     by :func:`write_manifest`, so that a merger can lay out a large bank without reading
     every expert (empty in banks written before it: then they are read once)."""
+    history: list[dict] = field(default_factory=list)
+    """Changes to the bank after its build (experts disabled or enabled), oldest first."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     ttmm_version: str = field(default_factory=ttmm_version)
@@ -311,11 +317,18 @@ class Bank:
     def label(self, expert_id: int) -> str:
         return self.manifest.experts[expert_id].label
 
+    @property
+    def disabled(self) -> frozenset[int]:
+        """Experts routing must not select (the quality gate's, or an operator's)."""
+        return frozenset(e.id for e in self.manifest.experts if e.disabled is not None)
+
     def describe_plan(self, plan: RoutingPlan) -> dict:
         """The plan as JSON with each expert's label: what the CLI and the server show."""
         data = plan.to_dict()
         for entry in data["experts"]:
             entry["label"] = self.label(entry["id"])
+        for entry in data.get("skipped_disabled", []):
+            entry["reason"] = self.manifest.experts[entry["id"]].disabled["reason"]
         return data
 
     @classmethod

@@ -44,7 +44,7 @@ from ttmm.generation import (
     prefill_scored,
 )
 from ttmm.merge import ExpertMerger, MergeError
-from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route, route_nearest
+from ttmm.routing import PREFIX_TOKENS, RoutingConfig, RoutingPlan, route_enabled, route_nearest
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,11 @@ class TTMM:
     ) -> list[RoutingPlan]:
         texts = _check_texts(texts)
         routing = self.routing_for(routing)
-        if routing.rule == "top_n" and self.index.uses_index(len(texts)):  # nearest suffice
+        disabled = self.bank.disabled
+        if routing.rule == "top_n" and not disabled and self.index.uses_index(len(texts)):
             scores, ids = self.index.nearest(self._queries(texts, routing), routing.max_active)
             return [route_nearest(i, z, routing) for i, z in zip(ids, scores)]
-        return [route(z, routing) for z in self.similarities(texts, routing)]
+        return [route_enabled(z, routing, disabled) for z in self.similarities(texts, routing)]
 
     def _plans(self, texts, routing, plans) -> list[RoutingPlan]:
         if plans is None:
@@ -261,8 +262,15 @@ class TTMM:
             raise InputError(
                 f"got {len(plans)} plans for {len(texts)} prompts; give one per prompt"
             )
+        disabled = self.bank.disabled
         for plan in plans:
             self.merger.check_plan(plan)
+            if chosen := sorted(disabled.intersection(plan.expert_ids)):
+                raise InputError(
+                    f"expert {chosen[0]} is disabled ("
+                    f"{self.bank.manifest.experts[chosen[0]].disabled['reason']}); leave it "
+                    "out, or enable it with `ttmm bank enable`"
+                )
         return plans
 
     # -- running merges --------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -105,6 +105,8 @@ class RoutingPlan:
     rule: str = "explicit"
     fallback: str | None = None
     """``"base"`` when no expert passed the rule, ``"nearest"`` when p was NaN."""
+    skipped: tuple[int, ...] = ()
+    """Disabled experts that routing over the whole bank would have merged (and did not)."""
 
     def __post_init__(self) -> None:
         if len(self.expert_ids) != len(self.weights):
@@ -147,6 +149,7 @@ class RoutingPlan:
                     self.similarities or (None,) * len(self.expert_ids),
                 )
             ],
+            **({"skipped_disabled": [{"id": k} for k in self.skipped]} if self.skipped else {}),
         }
 
 
@@ -238,4 +241,27 @@ def route_nearest(
         weights=tuple(float(w) for w in weights),
         similarities=tuple(float(z[i]) for i in ids),
         rule=config.rule,
+    )
+
+
+def route_enabled(
+    similarities: torch.Tensor, config: RoutingConfig, disabled: frozenset[int]
+) -> RoutingPlan:
+    """Route one prompt over the experts that are not ``disabled``: the plan of the bank
+    without them (its softmax and threshold over the others), in the bank's ids, naming in
+    ``skipped`` the disabled experts that routing over the whole bank would have merged."""
+    z = torch.as_tensor(similarities, dtype=torch.float64).flatten()
+    if not disabled:
+        return route(z, config)
+    enabled = torch.tensor([k for k in range(z.numel()) if k not in disabled], dtype=torch.long)
+    if enabled.numel() == 0:
+        raise RoutingError(
+            "every expert of the bank is disabled; enable one (ttmm bank enable) to route"
+        )
+    plan = route(z[enabled], config)
+    whole = route(z, config)
+    return replace(
+        plan,
+        expert_ids=tuple(int(enabled[i]) for i in plan.expert_ids),
+        skipped=tuple(k for k in whole.expert_ids if k in disabled),
     )

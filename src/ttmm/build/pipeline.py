@@ -26,9 +26,11 @@ import numpy as np
 import yaml
 from safetensors import SafetensorError
 
+from ttmm.adapter import load_adapter
 from ttmm.assets import load_base_model, ttmm_home
 from ttmm.atomic import atomic_write_json, atomic_write_text, remove_staging
 from ttmm.bank import (
+    FINETUNE_DIR,
     MANIFEST_NAME,
     Bank,
     BankManifest,
@@ -62,8 +64,10 @@ from ttmm.build.corpus import (
 from ttmm.build.dedup import drop_near_duplicates
 from ttmm.build.executors import make_executor
 from ttmm.build.faults import checkpoint
+from ttmm.build.health import expert_health
 from ttmm.build.manifest import build_manifest
 from ttmm.embed import Encoder
+from ttmm.quality_gate import apply_gate
 
 logger = logging.getLogger(__name__)
 
@@ -350,10 +354,18 @@ def _run_build(
     if reused:
         logger.info("resumed: kept %d finished adapter(s) %s", len(reused), reused)
 
+    with timer.stage("quality_gate"):
+        finetune = load_adapter(out / FINETUNE_DIR) if config.with_finetune else None
+        health = expert_health(model, experts, training.records, finetune)
+
     with timer.stage("manifest"):
         manifest = build_manifest(
             out, config, prepared, model, encoder, jobs, training.records, data
         )
+        disabled = apply_gate(manifest, health)
+        for k in disabled:
+            logger.warning("expert %d disabled by the quality gate: %s", k,
+                           manifest.experts[k].disabled["reason"])  # fmt: skip
         manifest.build.update(
             config_hash=config_hash,
             stage_seconds=dict(timer.seconds),

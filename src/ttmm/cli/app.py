@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ttmm.cli.bank import bank_app
 from ttmm.cli.build import build, info
 from ttmm.cli.engine import generate, import_bank, route, score
 from ttmm.cli.eval import demo, eval_command
@@ -51,3 +52,4 @@ VERBS = {
 for _name, _verb in VERBS.items():
     app.command(_name)(_verb)
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(bank_app, name="bank")

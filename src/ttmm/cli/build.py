@@ -350,6 +350,11 @@ def info(
     if len(manifest.experts) > LISTED_EXPERTS:
         console.print(_bank_summary_table(manifest))
     console.print(_experts_table(manifest, "experts"))
+    if any(e.health or e.disabled for e in manifest.experts):
+        from ttmm.cli.bank import health_table
+
+        many = len(manifest.experts) > LISTED_EXPERTS
+        console.print(health_table(manifest, only_flagged=many))
     if manifest.build:
         console.print(_build_table(manifest.build))
         config = manifest.build.get("config")

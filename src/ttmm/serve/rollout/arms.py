@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ttmm.bank import Bank, BankError
 from ttmm.expert_cache import MB, CacheBudgetError
 from ttmm.expert_source import ExpertSource
 from ttmm.model import TTMM, InputError
-from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan, route
+from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan, route_enabled
 from ttmm.serve.batching import MergeRequest
 from ttmm.serve.rollout.config import RolloutConfig, RolloutConfigError
 
@@ -32,12 +32,10 @@ logger = logging.getLogger(__name__)
 
 def shifted(plan: RoutingPlan, offset: int) -> RoutingPlan:
     """``plan`` with every expert id moved by ``offset`` (into or out of the merger's ids)."""
-    return RoutingPlan(
-        tuple(k + offset for k in plan.expert_ids),
-        plan.weights,
-        plan.similarities,
-        plan.rule,
-        plan.fallback,
+    return replace(
+        plan,
+        expert_ids=tuple(k + offset for k in plan.expert_ids),
+        skipped=tuple(k + offset for k in plan.skipped),
     )
 
 
@@ -55,7 +53,8 @@ class BankRouter:
         queries = self.engine.query_texts(texts, routing)
         q = torch.from_numpy(self.engine.encoder.encode(queries))  # (n, dim)
         z = q @ self.bank.centroids.T  # (n, K')
-        return [shifted(route(row, routing), self.offset) for row in z]
+        disabled = self.bank.disabled
+        return [shifted(route_enabled(row, routing, disabled), self.offset) for row in z]
 
 
 class Arms:

@@ -1,0 +1,47 @@
+"""The quality gate's measurements at the end of a build (:mod:`ttmm.quality_gate`).
+
+Each expert's training already scored its own validation chunks before and after training
+(``val_before`` / ``val_after`` of its training record). A fresh LoRA starts with B = 0, so its
+``val_before`` is the base model's loss; a branched expert starts from the fine-tuning adapter,
+so its ``val_before`` is that adapter's. What the records lack is measured here, one pass over
+the validation chunks each: the base model's loss (branched builds) and the fine-tuning
+adapter's (unbranched builds that trained one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttmm.adapter import LoraAdapter
+from ttmm.build.executors import TrainJob
+from ttmm.quality_gate import ExpertHealth, adapter_losses
+
+
+def expert_health(
+    model: torch.nn.Module,
+    experts: list[TrainJob],
+    records: dict[int, dict],
+    finetune: LoraAdapter | None,
+) -> list[ExpertHealth]:
+    """Per expert job, its validation losses against the base model and ``finetune``."""
+    if not experts:
+        return []
+    pad, max_len = experts[0].pad_token_id, experts[0].config.max_seq_len
+    validation = [job.validation for job in experts]
+    branched = any(job.init is not None for job in experts)
+    measured_base = adapter_losses(model, None, validation, pad, max_len) if branched else None
+    measured_finetune = (
+        adapter_losses(model, finetune, validation, pad, max_len)
+        if finetune is not None and not branched
+        else None
+    )
+    health = []
+    for i, job in enumerate(experts):
+        record = records[job.id]
+        before = record.get("val_before")
+        base = measured_base[i] if measured_base is not None else before
+        tuned = measured_finetune[i] if measured_finetune is not None else None
+        if branched and finetune is not None:
+            tuned = before  # a branched expert starts at the fine-tuning adapter
+        health.append(ExpertHealth(len(job.validation), record.get("val_after"), base, tuned))
+    return health
