@@ -48,14 +48,16 @@ def reference(tmp_path_factory, tiny_model_dir):  # noqa: F811
     return out
 
 
-def _build(config_file: Path, out: Path, home: Path, fault: str | None = None):
-    """``ttmm build --config config_file --out out`` in a fresh interpreter."""
+def _build(config_file: Path | None, out: Path, home: Path, fault: str | None = None, args=None):
+    """``ttmm build --config config_file --out out`` (or ``ttmm ARGS``) in a fresh
+    interpreter."""
     env = {**os.environ, "PYTHONPATH": str(Path(ttmm.__file__).parents[1]), "TTMM_HOME": str(home)}
     env.pop(FAULT_ENV, None)
     if fault is not None:
         env[FAULT_ENV] = fault
     command = "from ttmm.cli import app; app()"
-    args = ["build", "--config", str(config_file), "--out", str(out), "--no-progress"]
+    if args is None:
+        args = ["build", "--config", str(config_file), "--out", str(out), "--no-progress"]
     return subprocess.run(
         [sys.executable, "-c", command, *args], env=env, capture_output=True, text=True, timeout=300
     )

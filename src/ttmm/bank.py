@@ -150,7 +150,11 @@ class BankManifest:
     by :func:`write_manifest`, so that a merger can lay out a large bank without reading
     every expert (empty in banks written before it: then they are read once)."""
     history: list[dict] = field(default_factory=list)
-    """Changes to the bank after its build (experts disabled or enabled), oldest first."""
+    """Changes to the bank after its build (experts disabled or enabled, updates), oldest
+    first."""
+    lineage: dict = field(default_factory=dict)
+    """For a bank made by ``ttmm update``: its parent (folder and manifest digest), the corpora
+    added and what changed (:mod:`ttmm.build.update`); empty for a bank built from scratch."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     ttmm_version: str = field(default_factory=ttmm_version)
@@ -219,10 +223,14 @@ def write_centroids(bank_dir: str | os.PathLike, centroids) -> None:
         save_file({"centroids": tensor}, staging)
 
 
-def write_manifest(bank_dir: str | os.PathLike, manifest: BankManifest) -> None:
+def write_manifest(
+    bank_dir: str | os.PathLike, manifest: BankManifest, known: dict[str, str] | None = None
+) -> None:
     """Write ``manifest.json`` atomically, with the checksum of every other file of the bank
-    and the layers its experts adapt; call it last: it is what makes the folder a bank."""
-    manifest.files = file_checksums(bank_dir)
+    and the layers its experts adapt; call it last: it is what makes the folder a bank.
+    ``known``: checksums already known by relative path (files hard-linked from a parent
+    bank), not read again."""
+    manifest.files = file_checksums(bank_dir, known)
     manifest._by_folder = None
     if not manifest.adapted_layers:
         manifest.adapted_layers = adapted_layers(
@@ -260,10 +268,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_checksums(bank_dir: str | os.PathLike) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file of the bank (see :func:`_bank_files`)."""
+def file_checksums(
+    bank_dir: str | os.PathLike, known: dict[str, str] | None = None
+) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of the bank (see :func:`_bank_files`), taking
+    those in ``known`` as given."""
     root = Path(bank_dir)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in _bank_files(root)}
+    known = known or {}
+    checksums = {}
+    for path in _bank_files(root):
+        name = path.relative_to(root).as_posix()
+        checksums[name] = known.get(name) or sha256_file(path)
+    return checksums
+
+
+def manifest_digest(bank_dir: str | os.PathLike) -> str:
+    """sha256 of a bank's ``manifest.json``: it holds every other file's checksum, so it names
+    the whole bank (a version)."""
+    return sha256_file(Path(bank_dir) / MANIFEST_NAME)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def data_tokens(token_ids: Sequence[Sequence[int]], train: LoraTrainConfig) -> i
     return sum(min(len(ids), train.max_seq_len) for ids in token_ids if len(ids) >= 2)
 
 
-def _job(config: BuildConfig, job_id, ids, seed, train, pad_id, init=None, validation=()):
+def train_job(config: BuildConfig, job_id, ids, seed, train, pad_id, init=None, validation=()):
+    """A :class:`TrainJob` of ``config``'s model, device and dtype."""
     return TrainJob(
         job_id,
         tuple(ids),
@@ -97,7 +98,7 @@ def expert_jobs(
             for share, size in zip(budget_shares(sizes, budget), sizes, strict=True)
         ]
     return [
-        _job(
+        train_job(
             config,
             k,
             members[k],
@@ -130,7 +131,9 @@ def finetune_job(
     ids = [c.token_ids for c in chunks]
     train = budgeted(config.train, budget, data_tokens(ids, config.train))
     seed = config.seed + config.experts + (1 if job_id == CONTINUED_JOB else 0)
-    return _job(config, job_id, ids, seed, train, pad_id, init, [c.token_ids for c in validation])
+    return train_job(
+        config, job_id, ids, seed, train, pad_id, init, [c.token_ids for c in validation]
+    )
 
 
 def job_digest(job: TrainJob) -> str:

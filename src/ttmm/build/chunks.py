@@ -108,6 +108,70 @@ def write_split(
     return {"split": SPLIT_NAME, "test_documents": TEST_DOCUMENTS_NAME}
 
 
+def _index_records(root: Path, names: Sequence[str]) -> tuple[list[dict], dict]:
+    """The chunk records and the embeddings file's tensors of a bank's index; a clear error
+    when one of ``names`` is missing."""
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"bank {root} has no chunk index ({', '.join(missing)} missing); "
+            "rebuild it with `ttmm build` (imported banks carry no training chunks)"
+        )
+    with open(root / CHUNKS_NAME, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return records, load_file(root / EMBEDDINGS_NAME)
+
+
+def read_chunks(bank_dir: str | os.PathLike) -> tuple[list[Chunk], np.ndarray, np.ndarray]:
+    """A bank's training chunks, their unit embeddings (n, dim) and expert ids (n,), as
+    :func:`write_chunk_index` wrote them."""
+    records, tensors = _index_records(Path(bank_dir), (CHUNKS_NAME, EMBEDDINGS_NAME))
+    chunks = [
+        Chunk(r["doc_id"], r["domain"], tuple(r["token_ids"]), r["text"], r.get("label"))
+        for r in records
+    ]
+    return chunks, tensors["embeddings"].numpy(), tensors["experts"].numpy()
+
+
+def read_split(bank_dir: str | os.PathLike) -> dict:
+    """A bank's ``split.json`` (see :func:`write_split`)."""
+    return json.loads((Path(bank_dir) / SPLIT_NAME).read_text())
+
+
+def extend_split(
+    bank_dir: str | os.PathLike,
+    parent: dict,
+    parent_test: Sequence[Document],
+    split: Split,
+    validation: Sequence[str] = (),
+    near_duplicates: dict[str, str] | None = None,
+) -> dict:
+    """Write the split of a bank grown from ``parent`` (its ``split.json`` payload and held-out
+    documents) by the documents of ``split``: the parent's ids and held-out documents first,
+    the new ones after. Returns manifest.data entries."""
+    root = Path(bank_dir)
+    (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+    with atomic_file(root / TEST_DOCUMENTS_NAME) as staging:
+        write_documents_jsonl([*parent_test, *split.test], staging)
+    domains = {
+        d: {part: list(ids) for part, ids in v.items()} for d, v in parent["domains"].items()
+    }
+    for domain, parts in split.ids_by_domain().items():
+        into = domains.setdefault(domain, {"train": [], "test": []})
+        for part, ids in parts.items():
+            into[part].extend(ids)
+    payload = {
+        **parent,
+        "domains": domains,
+        "validation": sorted({*parent.get("validation", []), *validation}),
+        "near_duplicates": dict(
+            sorted({**parent.get("near_duplicates", {}), **(near_duplicates or {})}.items())
+        ),
+    }
+    atomic_write_json(root / SPLIT_NAME, payload, indent=1)
+    return {"split": SPLIT_NAME, "test_documents": TEST_DOCUMENTS_NAME}
+
+
 @dataclass
 class ChunkIndex:
     """Training chunks with their embeddings, expert ids and a faiss inner-product index.
@@ -162,17 +226,7 @@ class ChunkIndex:
         import faiss
 
         root = Path(bank_dir)
-        missing = [
-            n for n in (CHUNKS_NAME, EMBEDDINGS_NAME, FAISS_NAME) if not (root / n).is_file()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"bank {root} has no chunk index ({', '.join(missing)} missing); "
-                "rebuild it with `ttmm build` (imported banks carry no training chunks)"
-            )
-        with open(root / CHUNKS_NAME, encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-        tensors = load_file(root / EMBEDDINGS_NAME)
+        records, tensors = _index_records(root, (CHUNKS_NAME, EMBEDDINGS_NAME, FAISS_NAME))
         return cls(
             token_ids=[r["token_ids"] for r in records],
             doc_ids=[r["doc_id"] for r in records],

@@ -8,6 +8,8 @@ call is one comparison. The variable is read once, when this module is first imp
 Moments (where :func:`checkpoint` is called):
 
 - ``embed``: the embed stage, with the chunks embedded and nothing written to the bank yet;
+- ``update_written``: an update (:mod:`ttmm.build.update`) with the untouched experts linked
+  and the index and centroids written, before any training;
 - ``train_step``: after an optimiser step of an adapter's training (counted over the process);
 - ``adapter_saved``: between adapters, after one is saved with its training record;
 - ``write_manifest``: inside the manifest's atomic write, after the staging file is written

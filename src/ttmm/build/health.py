@@ -3,9 +3,10 @@
 Each expert's training already scored its own validation chunks before and after training
 (``val_before`` / ``val_after`` of its training record). A fresh LoRA starts with B = 0, so its
 ``val_before`` is the base model's loss; a branched expert starts from the fine-tuning adapter,
-so its ``val_before`` is that adapter's. What the records lack is measured here, one pass over
-the validation chunks each: the base model's loss (branched builds) and the fine-tuning
-adapter's (unbranched builds that trained one).
+so its ``val_before`` is that adapter's; an expert retrained by ``ttmm update`` starts from its
+previous version. What the records lack is measured here, one pass over the validation chunks
+each: the base model's loss (experts that did not start fresh) and the fine-tuning adapter's
+(unless the experts started from it).
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ def expert_health(
     experts: list[TrainJob],
     records: dict[int, dict],
     finetune: LoraAdapter | None,
+    from_finetune: bool = False,
 ) -> list[ExpertHealth]:
-    """Per expert job, its validation losses against the base model and ``finetune``."""
+    """Per expert job, its validation losses against the base model and ``finetune``.
+    ``from_finetune``: every expert started from ``finetune`` (a branched build)."""
     if not experts:
         return []
     pad, max_len = experts[0].pad_token_id, experts[0].config.max_seq_len
     validation = [job.validation for job in experts]
-    branched = any(job.init is not None for job in experts)
-    measured_base = adapter_losses(model, None, validation, pad, max_len) if branched else None
+    fresh = not from_finetune and all(job.init is None for job in experts)
+    measured_base = None if fresh else adapter_losses(model, None, validation, pad, max_len)
     measured_finetune = (
         adapter_losses(model, finetune, validation, pad, max_len)
-        if finetune is not None and not branched
+        if finetune is not None and not from_finetune
         else None
     )
     health = []
@@ -41,7 +44,7 @@ def expert_health(
         before = record.get("val_before")
         base = measured_base[i] if measured_base is not None else before
         tuned = measured_finetune[i] if measured_finetune is not None else None
-        if branched and finetune is not None:
+        if from_finetune and finetune is not None:
             tuned = before  # a branched expert starts at the fine-tuning adapter
         health.append(ExpertHealth(len(job.validation), record.get("val_after"), base, tuned))
     return health

@@ -25,7 +25,7 @@ from ttmm.bank import (
     expert_dir,
 )
 from ttmm.build.config import BuildConfig
-from ttmm.build.corpus import domain_counts
+from ttmm.build.corpus import Chunk, domain_counts
 from ttmm.build.executors import CONTINUED_JOB, FINETUNE_JOB, TrainJob
 from ttmm.device import describe, model_device
 from ttmm.routing import RoutingConfig
@@ -49,6 +49,39 @@ def downsample(losses: list[float], points: int = MAX_LOSS_POINTS) -> list[float
     return [round(float(b.mean()), 5) for b in bins]
 
 
+def adapter_info(
+    out: Path, job: TrainJob, record: dict, label: str, members: list[Chunk]
+) -> ExpertInfo:
+    """The manifest entry of the adapter ``job`` trained into ``out`` (``record``: its
+    training record), ``members`` the chunks of its cluster (all chunks for fine-tuning)."""
+    path = adapter_dir(job.id)
+    return ExpertInfo.describe(
+        max(job.id, 0),
+        path,
+        load_adapter(out / path),
+        out,
+        label=label,
+        n_chunks=record["n_chunks"],
+        n_tokens=record["n_tokens"],
+        loss_curve=downsample(record["losses"]),
+        extra={
+            "seed": record["seed"],
+            "seconds": record["seconds"],
+            "tokens_per_second": round(
+                record["n_tokens"] / max(record.get("train_seconds") or record["seconds"], 1e-9),
+                2,
+            ),
+            "planned_tokens": record.get("planned_tokens", record["n_tokens"]),
+            "val_before": record.get("val_before"),
+            "val_after": record.get("val_after"),
+            "n_validation_chunks": record.get("n_validation_chunks", 0),
+            "initialised_from": "finetune" if job.init is not None else None,
+            "domains": domain_counts(members),
+            "n_documents": len({c.doc_id for c in members}),
+        },
+    )
+
+
 def build_manifest(
     out: Path,
     config: BuildConfig,
@@ -62,38 +95,11 @@ def build_manifest(
     chunks, assignments = prepared.chunks, prepared.assignments
 
     def info(job: TrainJob, label: str) -> ExpertInfo:
-        record = records[job.id]
-        path = adapter_dir(job.id)
         if job.id < 0:
             members = chunks
         else:
             members = [chunks[i] for i in np.flatnonzero(assignments == job.id)]
-        return ExpertInfo.describe(
-            max(job.id, 0),
-            path,
-            load_adapter(out / path),
-            out,
-            label=label,
-            n_chunks=record["n_chunks"],
-            n_tokens=record["n_tokens"],
-            loss_curve=downsample(record["losses"]),
-            extra={
-                "seed": record["seed"],
-                "seconds": record["seconds"],
-                "tokens_per_second": round(
-                    record["n_tokens"]
-                    / max(record.get("train_seconds") or record["seconds"], 1e-9),
-                    2,
-                ),
-                "planned_tokens": record.get("planned_tokens", record["n_tokens"]),
-                "val_before": record.get("val_before"),
-                "val_after": record.get("val_after"),
-                "n_validation_chunks": record.get("n_validation_chunks", 0),
-                "initialised_from": "finetune" if job.init is not None else None,
-                "domains": domain_counts(members),
-                "n_documents": len({c.doc_id for c in members}),
-            },
-        )
+        return adapter_info(out, job, records[job.id], label, members)
 
     experts = [info(job, prepared.labels[job.id]) for job in jobs if job.id >= 0]
     by_id = {job.id: job for job in jobs}

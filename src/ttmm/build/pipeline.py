@@ -86,7 +86,7 @@ class BuildResult:
     nothing_to_do: bool = False
 
 
-class _Timer:
+class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
@@ -99,7 +99,7 @@ class _Timer:
         logger.info("stage %s: %.1f s", name, self.seconds[name])
 
 
-def _read_state(out: Path) -> dict | None:
+def read_state(out: Path) -> dict | None:
     path = out / STATE_NAME
     if not path.is_file():
         return None
@@ -109,7 +109,7 @@ def _read_state(out: Path) -> dict | None:
         raise BuildError(f"{path} is corrupt ({err}); delete {out} to rebuild") from err
 
 
-def _write_state(out: Path, payload: dict) -> None:
+def write_state(out: Path, payload: dict) -> None:
     atomic_write_json(out / STATE_NAME, payload, indent=1)
 
 
@@ -123,7 +123,7 @@ def check_output(out: Path, config_hash: str) -> str:
         raise BuildError(f"--out {out} is a file; choose a new or empty folder")
     if not out.exists():
         return "fresh"
-    state = _read_state(out)
+    state = read_state(out)
     if state is None:
         entries = sorted(p.name for p in out.iterdir())
         if not entries:
@@ -162,10 +162,22 @@ class _Prepared:
     near_duplicates: dict  # held-out id -> training id it duplicates
 
 
-def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: bool) -> _Prepared:
-    """Read → split → dedup → chunk → embed → cluster: everything before the first write."""
-    with timer.stage("read"):
-        documents, reports = read_corpora(config.corpora)
+@dataclass
+class Documents:
+    """Documents split, deduplicated and chunked with a configuration's settings."""
+
+    split: Split  # held-out documents after near-duplicate removal
+    near_duplicates: dict  # held-out id -> training id it duplicates
+    validation_documents: list[Document]
+    chunks: list[Chunk]  # of the training documents but the validation ones
+    validation: list[Chunk]  # of the validation documents
+
+
+def split_and_chunk(
+    config: BuildConfig, documents: list[Document], tokenizer, timer: StageTimer, what: str = ""
+) -> Documents:
+    """Split → dedup → chunk ``documents`` with ``config``'s seeds, fractions and window.
+    ``what`` names the documents in the error when they give no chunk."""
     with timer.stage("split"):
         split = split_documents(documents, config.test_fraction, config.split_seed)
     near_duplicates: dict = {}
@@ -190,17 +202,35 @@ def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: b
         validation = chunk_documents(validation_docs, tokenizer, **options)
         if not chunks:
             raise CorpusError(
-                f"the {len(train_docs)} training documents give no chunk of at least "
+                f"the {len(train_docs)} {what}training documents give no chunk of at least "
                 f"{config.min_tokens} tokens; add longer documents or lower min_tokens"
             )
+    return Documents(split, near_duplicates, validation_docs, chunks, validation)
+
+
+def embed_chunks(
+    config: BuildConfig, encoder, docs: Documents, timer: StageTimer, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings of the training chunks (n, dim) and of the validation chunks."""
     with timer.stage("embed"):
         embedded = encoder.encode(
-            [c.text for c in chunks + validation],
+            [c.text for c in docs.chunks + docs.validation],
             batch_size=config.embed_batch_size,
             show_progress=progress,
         )
-        embeddings, val_embeddings = embedded[: len(chunks)], embedded[len(chunks) :]
         checkpoint("embed")
+    return embedded[: len(docs.chunks)], embedded[len(docs.chunks) :]
+
+
+def _prepare(
+    config: BuildConfig, tokenizer, encoder, timer: StageTimer, progress: bool
+) -> _Prepared:
+    """Read → split → dedup → chunk → embed → cluster: everything before the first write."""
+    with timer.stage("read"):
+        documents, reports = read_corpora(config.corpora)
+    docs = split_and_chunk(config, documents, tokenizer, timer)
+    chunks, validation = docs.chunks, docs.validation
+    embeddings, val_embeddings = embed_chunks(config, encoder, docs, timer, progress)
     with timer.stage("cluster"):
         assignments = cluster_embeddings(embeddings, config.experts, seed=config.seed)
         labels = label_clusters(
@@ -212,7 +242,7 @@ def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: b
         }
         centroid_rows = centroids(embeddings, assignments, config.experts)
     return _Prepared(
-        split=split,
+        split=docs.split,
         reports=reports,
         chunks=chunks,
         embeddings=embeddings,
@@ -222,8 +252,8 @@ def _prepare(config: BuildConfig, tokenizer, encoder, timer: _Timer, progress: b
         quality=quality,
         validation=validation,
         val_assignments=nearest_centroid(val_embeddings, centroid_rows),
-        validation_documents=validation_docs,
-        near_duplicates=near_duplicates,
+        validation_documents=docs.validation_documents,
+        near_duplicates=docs.near_duplicates,
     )
 
 
@@ -293,22 +323,22 @@ def _run_build(
         logger.info("%s is a finished bank of this configuration: nothing to do", out)
         return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
 
-    timer = _Timer()
+    timer = StageTimer()
     started = time.perf_counter()
     with timer.stage("load_model"):
         model, tokenizer = load_base_model(
             config.base_model, dtype=config.dtype, device=config.device
         )
-        encoder = Encoder(config.encoder, device=config.device, cache_dir=_embedding_cache())
+        encoder = Encoder(config.encoder, device=config.device, cache_dir=embedding_cache())
     prepared = _prepare(config, tokenizer, encoder, timer, progress)
 
-    budget, budget_info = _budget(config, _read_state(out) or {}, model, prepared, tokenizer)
+    budget, budget_info = _budget(config, read_state(out) or {}, model, prepared, tokenizer)
 
     # Only now, with the input known to be usable, does the build write anything.
     out.mkdir(parents=True, exist_ok=True)
     for path in remove_staging(out):  # what writes cut short by a killed build left behind
         logger.info("removed %s, left by an interrupted write", path)
-    _write_state(out, {"config_hash": config_hash, "status": "in_progress", "budget": budget_info})
+    write_state(out, {"config_hash": config_hash, "status": "in_progress", "budget": budget_info})
     atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     with timer.stage("write_index"):
         data = write_split(
@@ -356,7 +386,9 @@ def _run_build(
 
     with timer.stage("quality_gate"):
         finetune = load_adapter(out / FINETUNE_DIR) if config.with_finetune else None
-        health = expert_health(model, experts, training.records, finetune)
+        health = expert_health(
+            model, experts, training.records, finetune, from_finetune=config.branch_from is not None
+        )
 
     with timer.stage("manifest"):
         manifest = build_manifest(
@@ -374,7 +406,7 @@ def _run_build(
             budget=budget_info,
         )
         write_manifest(out, manifest)
-    _write_state(out, {"config_hash": config_hash, "status": "done", "budget": budget_info})
+    write_state(out, {"config_hash": config_hash, "status": "done", "budget": budget_info})
     return BuildResult(out, manifest, training.trained, reused)
 
 
@@ -406,6 +438,6 @@ def _budget(
     return tokens, info
 
 
-def _embedding_cache() -> Path:
+def embedding_cache() -> Path:
 
     return ttmm_home() / "embeddings"

@@ -16,6 +16,7 @@ from ttmm.cli.poc import poc
 from ttmm.cli.rollout import rollout_app
 from ttmm.cli.serve import serve
 from ttmm.cli.ui import ui
+from ttmm.cli.update import diff, update
 
 app = typer.Typer(
     help="Test-Time Model Merging: route each prompt to LoRA experts and merge them.",
@@ -37,6 +38,8 @@ def main(
 # The verb table: name -> function. Each function is a thin typed wrapper over the library.
 VERBS = {
     "build": build,
+    "update": update,
+    "diff": diff,
     "info": info,
     "route": route,
     "generate": generate,
