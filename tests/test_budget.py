@@ -284,3 +284,23 @@ def test_split_validation_is_seeded_and_disjoint():
     again = split_validation(split_documents(docs, 0.1).train, 0.1, seed=3)
     assert [d.id for d in validation] == [d.id for d in again[1]]
     assert 5 <= len(validation) <= 40 and not {d.id for d in train} & {d.id for d in validation}
+
+
+def test_a_branched_banks_gate_compares_its_experts_with_the_base_model(
+    branched,
+    tiny_model_dir,  # noqa: F811
+):
+    """A branched expert's val_before is the fine-tuning adapter's loss, not the base model's:
+    the gate measures the base model's itself (or it would disable every expert behind
+    fine-tuning)."""
+    from ttmm.quality_gate import ExpertHealth
+
+    out, _, _ = branched
+    bank = Bank.load(out)
+    checked = [e for e in bank.manifest.experts if e.extra["n_validation_chunks"]]
+    assert checked
+    for info in checked:
+        health = ExpertHealth.from_dict(info.health)
+        assert health.finetune_loss == pytest.approx(info.extra["val_before"], abs=1e-4)
+        assert health.base_loss != pytest.approx(info.extra["val_before"], abs=1e-4)
+        assert health.base_loss is not None
