@@ -148,6 +148,7 @@ def test_an_update_killed_at_three_moments_resumes_to_the_uninterrupted_one(
     done = _build(None, out, home, args=args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed: kept" in done.stdout
+    assert "Loading weights" not in done.stderr and "%|" not in done.stderr  # --no-progress
 
     assert _snapshot(parent) == before
     assert _leftovers(out) == []

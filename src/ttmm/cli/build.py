@@ -16,7 +16,7 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli.options import console, user_errors
+from ttmm.cli.options import ProgressOption, console, user_errors
 from ttmm.device import DEVICE_HELP, DTYPE_HELP
 
 
@@ -130,7 +130,7 @@ def build(
     dtype: Annotated[
         str | None, typer.Option(help=f"Base model weights while training: {DTYPE_HELP}.")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Cluster a corpus and train one LoRA expert per cluster into a bank (resumable)."""
     from ttmm.build.pipeline import BuildConfig, run_build

@@ -57,6 +57,26 @@ AdapterCacheOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _progress(show: bool) -> bool:
+    if not show:  # transformers and huggingface_hub draw their own bars (loading weights)
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()
+    return show
+
+
+ProgressOption = Annotated[
+    bool,
+    typer.Option(
+        "--progress/--no-progress",
+        callback=_progress,
+        help="Show progress bars (--no-progress: none, transformers' included).",
+    ),
+]
 HostOption = Annotated[
     str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
 ]

@@ -14,6 +14,7 @@ from ttmm.cli.options import (
     DEFAULT_DTYPE,
     DeviceOption,
     DtypeOption,
+    ProgressOption,
     console,
     user_errors,
 )
@@ -53,7 +54,7 @@ def poc(
     encoder: Annotated[str | None, typer.Option(help="Sentence encoder folder or id.")] = None,
     max_docs: Annotated[int, typer.Option(help="Most held-out documents a domain.")] = 60,
     seed: Annotated[int, typer.Option(help="Seed of the split, clusters and bootstrap.")] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: ProgressOption = True,
     device: DeviceOption = DEFAULT_DEVICE,
     dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:

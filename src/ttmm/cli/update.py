@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ttmm.cli.options import DEVICE_HELP, JsonOption, console, user_errors
+from ttmm.cli.options import DEVICE_HELP, JsonOption, ProgressOption, console, user_errors
 
 
 def _ids(ids: list[int]) -> str:
@@ -50,7 +50,7 @@ def update(
         str | None, typer.Option(help="The base model's folder, if it moved since the build.")
     ] = None,
     device: Annotated[str, typer.Option(help=f"Where training runs: {DEVICE_HELP}.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Grow a bank with new documents into a new version: retrain only the experts that got
     new text, add experts for text far from every centroid (resumable; the parent is kept)."""
