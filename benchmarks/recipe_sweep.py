@@ -31,7 +31,7 @@ from rich.table import Table
 
 from ttmm.assets import DEFAULT_BASE_MODEL, load_base_model
 from ttmm.build.config import BuildConfig
-from ttmm.build.pipeline import _embedding_cache, _prepare, _Timer
+from ttmm.build.pipeline import StageTimer, _prepare, embedding_cache
 from ttmm.build.train import LoraTrainConfig, mean_nll, train_lora
 from ttmm.embed import Encoder
 from ttmm.merge import ExpertMerger
@@ -81,8 +81,8 @@ def main() -> None:
 
     config = BuildConfig(experts=args.experts, validation_fraction=0.15).resolved()
     model, tokenizer = load_base_model(DEFAULT_BASE_MODEL, dtype="float32")
-    encoder = Encoder(config.encoder, cache_dir=_embedding_cache())
-    prepared = _prepare(config, tokenizer, encoder, _Timer(), progress=False)
+    encoder = Encoder(config.encoder, cache_dir=embedding_cache())
+    prepared = _prepare(config, tokenizer, encoder, StageTimer(), progress=False)
     pad_id = tokenizer.pad_token_id
     counts = np.bincount(prepared.val_assignments, minlength=args.experts)
     expert = int(np.argmax(counts))
