@@ -206,3 +206,63 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_server(tiny_engine):
         server.should_exit = True
         thread.join(timeout=30)
     assert_bitwise_unchanged(tiny_engine.model, before)
+
+
+def steps_after_timeout(engine, path: str, body: dict) -> tuple[int, int]:
+    """POST ``body`` (with a time limit of 0.5 s) to ``path`` of a server over ``engine``,
+    whose forward pass is slowed to 20 ms; returns the forward passes in all and those after
+    the client got its timeout (504, or the timeout event of a stream), once the engine's
+    lock is free again."""
+    import asyncio
+    import threading
+
+    model = engine.model
+    forward = model.forward
+    calls: list[float] = []
+
+    def slow_forward(*args, **kwargs):
+        calls.append(time.perf_counter())
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    app = create_app(engine, ServerSettings(request_timeout_s=0.5))
+
+    async def scenario() -> float:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60
+        ) as client:
+            if not body.get("stream"):
+                response = await client.post(path, json=body)
+                assert response.status_code == 504, response.text
+            else:
+                async with client.stream("POST", path, json=body) as response:
+                    lines = [line async for line in response.aiter_lines()]
+                assert any("timeout" in line for line in lines), lines[-3:]
+            return time.perf_counter()
+
+    model.forward = slow_forward
+    try:
+        answered = asyncio.run(scenario())
+        free = threading.Event()
+
+        def wait_for_lock() -> None:
+            with engine.lock:
+                free.set()
+
+        waiter = threading.Thread(target=wait_for_lock)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert free.is_set()
+    finally:
+        model.forward = forward
+    return len(calls), sum(1 for t in calls if t > answered)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_time_limit_frees_the_engine_within_a_decoding_step(tiny_engine, stream):
+    """A 504'd request stops decoding at its next step (its row is cancelled), so the engine's
+    lock is free again after at most one more forward pass, not after its 400 tokens."""
+    body = {"prompt": "hello there", "max_tokens": 400, "temperature": 0, "stream": stream}
+    calls, after = steps_after_timeout(tiny_engine, "/v1/completions", body)
+    assert 5 <= calls < 400  # it was decoding, and stopped long before its 400 tokens
+    assert after <= 2, f"{after} forward passes after the 504"

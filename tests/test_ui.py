@@ -174,6 +174,20 @@ def test_finetune_completions_generate_with_the_adapter_and_restore_weights(
     assert_bitwise_unchanged(eval_engine.model, before)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_finetune_completion_past_its_time_limit_frees_the_engine(
+    eval_engine,  # noqa: F811
+    stream,
+):
+    from test_server_limits import steps_after_timeout
+
+    before = snapshot(eval_engine.model)
+    body = {"prompt": TEXT, "max_tokens": 400, "temperature": 0, "stream": stream}
+    calls, after = steps_after_timeout(eval_engine, "/v1/ttmm/finetune/completions", body)
+    assert 5 <= calls < 400 and after <= 2, (calls, after)
+    assert_bitwise_unchanged(eval_engine.model, before)  # the adapter was unfolded
+
+
 def test_finetune_completions_say_when_the_bank_has_no_adapter(tiny_engine):
     with TestClient(create_app(tiny_engine)) as c:
         response = c.post("/v1/ttmm/finetune/completions", json={"prompt": TEXT})

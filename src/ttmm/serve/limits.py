@@ -96,13 +96,19 @@ class Slots:
 
         return release
 
-    async def run(self, work: Callable[[], T], timeout_s: float) -> T:
+    async def run(
+        self, work: Callable[[], T], timeout_s: float, cancel: threading.Event | None = None
+    ) -> T:
         """``work()`` in a worker thread, in one of these slots (429 when none is free) and
-        within ``timeout_s`` seconds (504 after)."""
+        within ``timeout_s`` seconds (504 after). A thread cannot be stopped from outside:
+        work that loops (decoding) takes ``cancel``, set here at the time limit, and checks it
+        between steps, so that it lets go of the engine instead of running to its end."""
         release = self.take()
         try:
             return await asyncio.wait_for(asyncio.to_thread(work), timeout_s)
         except TimeoutError:
+            if cancel is not None:
+                cancel.set()
             raise timeout_error(timeout_s) from None
         finally:
             release()

@@ -131,10 +131,10 @@ class _UIState:
         except RoutingError as err:
             raise APIError(400, str(err), param="routing") from None
 
-    async def run(self, work):
+    async def run(self, work, cancel: threading.Event | None = None):
         """``work()`` in a worker thread, in one of the server's request slots (429 when
-        none is free) and within its request time limit (504)."""
-        return await self.slots.run(work, self.settings.request_timeout_s)
+        none is free) and within its request time limit (504; ``cancel`` set then)."""
+        return await self.slots.run(work, self.settings.request_timeout_s, cancel)
 
 
 @contextlib.contextmanager
@@ -285,10 +285,13 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             settings.model_id, {"rule": "finetune", "fallback": None, "experts": []}, False
         )
 
+        cancel = threading.Event()  # set by a stream's row, or at the time limit
+
         def generate(row: RowStream | None) -> Served:
-            """The fine-tuned model's continuation, alone (streamed into ``row`` if given)."""
+            """The fine-tuned model's continuation, alone (streamed into ``row`` if given);
+            it stops at the first decoding step after ``cancel`` (or the row's) is set."""
             streamer = BatchStreamer(engine.tokenizer, [row])
-            cancelled = RowsCancelled([row.cancel.is_set if row else lambda: False])
+            cancelled = RowsCancelled([row.cancel.is_set if row else cancel.is_set])
             if row is not None:
                 row.send(RoutingPlan.base())  # the stream's first chunk: "finetune"
             start = time.perf_counter()
@@ -325,7 +328,7 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
             )
             return StreamingResponse(events, media_type="text/event-stream")
 
-        result = (await state.run(lambda: generate(None))).generation
+        result = (await state.run(lambda: generate(None), cancel)).generation
         text, stopped = cut_at_stop(result.text, body.stop_strings)
         finish = "stop" if stopped else result.finish_reason
         return reply.full([Choice(text, finish)], result.prompt_tokens, result.completion_tokens)
