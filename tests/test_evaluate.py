@@ -205,7 +205,7 @@ def test_rerun_after_a_rebuild_at_the_same_path_recomputes(engine, tmp_path, mon
 
 def test_documents_are_drawn_by_a_seeded_hash_of_their_id(engine):
     from ttmm.build.corpus import Document
-    from ttmm.eval.harness import document_order, select_documents
+    from ttmm.eval.documents import document_order, select_documents
 
     text = "word " * 80
     docs = [Document(id=f"wiki/{name}", text=text, domain="wiki") for name in "abcdefghijkl"]

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from ttmm.adapter import save_adapter
 from ttmm.bank import Bank
 from ttmm.cli import app as cli_app
-from ttmm.eval.harness import held_out_documents
+from ttmm.eval.documents import held_out_documents
 from ttmm.serve.app import ServerSettings, create_app
 from ttmm.serve.rollout.config import RolloutConfig
 from ttmm.serve.rollout.service import RolloutService

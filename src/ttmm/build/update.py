@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from safetensors import SafetensorError
 
 from ttmm.adapter import load_adapter
 from ttmm.assets import load_base_model
-from ttmm.atomic import atomic_file, atomic_write_text, remove_staging
+from ttmm.atomic import atomic_write_text, remove_staging
 from ttmm.bank import (
     FINETUNE_CONTINUED_DIR,
     FINETUNE_DIR,
@@ -83,6 +82,7 @@ from ttmm.build.corpus import (
 from ttmm.build.executors import FINETUNE_JOB, TrainJob, make_executor
 from ttmm.build.faults import checkpoint
 from ttmm.build.health import expert_health
+from ttmm.build.links import link_folders
 from ttmm.build.manifest import adapter_info
 from ttmm.build.pipeline import (
     CONFIG_NAME,
@@ -452,33 +452,6 @@ def _jobs(config: BuildConfig, options, bank: Bank, plan: _Plan, pad_id: int) ->
         seed = config.seed + len(plan.centroids)
         jobs.append(train_job(config, FINETUNE_JOB, ids, seed, train, pad_id, tuned, validation))
     return jobs
-
-
-def link_folders(
-    parent: Path, out: Path, folders: list[str], checksums: dict[str, str]
-) -> dict[str, str]:
-    """Hard-link the files of ``folders`` (relative to the banks) from ``parent`` into ``out``
-    (a copy where links are refused); returns their known checksums by relative path."""
-    known = {}
-    copied = 0
-    for name, checksum in checksums.items():
-        if name.rsplit("/", 1)[0] not in folders:
-            continue
-        source, target = parent / name, out / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and os.path.samefile(source, target):
-            known[name] = checksum
-            continue
-        with atomic_file(target) as staging:
-            try:
-                os.link(source, staging)
-            except OSError:  # another file system, or one without hard links
-                shutil.copy2(source, staging)
-                copied += 1
-        known[name] = checksum
-    if copied:
-        logger.warning("copied %d file(s): %s cannot hard-link to %s", copied, out, parent)
-    return known
 
 
 def _manifest(

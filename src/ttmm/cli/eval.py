@@ -145,7 +145,8 @@ def demo(
 ) -> None:
     """Build a small bank on the default corpora (cached), then show TTMM at work."""
     from ttmm.build.chunks import read_test_documents
-    from ttmm.eval.harness import evaluate, select_documents
+    from ttmm.eval.documents import select_documents
+    from ttmm.eval.harness import evaluate
     from ttmm.eval.ttt import TTTConfig
 
     console.rule("1. the expert bank")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -37,9 +36,10 @@ from tqdm.auto import tqdm
 
 from ttmm.atomic import atomic_write_json
 from ttmm.bank import Bank
-from ttmm.build.chunks import ChunkIndex, read_test_documents
+from ttmm.build.chunks import ChunkIndex
 from ttmm.build.corpus import Document
 from ttmm.device import describe, dtype_name, synchronize
+from ttmm.eval.documents import held_out_documents, select_documents, subset
 from ttmm.eval.ensemble import ensemble_generate, ensemble_score
 from ttmm.eval.keys import bank_fingerprint, result_key
 from ttmm.eval.methods import METHODS, SUBSETS, EvalError, MethodSpec
@@ -124,49 +124,6 @@ class EvalConfig:
             "ttt": self.ttt.to_dict(),
             "timed_methods": timed,
         }
-
-
-def held_out_documents(bank: Bank) -> list[Document]:
-    """The bank's held-out (test) documents, as its build recorded them."""
-    name = bank.manifest.data.get("test_documents")
-    path = Path(bank.path) / name if name else None
-    if path is None or not path.is_file():
-        raise EvalError(
-            f"bank {bank.path} records no held-out documents (manifest data: "
-            f"{sorted(bank.manifest.data)}); evaluate a bank made by `ttmm build`"
-        )
-    return read_test_documents(bank.path)
-
-
-def document_order(doc_id: str, seed: int) -> str:
-    """Sort key of the seeded document order: sha256(seed:doc_id), never the name order."""
-    return hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()
-
-
-def select_documents(docs: Sequence[Document], tokenizer, config: EvalConfig) -> list[Document]:
-    """Per domain, in the seeded order, the first ``config.docs`` documents with enough tokens
-    after the prefix; grouped by domain, each group in that order."""
-    need = config.prefix_tokens + config.min_scored_tokens
-    chosen: dict[str, list[Document]] = {}
-    for doc in sorted(docs, key=lambda d: document_order(d.id, config.seed)):
-        picked = chosen.setdefault(doc.domain, [])
-        if config.docs is not None and len(picked) >= config.docs:
-            continue
-        text = doc.text[: 8 * config.max_tokens]
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= need:
-            picked.append(doc)
-    return [doc for domain in sorted(chosen) for doc in chosen[domain]]
-
-
-def subset(documents: Sequence[Document], size: int | None) -> list[Document]:
-    """The first ``size`` documents of each domain (all with None), order kept."""
-    seen: dict[str, int] = {}
-    kept = []
-    for doc in documents:
-        seen[doc.domain] = seen.get(doc.domain, 0) + 1
-        if size is None or seen[doc.domain] <= size:
-            kept.append(doc)
-    return kept
 
 
 def available(bank: Bank, method: str) -> bool:

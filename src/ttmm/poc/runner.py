@@ -230,7 +230,7 @@ class PocRun:
     def _bank_facts(self, tokenizer) -> tuple[CorpusFacts, list[str]]:
         from ttmm.bank import Bank
         from ttmm.build.chunks import ChunkIndex
-        from ttmm.eval.harness import held_out_documents
+        from ttmm.eval.documents import held_out_documents
 
         bank = Bank.load(self.bank_path)
         index = ChunkIndex.load(bank.path)
@@ -297,7 +297,8 @@ class PocRun:
         return TTMM(model, tokenizer, encoder, Bank.load(self.bank_path))
 
     def evaluate(self) -> dict:
-        from ttmm.eval.harness import EvalConfig, evaluate, held_out_documents
+        from ttmm.eval.documents import held_out_documents
+        from ttmm.eval.harness import EvalConfig, evaluate
         from ttmm.eval.ttt import TTTConfig
 
         stored = self.read_stage("plan")
@@ -342,7 +343,7 @@ class PocRun:
     def inference(self) -> dict:
         import torch
 
-        from ttmm.eval.harness import held_out_documents
+        from ttmm.eval.documents import held_out_documents
         from ttmm.poc.inference import measure_serving_in_subprocess
 
         self.loaded = None  # free the models: the measurement runs in a process of its own
