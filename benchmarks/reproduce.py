@@ -24,9 +24,10 @@ tokens each) with 15% of documents held out:
 The costly methods (ensembles, TTT on all weights, the hybrids) run on ``k16`` only; base and
 TTT read no experts, so every bank of the corpus shares their records.
 
-A bank whose folder already holds its fine-tuning adapter reuses it. Banks of the same K share
-that job (same chunks, budget and seed): copy ``k16/finetune`` into ``k16-branched`` to skip it.
-Its seed follows K, so ``k4`` and ``k64`` train their own.
+The fine-tuning job depends on the corpus, the budget and the recipe, not on K (its seed is
+fixed): the first bank of a preset trains it into ``BANKS_DIR/adapters/`` and every other bank
+with the same job hard-links it from there (``BuildConfig.adapter_store``). Banks built before
+(when its seed followed K) keep theirs.
 
 The evaluation (design notes §3 and §7) takes 60 held-out documents per domain in a seeded
 order; TTT-NN and the hybrids TTMM->TTT run on the first 30 of them, all-weights TTT on the
@@ -138,7 +139,7 @@ PRESETS = {
 BUILD_OPTIONS = {"budget_tokens": None, "branch_from": None, "continue_finetune": False}
 
 
-def build_config(preset: Preset, spec: BankSpec, args):
+def build_config(preset: Preset, spec: BankSpec, args, adapter_store: Path | None = None):
     from ttmm.build.pipeline import BuildConfig
     from ttmm.build.train import LoraTrainConfig
 
@@ -166,6 +167,7 @@ def build_config(preset: Preset, spec: BankSpec, args):
         train=LoraTrainConfig(
             num_threads=args.build_threads, epochs=args.epochs, batch_size=args.batch_size
         ),
+        adapter_store=str(adapter_store) if adapter_store else None,
         **options,
     )
 
@@ -205,8 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--build-threads",
         type=int,
         default=1,
-        help="torch threads for training; part of each bank's configuration, so a bank built "
-        "with one count is resumed or evaluated with the same (default 1, as the committed run)",
+        help="torch threads for training (default 1, as the committed run); not part of a "
+        "bank's identity: a build started with one count resumes with another",
     )
     parser.add_argument(
         "--banks", type=Path, default=None, help="where banks are built (default: TTMM_HOME)"
@@ -293,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:  # build each bank (resumable), then score it while the next builds
             path = paths[spec.name] = banks_dir / spec.name
             logging.info("bank %s (K=%d) -> %s", spec.name, spec.experts, path)
-            run_build(build_config(preset, spec, args), path, progress=True)
+            # one fine-tuning job per corpus and budget, shared through the store by every K
+            store = banks_dir / "adapters"
+            run_build(build_config(preset, spec, args, store), path, progress=True)
             engine = TTMM(model, tokenizer, encoder, Bank.load(path))
             scoring = dataclasses.replace(config, timing_prompts=0)
             evaluate(

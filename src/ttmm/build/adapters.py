@@ -23,6 +23,7 @@ from ttmm.bank import FINETUNE_DIR
 from ttmm.build.budget import finetune_job, job_digest, planned
 from ttmm.build.executors import CONTINUED_JOB, TrainJob
 from ttmm.build.faults import checkpoint
+from ttmm.build.links import link_tree
 from ttmm.build.manifest import adapter_dir
 from ttmm.build.train import TrainResult
 
@@ -32,15 +33,18 @@ TRAINING_RECORD = "training.json"
 """Written into an adapter folder once it is complete; its ``digest`` names the job."""
 
 
-def finished_record(out: Path, job: TrainJob) -> dict | None:
-    """The training record of a complete adapter folder for exactly this job, else None."""
-    folder = out / adapter_dir(job.id)
+def finished_record(out: Path, job: TrainJob, folder: Path | None = None) -> dict | None:
+    """The training record of a complete adapter folder (``out``'s for this job, or
+    ``folder``) for exactly this job, else None. Records of older builds, whose digest
+    counted the thread count, are recognised too."""
+    folder = folder or out / adapter_dir(job.id)
     try:
         record = json.loads((folder / TRAINING_RECORD).read_text())
         load_adapter(folder)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AdapterError):
         return None
-    return record if record.get("digest") == job_digest(job) else None
+    digest = record.get("digest")
+    return record if digest in (job_digest(job), job_digest(job, legacy=True)) else None
 
 
 class AdapterTraining:
@@ -53,8 +57,11 @@ class AdapterTraining:
         total: int,
         progress: bool,
         on_saved: Callable[[int], None] | None = None,
+        store: Path | None = None,
     ):
         self.out, self.executor, self.on_saved = out, executor, on_saved
+        self.store = store
+        """Where fine-tuning adapters are shared between builds, by job digest (or None)."""
         self.records: dict[int, dict] = {}
         self.reused: list[int] = []
         self.trained: list[int] = []
@@ -64,6 +71,7 @@ class AdapterTraining:
         """Train the jobs of a phase that no finished adapter folder already holds."""
         todo = []
         for job in phase:
+            self._take_from_store(job)
             record = finished_record(self.out, job)
             if record is None:
                 todo.append(job)
@@ -92,6 +100,7 @@ class AdapterTraining:
         }
         atomic_write_json(folder / TRAINING_RECORD, record, indent=None)
         self.records[job.id] = record
+        self._put_in_store(job)
         logger.info(
             "%s: %d chunks, %d tokens, %.0f s, loss %.3f -> %.3f",
             job.name,
@@ -105,6 +114,26 @@ class AdapterTraining:
         if self.on_saved is not None:
             self.on_saved(job.id)
         checkpoint("adapter_saved")
+
+    def _stored(self, job: TrainJob) -> Path | None:
+        """The store's folder for this job: only fine-tuning jobs are shared (an expert's
+        chunks depend on K)."""
+        if self.store is None or job.id >= 0:
+            return None
+        return self.store / job_digest(job)
+
+    def _take_from_store(self, job: TrainJob) -> None:
+        stored = self._stored(job)
+        if stored is None or finished_record(self.out, job, stored) is None:
+            return
+        if finished_record(self.out, job) is None:
+            link_tree(stored, self.out / adapter_dir(job.id))
+            logger.info("%s: linked from the adapter store %s", job.name, stored)
+
+    def _put_in_store(self, job: TrainJob) -> None:
+        stored = self._stored(job)
+        if stored is not None and finished_record(self.out, job, stored) is None:
+            link_tree(self.out / adapter_dir(job.id), stored)
 
 
 def train_adapters(config, training: AdapterTraining, experts: list[TrainJob], data) -> list:

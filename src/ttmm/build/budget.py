@@ -32,6 +32,10 @@ from ttmm.build.executors import CONTINUED_JOB, FINETUNE_JOB, TrainJob
 from ttmm.build.train import LoraTrainConfig, planned_tokens, train_lora
 
 CALIBRATION_CHUNKS = 6  # chunks of the throughput measurement behind budget_minutes
+FINETUNE_SEED = 16
+"""The fine-tuning adapter trains with seed + 16 (its continuation + 17) whatever K is, so that
+every bank of a sweep over K shares one fine-tuning job (16: the offset K = 16 banks had when
+the seed followed K, so theirs keep their digests)."""
 
 
 def budget_shares(data_tokens: Sequence[int], budget: int) -> list[int]:
@@ -130,15 +134,16 @@ def finetune_job(
     ``CONTINUED_JOB``, its continuation: the equal-compute control)."""
     ids = [c.token_ids for c in chunks]
     train = budgeted(config.train, budget, data_tokens(ids, config.train))
-    seed = config.seed + config.experts + (1 if job_id == CONTINUED_JOB else 0)
+    seed = config.seed + FINETUNE_SEED + (1 if job_id == CONTINUED_JOB else 0)
     return train_job(
         config, job_id, ids, seed, train, pad_id, init, [c.token_ids for c in validation]
     )
 
 
-def job_digest(job: TrainJob) -> str:
-    """Identity of a job's result: a finished adapter with this digest is reused on resume."""
-    identity = [job.id, job.seed, job.config.hash_dict()]
+def job_digest(job: TrainJob, legacy: bool = False) -> str:
+    """Identity of a job's result: a finished adapter with this digest is reused on resume.
+    ``legacy``: the digest as it was when the thread count was part of it."""
+    identity = [job.id, job.seed, job.config.hash_dict(legacy)]
     if job.dtype != "float32":  # float32 adapters keep the digest they had before dtypes
         identity.append(job.dtype)
     digest = hashlib.sha256(json.dumps(identity).encode())

@@ -115,6 +115,10 @@ class BuildConfig:
     dtype: str = "auto"
     """The base model's dtype while training: auto (float32 on a CPU, bfloat16 on a GPU),
     float32, bfloat16 or float16. Adapters are saved in float32 whatever it is."""
+    adapter_store: str | None = None
+    """A folder where fine-tuning adapters are kept by their job's digest: a build whose
+    fine-tuning job (same chunks, budget, recipe and seed) is already there links it instead
+    of training it, so the banks of a sweep over K share one (placement: not in the hash)."""
 
     # Fields that choose where the work runs, not what it computes: left out of the hash, so a
     # build started sequentially may be resumed on Ray and the other way round.
@@ -125,6 +129,7 @@ class BuildConfig:
         "ray_max_retries",
         "ray_gpus_per_task",
         "device",
+        "adapter_store",
     )
     # Fields added after the first banks, with the value those banks were built with: left out
     # of the hash at that value, so older banks keep their hash and still resume.
@@ -242,12 +247,14 @@ class BuildConfig:
         threads = max(1, (os.cpu_count() or 2) // 2)
         return replace(config, train=replace(self.train, num_threads=threads))
 
-    def content_hash(self) -> str:
-        """Hash of the fields that determine the bank's contents (placement fields excluded)."""
+    def content_hash(self, legacy: bool = False) -> str:
+        """Hash of the fields that determine the bank's contents (placement fields and the
+        training thread count excluded). ``legacy``: the hash as it was before thread counts
+        left it, which a build started then holds in its state file."""
         data = {
             k: v
             for k, v in self.to_dict().items()
             if k not in self._PLACEMENT and self._ADDED_DEFAULTS.get(k, object()) != v
         }
-        data["train"] = self.train.hash_dict()
+        data["train"] = self.train.hash_dict(legacy)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

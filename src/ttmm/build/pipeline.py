@@ -113,11 +113,12 @@ def write_state(out: Path, payload: dict) -> None:
     atomic_write_json(out / STATE_NAME, payload, indent=1)
 
 
-def check_output(out: Path, config_hash: str) -> str:
+def check_output(out: Path, config_hash: str, legacy_hash: str | None = None) -> str:
     """``fresh``, ``resume`` or ``done`` for building into ``out``; BuildError for anything else.
 
     Nothing is written here. A folder that is neither empty nor our own build is refused:
-    a build never overwrites files it did not make.
+    a build never overwrites files it did not make. ``legacy_hash``: the configuration's hash
+    as an older ttmm wrote it (with the thread count), also taken as this build's.
     """
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} is a file; choose a new or empty folder")
@@ -133,7 +134,7 @@ def check_output(out: Path, config_hash: str) -> str:
             f"--out {out} is not empty and holds no ttmm build ({shown}); choose a new or empty "
             "folder (ttmm never overwrites files it did not write)"
         )
-    if state.get("config_hash") != config_hash:
+    if state.get("config_hash") not in (config_hash, legacy_hash):
         raise BuildError(
             f"--out {out} holds a build with a different configuration (hash "
             f"{state.get('config_hash')}, now {config_hash}); rerun with that build's "
@@ -319,7 +320,7 @@ def _run_build(
     config = config.resolved()
     out = Path(out).expanduser()
     config_hash = config.content_hash()
-    if check_output(out, config_hash) == "done":
+    if check_output(out, config_hash, config.content_hash(legacy=True)) == "done":
         logger.info("%s is a finished bank of this configuration: nothing to do", out)
         return BuildResult(out, Bank.load(out).manifest, [], [], nothing_to_do=True)
 
@@ -375,7 +376,8 @@ def _run_build(
         gpus_per_task=config.ray_gpus_per_task,
     )
     total = len(experts) + int(config.with_finetune) + int(config.continue_finetune)
-    training = AdapterTraining(out, executor, total, progress, on_saved)
+    store = Path(config.adapter_store).expanduser() if config.adapter_store else None
+    training = AdapterTraining(out, executor, total, progress, on_saved, store)
     with timer.stage("train"), training.bar:
         jobs = train_adapters(
             config, training, experts, (prepared.chunks, prepared.validation, pad_id, budget)

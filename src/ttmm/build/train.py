@@ -131,10 +131,15 @@ class LoraTrainConfig:
             del data["shuffle"]
         return data
 
-    def hash_dict(self) -> dict:
-        """``to_dict`` without added fields at the value older banks were trained with."""
+    def hash_dict(self, legacy: bool = False) -> dict:
+        """``to_dict`` without added fields at the value older banks were trained with, and
+        without ``num_threads``: where the work runs is not what it computes. ``legacy``:
+        with ``num_threads``, as hashes were before (read to resume older builds)."""
         added = self._ADDED_DEFAULTS
-        return {k: v for k, v in self.to_dict().items() if k not in added or added[k] != v}
+        data = {k: v for k, v in self.to_dict().items() if k not in added or added[k] != v}
+        if not legacy:
+            del data["num_threads"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraTrainConfig:
