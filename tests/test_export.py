@@ -222,8 +222,8 @@ def test_export_endpoint_sends_the_adapter_or_writes_it_to_its_folder(tiny_engin
     assert base64.b64decode(answer["adapter_model"]) == expected.safetensors_bytes()
     [plan] = tiny_engine.route([CODE], tiny_engine.routing_for(max_active=2))
     assert routed["ttmm"] == tiny_engine.bank.describe_plan(plan)
-    assert [e.status_code for e in errors] == [400] * 4
-    assert [e.json()["error"]["code"] for e in errors[:2]] == ["invalid_experts", "no_experts"]
+    assert [e.status_code for e in errors] == [404, 400, 400, 400]
+    assert [e.json()["error"]["code"] for e in errors[:2]] == ["expert_not_found", "invalid_value"]
 
     settings = ServerSettings(export_dir=str(tmp_path / "exports"))
     with TestClient(create_app(tiny_engine, settings)) as client:

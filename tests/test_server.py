@@ -264,9 +264,9 @@ BAD_REQUESTS = {
     "unknown experts": (
         "/v1/completions",
         {"prompt": "x", "ttmm": {"experts": {"7": 1.0}}},
-        400,
+        404,
         "ttmm.experts",
-        "invalid_experts",
+        "expert_not_found",
     ),
     "expert id not a number": (
         "/v1/completions",
@@ -501,7 +501,7 @@ def test_the_official_openai_client_talks_to_the_server(live_server, tiny_engine
 
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="unknown expert"):
+    with pytest.raises(openai.NotFoundError, match="unknown expert"):
         client.completions.create(
             model="ttmm", prompt=PROMPT, max_tokens=2, extra_body={"ttmm": {"experts": {"9": 1}}}
         )

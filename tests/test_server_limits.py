@@ -266,3 +266,29 @@ def test_a_request_past_its_time_limit_frees_the_engine_within_a_decoding_step(t
     calls, after = steps_after_timeout(tiny_engine, "/v1/completions", body)
     assert 5 <= calls < 400  # it was decoding, and stopped long before its 400 tokens
     assert after <= 2, f"{after} forward passes after the 504"
+
+
+def test_schemathesis_with_every_check_finds_nothing(fuzz_app, tmp_path):
+    """``st run --checks all`` (its coverage and fuzzing phases: valid requests accepted,
+    invalid ones refused, 405 with Allow for undeclared methods, documented statuses,
+    content types and schemas, no 5xx) against a live server over a bank no other test
+    uses, with the server's default limits but a small max_tokens (speed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_server import running
+
+    app, model = fuzz_app
+    app = create_app(app.state.engine, ServerSettings(max_tokens_limit=8, default_max_tokens=4))
+    before = snapshot(model)
+    st = Path(sys.executable).parent / "st"
+    with running(app) as url:
+        result = subprocess.run(
+            [str(st), "run", f"{url}/openapi.json", "--checks", "all", "-n", "40", "--seed", "0",
+             "--no-color"],  # fmt: skip
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert f"Tested: {len(OPERATIONS)}" in result.stdout  # every operation was exercised
+    assert_bitwise_unchanged(model, before)

@@ -28,6 +28,7 @@ from ttmm.serve.completions import Completions, check_model, merge_for, resolve_
 from ttmm.serve.errors import (
     APIError,
     document_errors,
+    document_limits,
     error_responses,
     install_error_handlers,
 )
@@ -106,6 +107,7 @@ def create_app(
     install_export(app, [guard], service.slots)  # POST /v1/ttmm/export
     install_rollout(app, guard, settings, rollout)  # /v1/ttmm/rollout*, /v1/ttmm/feedback
     document_errors(app)
+    document_limits(app, settings)
     return app
 
 
@@ -167,6 +169,10 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
         responses=STREAMED | error_responses(*GENERATION_ERRORS),
     )
     async def chat_completions(body: ChatRequest, request: Request):
+        if (body.max_tokens or 0) > settings.max_tokens_limit:  # bounded even when superseded
+            message = f"max_tokens={body.max_tokens} exceeds this server's limit of "
+            raise APIError(400, message + str(settings.max_tokens_limit), param="max_tokens",
+                           code="max_tokens_exceeded")  # fmt: skip
         prompt = _chat_prompt(service.engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
         key = request_key(service.rollout, request, body.user)

@@ -33,7 +33,6 @@ from ttmm.serve.streaming import RowStream, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
-MAX_CHOICES = 16
 """Most choices (prompts × n) one request may ask for."""
 
 
@@ -96,20 +95,13 @@ class Completions:
         if scored is not None and (body.stream or echo):
             what = "stream: true" if body.stream else "echo: true"
             raise APIError(400, f"logprobs cannot be combined with {what}", param="logprobs")
-        if len(prompts) * body.n > MAX_CHOICES:
-            raise APIError(
-                400,
-                f"{len(prompts)} prompts × n={body.n} make more than {MAX_CHOICES} choices; "
-                "send fewer prompts or a smaller n",
-                param="n",
-            )
         max_new = _max_new_tokens(max_tokens, settings)
         for prompt in prompts:
             self._check_prompt_length(prompt, param)
         n, seed = body.n, body.seed
         options = [  # sample j of a seeded request draws with seed + j: n different samples
             GenerationOptions.from_request(
-                max_new, body.temperature, body.top_p, None if seed is None else seed + j
+                max_new, body.temperature, body.top_p, None if seed is None else (seed + j) % 2**64
             )
             for j in range(n)
         ]
@@ -335,13 +327,7 @@ def merge_for(engine: TTMM, control: TTMMControl | None, query: str, param: str)
     if control is not None and control.base:
         return MergeRequest(plan=RoutingPlan.base())
     if control is not None and control.experts is not None:
-        try:
-            plan = RoutingPlan.explicit(control.experts)
-            engine.merger.check_plan(plan)
-            _check_bank_ids(engine, plan)
-        except (RoutingError, MergeError) as err:
-            raise APIError(400, str(err), param="ttmm.experts", code="invalid_experts") from None
-        return MergeRequest(plan=plan)
+        return MergeRequest(plan=explicit_plan(engine, control.experts, "ttmm.experts"))
     routing = engine.routing
     if control is not None and control.routing is not None:
         try:
@@ -361,9 +347,22 @@ async def resolve_merge(engine: TTMM, merge: MergeRequest) -> RoutingPlan:
     return plan
 
 
-def _check_bank_ids(engine: TTMM, plan: RoutingPlan) -> None:
-    """Explicit experts are the bank's: a rollout's control adapters sit beyond its K ids."""
+def explicit_plan(engine: TTMM, experts: dict[int, float], param: str) -> RoutingPlan:
+    """The plan merging ``experts`` (id: weight) of the engine's bank: 404 for an id the bank
+    does not have (a rollout's control adapters sit beyond its K ids), 400 for bad weights."""
     K = engine.bank.num_experts
-    bad = [k for k in plan.expert_ids if not 0 <= k < K]
-    if bad:
-        raise MergeError(f"unknown expert id(s) {bad}; the bank has experts 0..{K - 1}")
+    unknown = sorted(k for k in experts if not 0 <= k < K)
+    if unknown:
+        raise APIError(
+            404,
+            f"unknown expert id(s) {unknown}; the bank has experts 0..{K - 1}",
+            type="not_found_error",
+            param=param,
+            code="expert_not_found",
+        )
+    try:
+        plan = RoutingPlan.explicit(experts)
+        engine.merger.check_plan(plan)
+    except (RoutingError, MergeError) as err:
+        raise APIError(400, str(err), param=param, code="invalid_experts") from None
+    return plan

@@ -101,6 +101,34 @@ def document_errors(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+LIMITED = {  # (request schema, field) -> the ServerSettings limit that bounds it
+    ("CompletionRequest", "max_tokens"): "max_tokens_limit",
+    ("ChatRequest", "max_tokens"): "max_tokens_limit",
+    ("ChatRequest", "max_completion_tokens"): "max_tokens_limit",
+    ("ScoreRequest", "max_tokens"): "max_prompt_tokens",
+}
+
+
+def document_limits(app: FastAPI, settings) -> None:
+    """State this server's limits (``settings``) as the maximum of the fields they bound, so
+    that what the document allows is what the server accepts."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original()
+            components = schema.get("components", {}).get("schemas", {})
+            for (name, field), limit in LIMITED.items():
+                prop = components.get(name, {}).get("properties", {}).get(field)
+                for branch in (prop or {}).get("anyOf", [prop] if prop else []):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = getattr(settings, limit)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def server_error(message: str) -> APIError:
     return APIError(500, message, type="server_error")
 
@@ -117,6 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             message, code = f"the body is not valid JSON: {first.get('msg')}", "invalid_json"
+        elif first.get("type") == "string_pattern_mismatch":  # NonBlank: a text of spaces
+            where = ".".join(loc) or "body"
+            message, code = f"{where} is blank: routing needs some text", "invalid_value"
         else:
             where = ".".join(loc) or "body"
             message, code = f"{where}: {first.get('msg')}", "invalid_value"
@@ -127,7 +158,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return APIError(err.status_code, str(err.detail), type=type_).response()
+        # a 405 keeps Starlette's Allow header (the methods the path has; RFC 9110)
+        return APIError(
+            err.status_code, str(err.detail), type=type_, headers=err.headers
+        ).response()
 
     @app.exception_handler(InputError)
     @app.exception_handler(RoutingError)

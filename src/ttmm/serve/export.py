@@ -15,31 +15,44 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ttmm.export import merged_adapter
-from ttmm.merge import MergeError
 from ttmm.model import TTMM
 from ttmm.routing import RoutingError, RoutingPlan
+from ttmm.serve.completions import explicit_plan
 from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.limits import Slots
-from ttmm.serve.schemas import RoutingOverride
+from ttmm.serve.schemas import OBJECT, ExpertWeights, NonBlank, RoutingOverride
 
-EXPORT_ERRORS = error_responses(400, 401, 413, 429, 504)
+EXPORT_ERRORS = error_responses(400, 401, 404, 413, 429, 504)
 
 
 class ExportRequest(BaseModel):
     """POST /v1/ttmm/export: exactly one of ``input`` (routed) or ``experts``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # what _one_choice checks, for clients and fuzzers
+            "oneOf": [
+                {"properties": {"input": {"type": "string"}}, "required": ["input"]},
+                {"properties": {"experts": OBJECT}, "required": ["experts"]},
+            ],
+            "not": {
+                "properties": {"routing": OBJECT, "experts": OBJECT},
+                "required": ["routing", "experts"],
+            },  # fmt: skip
+        },
+    )
 
-    input: str | None = Field(default=None, min_length=1)
+    input: NonBlank | None = None
     """A text to route on its first P tokens, as /v1/route does."""
     routing: RoutingOverride | None = None
     """Routing settings for ``input``; missing fields keep the server's defaults."""
-    experts: dict[int, float] | None = None
+    experts: Annotated[ExpertWeights, Field(min_length=1)] | None = None
     """``{"3": 0.7, "5": 0.3}``: export these experts with these weights, no routing."""
 
     @model_validator(mode="after")
@@ -68,11 +81,7 @@ def export_folder_name(engine: TTMM, plan: RoutingPlan) -> str:
 def _plan(engine: TTMM, body: ExportRequest) -> RoutingPlan:
     """The request's plan (routing its input in the calling thread)."""
     if body.experts is not None:
-        try:
-            plan = RoutingPlan.explicit(body.experts)
-            engine.merger.check_plan(plan)
-        except (RoutingError, MergeError) as err:
-            raise APIError(400, str(err), param="experts", code="invalid_experts") from None
+        plan = explicit_plan(engine, body.experts, "experts")
     else:
         try:
             routing = engine.routing_for(**(body.routing.model_dump() if body.routing else {}))

@@ -18,11 +18,35 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from ttmm.routing import RULES
 
-Text = Annotated[str, Field(min_length=1)]
+
+def _not_a_bool(value):
+    if isinstance(value, bool):  # JSON true/false are not numbers (pydantic would take 1/0)
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+NO_BOOL = BeforeValidator(_not_a_bool)  # after a Field's constraints, or they leave the schema
+Int = Annotated[int, NO_BOOL]
+Float = Annotated[float, NO_BOOL]
+Bool = StrictBool
+"""JSON types as the OpenAPI document states them: no booleans taken as numbers, no 0/1 or
+"true" taken as booleans (so what the document calls invalid is refused)."""
+WEIGHT_LIMIT = 1000.0
+Weight = Annotated[float, Field(ge=-WEIGHT_LIMIT, le=WEIGHT_LIMIT), NO_BOOL]
+"""A merge weight: within ±1000 (larger ones overflow the factors' float32)."""
+ExpertWeights = Annotated[
+    dict[int, Weight],
+    Field(json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}}),
+]
+"""``{"3": 0.7}``: expert ids (the keys, as JSON requires, decimal) and weights."""
+
+NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S")]
+"""Text with something to route on (the pattern, unanchored: one character not a space)."""
+Text = NonBlank
 
 
 class _Strict(BaseModel):
@@ -33,18 +57,37 @@ class RoutingOverride(_Strict):
     """Routing settings for one request; a missing field keeps the server's default."""
 
     rule: Literal[tuple(RULES)] | None = None  # the names ttmm.routing registers
-    beta: float | None = Field(default=None, gt=0)
-    tau: float | None = Field(default=None, ge=0, lt=1)
-    max_active: int | None = Field(default=None, ge=1)
+    beta: Annotated[float, Field(gt=0), NO_BOOL] | None = None
+    tau: Annotated[float, Field(ge=0, lt=1), NO_BOOL] | None = None
+    max_active: Annotated[int, Field(ge=1), NO_BOOL] | None = None
+
+
+def _at_most_one(*pairs: tuple[str, dict]) -> dict:
+    """JSON schema: not two of these fields set at once (``pairs``: name, schema when set)."""
+    both = []
+    for i, (a, when_a) in enumerate(pairs):
+        for b, when_b in pairs[i + 1 :]:
+            both.append({"properties": {a: when_a, b: when_b}, "required": [a, b]})
+    return {"not": {"anyOf": both}}
+
+
+OBJECT = {"type": "object"}
 
 
 class TTMMControl(_Strict):
     """The ``ttmm`` field of a request: how to choose the merge for it."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_at_most_one(
+            ("routing", OBJECT), ("experts", OBJECT), ("base", {"const": True})
+        ),
+    )
+
     routing: RoutingOverride | None = None
-    experts: dict[int, float] | None = None
-    base: bool = False
-    timing: bool = False
+    experts: ExpertWeights | None = None
+    base: Bool = False
+    timing: Bool = False
     """Report route, merge, prefill and decode seconds in the response's ``ttmm`` field."""
 
     @model_validator(mode="after")
@@ -60,7 +103,7 @@ class TTMMControl(_Strict):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class GenerationRequest(BaseModel):
@@ -69,14 +112,16 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
+    max_tokens: Annotated[int, Field(ge=1), NO_BOOL] | None = None
+    temperature: Float = Field(default=1.0, ge=0, le=2)
+    top_p: Float = Field(default=1.0, gt=0, le=1)
+    n: Int = Field(default=1, ge=1, le=16)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), NO_BOOL] | None = None
+    """Within ±2^53 (exact as a JSON number anywhere); sample j of a request draws with
+    seed + j."""
     user: str | None = Field(default=None, max_length=256)
     """OpenAI's end-user id; a rollout keeps one user on one arm by it."""
     ttmm: TTMMControl | None = None
@@ -89,13 +134,28 @@ class GenerationRequest(BaseModel):
         return [s for s in stops if s]
 
 
+NO_LOGPROBS_WITH = {  # what the server refuses to combine with logprobs, as the document says
+    "not": {
+        "anyOf": [
+            {
+                "properties": {flag: {"const": True}, "logprobs": {"type": "integer"}},
+                "required": [flag, "logprobs"],
+            }  # fmt: skip
+            for flag in ("stream", "echo")
+        ]
+    }
+}
+
+
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra=NO_LOGPROBS_WITH)
+
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     """One prompt or a list of up to 16; each is routed on its own."""
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: Bool = False
+    logprobs: Annotated[int, Field(ge=0, le=20), NO_BOOL] | None = None
     """Return the log-probability of each token and this many most likely alternatives."""
 
     @property
@@ -110,14 +170,14 @@ class CompletionRequest(GenerationRequest):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: NonBlank
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: NonBlank | Annotated[list[TextPart], Field(min_length=1)]
 
     @property
     def text(self) -> str:
@@ -129,10 +189,20 @@ class ChatMessage(BaseModel):
 class ChatRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "not": {
+                "properties": {"stream": {"const": True}, "logprobs": {"const": True}},
+                "required": ["stream", "logprobs"],
+            }
+        },
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Annotated[int, Field(ge=1), NO_BOOL] | None = None
+    logprobs: Bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), NO_BOOL] | None = None
     """With ``logprobs``: this many most likely alternatives of each token."""
 
     @property
@@ -149,7 +219,7 @@ class RouteRequest(_Strict):
     """POST /v1/route: the experts and weights a text would get, without generating."""
 
     model: str | None = None
-    input: str = Field(min_length=1)
+    input: NonBlank
     ttmm: TTMMControl | None = None
 
 

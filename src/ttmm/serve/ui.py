@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
@@ -44,7 +45,7 @@ from ttmm.serve.batching import GenerationOptions, Served, follow, timings
 from ttmm.serve.errors import APIError, error_responses
 from ttmm.serve.limits import Slots
 from ttmm.serve.responses import STREAMED, Choice, Reply, stream_events
-from ttmm.serve.schemas import CompletionRequest, RoutingOverride
+from ttmm.serve.schemas import NO_BOOL, CompletionRequest, Int, NonBlank, RoutingOverride
 from ttmm.serve.streaming import BatchStreamer, RowsCancelled, RowStream, cut_at_stop
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -69,8 +70,19 @@ class LocateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(min_length=1)
+    input: NonBlank
     """The text; like routing, it is placed by its first P tokens (the routing's prefix_tokens)."""
+
+
+class FinetuneCompletionRequest(CompletionRequest):
+    """POST /v1/ttmm/finetune/completions: one prompt, one choice, no log-probabilities."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra=None)
+
+    prompt: NonBlank
+    n: Literal[1] = 1
+    echo: Literal[False] = False
+    logprobs: None = None
 
 
 class ScoreRequest(BaseModel):
@@ -79,9 +91,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1)
-    prefix_tokens: int = Field(default=50, ge=1)
+    prefix_tokens: Int = Field(default=50, ge=1)
     """Tokens routed on and never scored (design notes §3)."""
-    max_tokens: int | None = Field(default=None, ge=2)
+    max_tokens: Annotated[int, Field(ge=2), NO_BOOL] | None = None
     """Truncate the text to this many tokens; default: the server's max_prompt_tokens."""
     routing: RoutingOverride | None = None
 
@@ -241,6 +253,19 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
 
         def work() -> dict:
             text, P = body.text, body.prefix_tokens
+            n_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if min(n_tokens, limit) <= P:  # a valid request with nothing to score: say so
+                [prefix] = engine.query_texts([text], routing)
+                return {
+                    "object": "ttmm.score",
+                    "prefix": prefix,
+                    "prefix_tokens": P,
+                    "scored_tokens": 0,
+                    "truncated": n_tokens > limit,
+                    "methods": [],
+                    "message": f"the text has {min(n_tokens, limit)} token(s), none after the "
+                    f"first {P} that are routed on: give a longer text or a smaller prefix_tokens",
+                }
             finetune = state.finetune() if has_finetune else None
             [routed] = engine.score([text], P, limit, routing=routing)
             [base] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
@@ -252,7 +277,6 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
                 with applied(engine, finetune):
                     [tuned] = engine.score([text], P, limit, plans=[RoutingPlan.base()])
                 methods.append(method("finetune", tuned))
-            n_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
             [prefix] = engine.query_texts([text], routing)
             return {
                 "object": "ttmm.score",
@@ -266,7 +290,7 @@ def install_ui(app: FastAPI, dependencies: Sequence, slots: Slots, streams: Slot
         return await state.run(work)
 
     @router.post("/finetune/completions", responses=STREAMED | GENERATION_ERRORS)
-    async def finetune_completions(body: CompletionRequest):
+    async def finetune_completions(body: FinetuneCompletionRequest):
         engine, settings = state.engine, state.settings
         merger = await asyncio.to_thread(state.finetune)  # read from disk once
         requested = body.max_tokens or settings.default_max_tokens

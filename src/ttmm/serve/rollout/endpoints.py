@@ -30,6 +30,7 @@ from ttmm.serve.rollout.config import RolloutConfigError
 from ttmm.serve.rollout.policy import RolloutStateError
 from ttmm.serve.rollout.service import RolloutService
 from ttmm.serve.rollout.store import ACTIONS
+from ttmm.serve.schemas import Float
 from ttmm.serve.settings import ServerSettings
 
 
@@ -54,7 +55,7 @@ class FeedbackRequest(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     """The ``id`` of a completion this server returned."""
-    score: float = Field(ge=0, le=1)
+    score: Float = Field(ge=0, le=1)
     """0 (bad) to 1 (good)."""
 
 
@@ -118,7 +119,7 @@ def install_rollout(
             )  # fmt: skip
         return rollout
 
-    @router.get("/rollout", dependencies=reader, responses=error_responses(401, 404, 413, 429))
+    @router.get("/rollout", dependencies=reader, responses=error_responses(400, 401, 404, 413, 429))
     async def status(decisions: int = 50) -> dict:
         service = running()
         limit = max(0, min(decisions, 10_000))

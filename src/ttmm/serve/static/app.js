@@ -333,6 +333,7 @@ async function scoreText() {
     const body = { text, prefix_tokens: Number($("prefix-tokens").value), routing: routingOverride() };
     const result = await getJSON("/v1/ttmm/score", body);
     out.replaceChildren();
+    if (!result.methods.length) { showError(result.message); return; }
     const base = result.methods.find((m) => m.method === "base").perplexity;
     const top = Math.max(...result.methods.map((m) => m.perplexity));
     const table = make("table", { class: "scores" }, out);
