@@ -5,6 +5,11 @@ scored on the same documents (e.g. TTMM-10 of the K = 4 bank against TTMM-10 of 
 the report's paired bootstrap (same draw, resamples and seed as ``config.json``):
 
     .venv/bin/python benchmarks/compare_banks.py k4:top10 k16:top10 k4:top10 k16:finetune
+    .venv/bin/python benchmarks/compare_banks.py --also benchmarks/results/k256 \
+        k256:top10 k16:top10
+
+``--also DIR`` adds the banks and scored documents of another results folder (a bank scored
+in a run of its own, as ``reproduce.py --only k256 --out DIR`` does) to the comparison.
 
 Arguments come in pairs, ``A B``, each ``BANK:METHOD``; prints ppl(A) − ppl(B) per domain with
 its 95% interval, the share of documents where A is better, and the documents compared.
@@ -66,13 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pairs", nargs="+", help="BANK:METHOD BANK:METHOD ...")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument(
+        "--also", type=Path, action="append", default=[], help="another results folder"
+    )
     args = parser.parse_args(argv)
     if len(args.pairs) % 2:
         parser.error("give the BANK:METHOD arguments in pairs: A B [A B ...]")
     results = json.loads((args.results / "results.json").read_text())
     config = json.loads((args.results / "config.json").read_text())
-    lines = (args.results / "documents.jsonl").read_text().splitlines()
-    documents = [json.loads(line) for line in lines if line.strip()]
+    documents = []
+    for folder in (args.results, *args.also):
+        lines = (folder / "documents.jsonl").read_text().splitlines()
+        documents += [json.loads(line) for line in lines if line.strip()]
+        if folder != args.results:
+            other = json.loads((folder / "config.json").read_text())
+            if (other["bootstrap"], other["seed"]) != (config["bootstrap"], config["seed"]):
+                raise SystemExit(f"{folder} was scored with another bootstrap or seed")
+            results["banks"].update(json.loads((folder / "results.json").read_text())["banks"])
     domains = sorted({d["domain"] for d in documents})
     for first, second in zip(args.pairs[::2], args.pairs[1::2]):
         picked, banks = [], []
