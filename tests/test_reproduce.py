@@ -139,3 +139,18 @@ def test_compare_banks_reproduces_the_reports_paired_differences(tmp_path, capsy
         compare_banks.main(["k4:top10", "--results", str(tmp_path)])  # not a pair
     with pytest.raises(SystemExit, match="k4:ttt was not scored"):
         compare_banks.main(["k4:ttt", "k4:base", "--results", str(tmp_path)])
+
+
+def test_compare_banks_joins_a_bank_scored_in_its_own_run(capsys):
+    """``--also``: the committed K = 256 records, scored in a run of their own, against the
+    main run's K = 16 (the README's numbers)."""
+    compare_banks = load_script("compare_banks")
+    del sys.modules["compare_banks"]
+    results = Path(compare_banks.HERE) / "results"
+    args = ["k256:top10", "k16:top10", "--also", str(results / "k256")]
+    assert compare_banks.main(args) == 0
+    out = capsys.readouterr().out
+    assert "k256:top10 − k16:top10, stdlib: +1.533 [+1.148, +1.924]*" in out
+    assert "of 60 documents" in out
+    with pytest.raises(SystemExit, match="k256:top10 was not scored"):
+        compare_banks.main(["k256:top10", "k16:top10"])  # without --also
