@@ -140,10 +140,38 @@ def test_streams_with_several_choices_and_usage(client, tiny_engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW
 
 
+def test_streamed_logprobs_come_with_their_chunks_and_equal_the_whole_answers(client):
+    """As vLLM: each streamed chunk carries its tokens' log-probabilities; all chunks
+    together list what the non-streamed answer lists (same tokens, values, alternatives)."""
+    asked = dict(model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=0, extra_body=EXPERT)
+    whole = client.completions.create(**asked, logprobs=3).choices[0].logprobs
+    chunks = list(client.completions.create(**asked, logprobs=3, stream=True))
+    texts = [c.choices[0] for c in chunks if c.choices and c.choices[0].text]
+    assert len(texts) > 1 and all(c.logprobs is not None for c in texts)
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for choice in texts:
+        for name in joined:
+            joined[name] += getattr(choice.logprobs, name)
+    assert joined["tokens"] == whole.tokens and joined["text_offset"] == whole.text_offset
+    assert joined["token_logprobs"] == pytest.approx(whole.token_logprobs, abs=ATOL)
+    assert [sorted(t) for t in joined["top_logprobs"]] == [sorted(t) for t in whole.top_logprobs]
+
+    chat = dict(model="ttmm", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+                max_completion_tokens=NEW, logprobs=True, top_logprobs=2)  # fmt: skip
+    expected = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**chat, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in expected]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in expected], abs=ATOL)
+    assert all(len(e.top_logprobs) == 2 for e in streamed)
+
+
 def test_what_cannot_be_served_is_refused_by_name(client):
     with pytest.raises(openai.BadRequestError, match="logprobs cannot be combined"):
-        client.completions.create(
-            model="ttmm", prompt=PROMPT, max_tokens=2, logprobs=1, stream=True
-        )
+        client.completions.create(model="ttmm", prompt=PROMPT, max_tokens=2, logprobs=1, echo=True)
     many = client.completions.create(model="ttmm", prompt=[PROMPT, OTHER], max_tokens=1, n=9)
     assert len(many.choices) == 18  # 2 prompts x 9 samples: the schema's bounds, served

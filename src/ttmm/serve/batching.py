@@ -38,13 +38,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, S
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from ttmm.generation import GREEDY, Sampling
 from ttmm.merge import PlanFactors
 from ttmm.model import TTMM, Generation
 from ttmm.routing import RoutingConfig, RoutingPlan
-from ttmm.serve.streaming import END, BatchStreamer, RowsCancelled, RowStream
+from ttmm.serve.streaming import END, BatchStreamer, RowsCancelled, RowStream, StepLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -272,12 +272,15 @@ class Batcher:
         merge: MergeRequest,
         options: GenerationOptions,
         stream: RowStream,
+        top_logprobs: int | None = None,
         **row,
     ) -> AsyncIterator[RoutingPlan | str | Served]:
         """Yield the plan of ``prompt`` once its batch routed it, its continuation piece by
         piece, then its :class:`Served`. Leaving early (or setting ``stream.cancel``) stops
         the row, not its batch."""
-        task = asyncio.ensure_future(self.submit(prompt, merge, options, stream=stream, **row))
+        task = asyncio.ensure_future(
+            self.submit(prompt, merge, options, top_logprobs, stream=stream, **row)
+        )
         async for item in follow(task, stream):
             yield item
 
@@ -361,8 +364,13 @@ class Batcher:
         logger.debug(
             "batch of %d rows, %d distinct merges", len(jobs), len({p.key() for p in plans})
         )
-        streamer = BatchStreamer(engine.tokenizer, [job.stream for job in jobs])
         asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
+        streamed = [j.top_logprobs if j.stream is not None else None for j in jobs]
+        steps = StepLogprobs() if any(k is not None for k in streamed) else None
+        streamer = BatchStreamer(
+            engine.tokenizer, [job.stream for job in jobs], logprobs=steps, top_k=streamed
+        )
+        extra = {"logits_processor": LogitsProcessorList([steps])} if steps else {}
         start = time.perf_counter()
         generations = engine.generate(
             [job.prompt for job in jobs],
@@ -372,6 +380,7 @@ class Batcher:
             score_prefix=_prefixes(jobs),
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([RowsCancelled([j.cancelled for j in jobs])]),
+            **extra,
             **jobs[0].options.generate_kwargs(),
         )
         times = timings(streamer, start, route_s)

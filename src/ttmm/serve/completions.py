@@ -92,9 +92,8 @@ class Completions:
         check_model(body.model, settings)
         echo = getattr(body, "echo", False)
         scored = body.logprob_count
-        if scored is not None and (body.stream or echo):
-            what = "stream: true" if body.stream else "echo: true"
-            raise APIError(400, f"logprobs cannot be combined with {what}", param="logprobs")
+        if scored is not None and echo:  # the prompt's tokens would need their own scores
+            raise APIError(400, "logprobs cannot be combined with echo: true", param="logprobs")
         max_new = _max_new_tokens(max_tokens, settings)
         for prompt in prompts:
             self._check_prompt_length(prompt, param)
@@ -239,7 +238,14 @@ class Completions:
         rows = plan.rows
         streams = [RowStream(loop) for _ in rows]
         sources = [
-            self.batcher.stream(row.prompt, row.merge, row.options, stream, **row.extra)
+            self.batcher.stream(
+                row.prompt,
+                row.merge,
+                row.options,
+                stream,
+                top_logprobs=body.logprob_count,
+                **row.extra,
+            )  # fmt: skip
             for row, stream in zip(rows, streams)
         ]
         reply = Reply(self.settings.model_id, {}, chat)
@@ -259,6 +265,7 @@ class Completions:
             timing=timing,
             prompt_counted=[i % body.n == 0 for i in range(len(rows))],
             echoes=[row.prompt for row in rows] if echo else None,
+            logprobs=body.logprob_count,
         )
         return StreamingResponse(events, media_type="text/event-stream")
 

@@ -23,7 +23,7 @@ from ttmm.routing import RoutingPlan
 from ttmm.serve.batching import Served
 from ttmm.serve.errors import server_error, timeout_error
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.streaming import RowStream, StopScanner
+from ttmm.serve.streaming import RowStream, StopScanner, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +110,19 @@ class Reply:
         index: int = 0,
         extra: dict | None = None,
         plan: dict | None = None,
+        logprobs: dict | None = None,
     ) -> dict:
         """A chunk of choice ``index``; the first and last carry ``plan`` (or the reply's)
-        and ``extra`` in their ``ttmm`` field."""
+        and ``extra`` in their ``ttmm`` field; ``logprobs``: its tokens' (streamed)."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish,
+            }  # fmt: skip
         body = {
             **self._head("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [choice],
@@ -155,7 +158,11 @@ def _scored_tokens(tokenizer, generation: Generation, text_len: int):
 
 def completion_logprobs(tokenizer, generation: Generation, text_len: int, start: int) -> dict:
     """Completions' shape; ``start`` is where the completion begins in the returned text."""
-    rows = _scored_tokens(tokenizer, generation, text_len)
+    return completion_shape(_scored_tokens(tokenizer, generation, text_len), start)
+
+
+def completion_shape(rows, start: int = 0) -> dict:
+    """Completions' logprobs of ``rows`` (piece, logprob, top, offset)."""
     return {
         "tokens": [piece for piece, *_ in rows],
         "token_logprobs": [value for _, value, *_ in rows],
@@ -166,11 +173,15 @@ def completion_logprobs(tokenizer, generation: Generation, text_len: int, start:
 
 def chat_logprobs(tokenizer, generation: Generation, text_len: int, k: int) -> dict:
     """Chat's shape: one entry per token with its ``k`` most likely alternatives."""
+    return chat_shape(_scored_tokens(tokenizer, generation, text_len), k)
+
+
+def chat_shape(rows, k: int) -> dict:
+    """Chat's logprobs of ``rows`` (piece, logprob, top, offset)."""
 
     def entry(piece: str, value: float) -> dict:
         return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
 
-    rows = _scored_tokens(tokenizer, generation, text_len)
     return {
         "content": [
             entry(piece, value) | {"top_logprobs": [entry(t, v) for t, v in top[:k]]}
@@ -193,16 +204,26 @@ async def stream_events(
     timing: bool = False,
     prompt_counted: Sequence[bool] = (True,),
     echoes: Sequence[str] | None = None,
+    logprobs: int | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events of streamed choices (choice ``i`` from ``sources[i]``, which
     yields its plan, text pieces, then its :class:`Served`), ending with ``data: [DONE]``.
     ``describe`` writes a plan for the ``ttmm`` field.
     ``prompt_counted[i]``: whether choice i's prompt tokens count in the usage (once per
-    prompt, not per sample); ``echoes[i]``: text sent before choice i's (its prompt)."""
+    prompt, not per sample); ``echoes[i]``: text sent before choice i's (its prompt).
+    ``logprobs`` (k): each chunk carries the log-probabilities of the tokens whose text
+    starts in what has been sent, as the non-streamed answer would list them."""
     timed_out = threading.Event()
     merged: asyncio.Queue = asyncio.Queue()
     scanners = [StopScanner(stops) for _ in sources]
     plans: dict[int, dict] = {}
+    tokens = [_StreamedTokens() for _ in sources]
+
+    def shaped(index: int, sent: int) -> dict | None:
+        if logprobs is None:
+            return None
+        rows = tokens[index].take(sent)
+        return chat_shape(rows, logprobs) if reply.chat else completion_shape(rows)
 
     def expire() -> None:
         timed_out.set()
@@ -230,8 +251,12 @@ async def stream_events(
                         if echoes:
                             yield _sse(reply.chunk(echoes[index], index=index))
                     continue
+                if isinstance(piece, TokenLogprob):
+                    tokens[index].add(piece)
+                    continue
                 if text := scanners[index].feed(piece):
-                    yield _sse(reply.chunk(text, index=index))
+                    sent = tokens[index].sent = tokens[index].sent + len(text)
+                    yield _sse(reply.chunk(text, index=index, logprobs=shaped(index, sent)))
                 if scanners[index].stopped:
                     rows[index].cancel.set()  # the rest would be dropped: stop the row
             index, served = item
@@ -243,7 +268,8 @@ async def stream_events(
             result = served.generation
             metrics.observe_timing(served.timing)
             if rest := scanners[index].flush():
-                yield _sse(reply.chunk(rest, index=index))
+                sent = tokens[index].sent = tokens[index].sent + len(rest)
+                yield _sse(reply.chunk(rest, index=index, logprobs=shaped(index, sent)))
             finish = "stop" if scanners[index].stopped else result.finish_reason
             extra = {"timing": served.timing.to_dict()} if timing else None
             last = reply.chunk(None, finish=finish, index=index, extra=extra, plan=plans.get(index))
@@ -266,6 +292,26 @@ async def stream_events(
         for task in pumps:
             task.cancel()
         release()
+
+
+@dataclass
+class _StreamedTokens:
+    """A streamed choice's tokens with their log-probabilities, and how much of its text was
+    sent: a chunk lists the tokens whose text starts before its end."""
+
+    rows: list = field(default_factory=list)  # (piece, logprob, top, offset)
+    length: int = 0  # characters of all tokens' pieces
+    sent: int = 0
+    taken: int = 0
+
+    def add(self, token: TokenLogprob) -> None:
+        self.rows.append((token.piece, token.logprob, token.top, self.length))
+        self.length += len(token.piece)
+
+    def take(self, sent: int) -> list:
+        ready = [r for r in self.rows[self.taken :] if r[3] < sent]
+        self.taken += len(ready)
+        return ready
 
 
 def _sse(data: dict) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -87,16 +87,43 @@ class RowStream:
             self.sent = len(text)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A streamed token's text, log-probability and most likely alternatives (text, value)."""
+
+    piece: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+class StepLogprobs(LogitsProcessor):
+    """Keeps each decoding step's log-probabilities, from the raw logits (it runs before
+    temperature and top-p, as ``output_logits`` sees them), for the streamer to read once the
+    step's tokens are chosen."""
+
+    def __init__(self) -> None:
+        self.latest: torch.Tensor | None = None  # (batch, vocab)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.latest = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
 class BatchStreamer(BaseStreamer):
-    """Receives a batch's tokens step by step: streams rows' text, times every row."""
+    """Receives a batch's tokens step by step: streams rows' text (and, for rows that ask,
+    each token's log-probabilities as a :class:`TokenLogprob` before its text), times every
+    row."""
 
     def __init__(
         self,
         tokenizer,
         streams: Sequence[RowStream | None],
         clock: Callable[[], float] = time.perf_counter,
+        logprobs: StepLogprobs | None = None,
+        top_k: Sequence[int | None] = (),
     ):
         self.tokenizer, self.streams, self.clock = tokenizer, list(streams), clock
+        self.logprobs, self.top_k = logprobs, list(top_k) or [None] * len(self.streams)
         rows = len(self.streams)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self._settled: list[tuple[int, str]] = [(0, "")] * rows
@@ -124,6 +151,8 @@ class BatchStreamer(BaseStreamer):
                 continue
             self.tokens[i].append(token)
             if self.streams[i] is not None:
+                if self.logprobs is not None and self.top_k[i] is not None:
+                    self.streams[i].send(self._token_logprob(i, token))
                 self.streams[i].offer(self._text(i), final=False)
 
     def end(self) -> None:
@@ -133,6 +162,16 @@ class BatchStreamer(BaseStreamer):
             self.ended_at[i] = self.ended_at[i] or now
             if stream is not None:
                 stream.offer(self._text(i), final=True)
+
+    def _token_logprob(self, i: int, token: int) -> TokenLogprob:
+        row = self.logprobs.latest[i]  # (vocab,) of the step that chose ``token``
+        top = row.topk(self.top_k[i])
+        decode = self.tokenizer.decode
+        return TokenLogprob(
+            decode([token], skip_special_tokens=True),
+            float(row[token]),
+            [(decode([t]), float(v)) for t, v in zip(top.indices.tolist(), top.values.tolist())],
+        )
 
     def _text(self, i: int) -> str:
         """Row i's text so far (as one decode of all its tokens would give it)."""
