@@ -269,7 +269,7 @@ def test_a_request_past_its_time_limit_frees_the_engine_within_a_decoding_step(t
 
 
 def test_schemathesis_with_every_check_finds_nothing(fuzz_app, tmp_path):
-    """``st run --checks all`` (its coverage and fuzzing phases: valid requests accepted,
+    """``st run --checks all -n 20`` (its coverage and fuzzing phases: valid requests accepted,
     invalid ones refused, 405 with Allow for undeclared methods, documented statuses,
     content types and schemas, no 5xx) against a live server over a bank no other test
     uses, with the server's default limits but a small max_tokens (speed) and no prompt
@@ -288,7 +288,7 @@ def test_schemathesis_with_every_check_finds_nothing(fuzz_app, tmp_path):
     st = Path(sys.executable).parent / "st"
     with running(app) as url:
         result = subprocess.run(
-            [str(st), "run", f"{url}/openapi.json", "--checks", "all", "-n", "40", "--seed", "0",
+            [str(st), "run", f"{url}/openapi.json", "--checks", "all", "-n", "20", "--seed", "0",
              "--no-color"],  # fmt: skip
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
         )  # fmt: skip
