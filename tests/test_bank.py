@@ -12,7 +12,8 @@ from conftest import ATOL, build_tiny_gpt2, build_tiny_llama, random_adapter, wr
 from safetensors.torch import save_file
 
 from ttmm.adapter import AdapterError, LoraLayer, load_adapter, save_adapter
-from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, check_files, expert_dir
+from ttmm.bank import CENTROIDS_NAME, MANIFEST_NAME, Bank, BankError, expert_dir
+from ttmm.bank_files import check_files
 from ttmm.build.reference import import_reference_bank
 from ttmm.merge import MergeError
 from ttmm.model import TTMM, InputError

@@ -88,7 +88,7 @@ def _cached_base_model_dir() -> Path:
 
 def gguf_cache_dir(gguf: str | os.PathLike) -> Path:
     """Where a GGUF file's dequantised copy is cached: keyed by the sha256 of its bytes."""
-    from ttmm.bank import sha256_file
+    from ttmm.bank_files import sha256_file
 
     return ttmm_home() / "models" / f"gguf-{sha256_file(Path(gguf))[:16]}"
 

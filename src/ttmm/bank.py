@@ -42,12 +42,12 @@ from ttmm.adapter import (
     load_adapter,
 )
 from ttmm.atomic import atomic_file, atomic_write_json
+from ttmm.bank_files import MANIFEST_NAME, FileCheck, check_files, file_checksums, sha256_file
 from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 CENTROIDS_NAME = "centroids.safetensors"
 FINETUNE_DIR = "finetune"
 FINETUNE_CONTINUED_DIR = "finetune_continued"
@@ -248,72 +248,10 @@ def adapted_layers(weight_files) -> dict[str, int]:
     return dict(sorted(layers.items()))
 
 
-def _bank_files(bank_dir: Path) -> list[Path]:
-    """The bank's files: all but the manifest, hidden files and anything in hidden folders
-    (build state, staging files of an interrupted write)."""
-    return sorted(
-        p
-        for p in bank_dir.rglob("*")
-        if p.is_file()
-        and p.name != MANIFEST_NAME
-        and not any(part.startswith(".") for part in p.relative_to(bank_dir).parts)
-    )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_checksums(
-    bank_dir: str | os.PathLike, known: dict[str, str] | None = None
-) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file of the bank (see :func:`_bank_files`), taking
-    those in ``known`` as given."""
-    root = Path(bank_dir)
-    known = known or {}
-    checksums = {}
-    for path in _bank_files(root):
-        name = path.relative_to(root).as_posix()
-        checksums[name] = known.get(name) or sha256_file(path)
-    return checksums
-
-
 def manifest_digest(bank_dir: str | os.PathLike) -> str:
     """sha256 of a bank's ``manifest.json``: it holds every other file's checksum, so it names
     the whole bank (a version)."""
     return sha256_file(Path(bank_dir) / MANIFEST_NAME)
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """One file of a bank against its recorded checksum."""
-
-    path: str
-    status: str
-    """``ok``, ``changed`` (different bytes) or ``missing``."""
-    expected: str
-    actual: str | None = None
-
-
-def check_files(
-    bank_dir: str | os.PathLike, manifest: BankManifest, paths: Iterable[str] | None = None
-) -> list[FileCheck]:
-    """Every file the manifest records (or those of ``paths``), checked against its sha256."""
-    root = Path(bank_dir)
-    checks = []
-    chosen = manifest.files if paths is None else {p: manifest.files[p] for p in paths}
-    for rel, expected in sorted(chosen.items()):
-        path = root / rel
-        if not path.is_file():
-            checks.append(FileCheck(rel, "missing", expected))
-            continue
-        actual = sha256_file(path)
-        checks.append(FileCheck(rel, "ok" if actual == expected else "changed", expected, actual))
-    return checks
 
 
 class Bank:

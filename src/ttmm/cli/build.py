@@ -304,7 +304,8 @@ def _build_table(build_info: dict) -> Table:
 
 def _verify(bank: Path) -> None:
     """Print every file of the bank with its checksum status; exit 1 if any is not ok."""
-    from ttmm.bank import Bank, check_files
+    from ttmm.bank import Bank
+    from ttmm.bank_files import check_files
 
     manifest = Bank.load(bank, verify=False).manifest
     checks = check_files(bank, manifest)
