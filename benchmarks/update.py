@@ -16,7 +16,8 @@ Three banks of SmolLM2-135M experts under ``--work`` (each resumable, reused whe
 Every bank splits documents by a hash of their id, so the three hold out the same documents
 (the prose bank never saw the code at all).
 Each is scored with its default routing (TTMM) on up to ``--docs`` held-out documents of each
-domain (the first by id), up to 512 tokens each after the routing prefix, and the base model
+domain (chosen as the evaluation harness does: seeded order, enough tokens after the 50-token
+routing prefix), up to 512 tokens each after the prefix, and the base model
 on the same documents; perplexities with 95 % paired bootstrap intervals over documents. *Gap
 closed* on code is (ppl_prose − ppl_updated) / (ppl_prose − ppl_scratch). Cost: the update's
 and the scratch build's training tokens and wall time, from their manifests.
@@ -46,6 +47,8 @@ from ttmm.build.config import BuildConfig
 from ttmm.build.pipeline import run_build
 from ttmm.build.train import LoraTrainConfig
 from ttmm.build.update import UpdateOptions, run_update
+from ttmm.eval.documents import select_documents
+from ttmm.eval.harness import EvalConfig
 from ttmm.eval.intervals import draw, paired_difference, perplexity_interval
 from ttmm.model import TTMM
 from ttmm.routing import RoutingPlan
@@ -80,16 +83,17 @@ def build_banks(args, console) -> dict[str, Path]:
     return paths
 
 
-def held_out(paths: dict[str, Path], docs: int) -> dict[str, list]:
+def held_out(paths: dict[str, Path], tokenizer, docs: int) -> dict[str, list]:
     """The documents both prose + code banks hold out (the prose bank holds out the same
-    Wikipedia documents and never saw the code), by domain, the first ``docs`` by id."""
+    Wikipedia documents and never saw the code), chosen as the evaluation harness chooses:
+    per domain, in its seeded order, the first ``docs`` with tokens to score after the prefix."""
     by_bank = [{d.id: d for d in read_test_documents(paths[n])} for n in ("updated", "scratch")]
-    shared = sorted(set(by_bank[0]) & set(by_bank[1]))
+    shared = [doc for doc_id, doc in by_bank[0].items() if doc_id in by_bank[1]]
+    chosen = select_documents(shared, tokenizer, EvalConfig(docs=docs))
     out: dict[str, list] = {}
-    for doc_id in shared:
-        doc = by_bank[0][doc_id]
+    for doc in chosen:
         out.setdefault(doc.domain, []).append(doc)
-    return {domain: found[:docs] for domain, found in sorted(out.items())}
+    return out
 
 
 def scores(engine: TTMM, texts: list[str], base: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("domain", "docs", "base", "prose", "updated", "scratch", "updated − scratch",
                    "prose − scratch", "gap closed"):  # fmt: skip
         table.add_column(column, justify="right")
-    for domain, docs in held_out(paths, args.docs).items():
+    tokenizer = engines["prose"].tokenizer
+    for domain, docs in held_out(paths, tokenizer, args.docs).items():
         texts, ids = [d.text for d in docs], [d.id for d in docs]
         rows = draw(ids, RESAMPLES, seed=0)
         measured = {"base": scores(engines["prose"], texts, base=True)}
