@@ -249,7 +249,9 @@ def test_manifest_records_every_file_and_load_verifies_them(bank_path):
     assert CENTROIDS_NAME in files and f"{expert_dir(0)}/adapter_model.safetensors" in files
     assert MANIFEST_NAME not in files
     assert all(len(digest) == 64 for digest in files.values())
-    assert all(c.status == "ok" for c in check_files(bank_path, Bank.load(bank_path).manifest))
+    assert all(
+        c.status == "ok" for c in check_files(bank_path, Bank.load(bank_path).manifest.files)
+    )
 
 
 @pytest.mark.parametrize("target", ["adapter_model.safetensors", "adapter_config.json"])
@@ -265,7 +267,7 @@ def test_a_flipped_byte_anywhere_is_caught_and_named(bank_path, target):
     with pytest.raises(BankError, match=f"{expert_dir(2)}/{target} has sha256 .* corrupt"):
         bank.adapters()
     checks = {
-        c.path: c.status for c in check_files(bank_path, Bank.load(bank_path, False).manifest)
+        c.path: c.status for c in check_files(bank_path, Bank.load(bank_path, False).manifest.files)
     }
     assert checks[f"{expert_dir(2)}/{target}"] == "changed"
     assert sum(status != "ok" for status in checks.values()) == 1

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 from ttmm.bank import Bank, write_manifest
 from ttmm.build.executors import TrainJob
-from ttmm.build.health import expert_health
+from ttmm.build.health import adapter_losses, expert_health
 from ttmm.build.train import LoraTrainConfig, train_lora
 from ttmm.cli import app as cli_app
 from ttmm.eval.documents import held_out_documents
 from ttmm.model import TTMM, InputError
-from ttmm.quality_gate import ExpertHealth, adapter_losses, apply_gate, set_enabled
+from ttmm.quality_gate import ExpertHealth, apply_gate, set_enabled
 from ttmm.routing import RoutingConfig, RoutingError, RoutingPlan, route, route_enabled
 
 TRAIN = LoraTrainConfig(

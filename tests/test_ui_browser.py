@@ -132,10 +132,10 @@ def test_scoring_a_text_shows_base_ttmm_and_finetuning(page, server):
     )
     assert methods == ["base", "ttmm", "finetune"]
     assert all(float(p) > 1 for p in page.locator(".scores td.ppl").all_inner_texts())
-    page.fill("#score-text", "Too short.")  # a server error lands in the page
+    page.fill("#score-text", "Too short.")  # nothing after the prefix: the page says so
     page.click("#score-run")
     page.wait_for_selector("#error:not([hidden])")
-    assert "nothing is left to score" in page.inner_text("#error")
+    assert "smaller prefix_tokens" in page.inner_text("#error")
 
 
 def test_a_bad_api_key_shows_an_error_in_the_page(page, server):

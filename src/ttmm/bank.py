@@ -422,7 +422,7 @@ def _verify_files(path: Path, manifest: BankManifest, paths: Iterable[str] | Non
             path,
         )
         return
-    _raise_for_bad(path, check_files(path, manifest, paths))
+    _raise_for_bad(path, check_files(path, manifest.files, paths))
 
 
 def _raise_for_bad(path: Path, checks: list[FileCheck]) -> None:

@@ -8,10 +8,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ttmm.bank import BankManifest
 
 MANIFEST_NAME = "manifest.json"
 
@@ -62,12 +58,13 @@ class FileCheck:
 
 
 def check_files(
-    bank_dir: str | os.PathLike, manifest: BankManifest, paths: Iterable[str] | None = None
+    bank_dir: str | os.PathLike, files: dict[str, str], paths: Iterable[str] | None = None
 ) -> list[FileCheck]:
-    """Every file the manifest records (or those of ``paths``), checked against its sha256."""
+    """Every file of ``files`` (a manifest's ``{path: sha256}``; or those of ``paths``),
+    checked against its sha256."""
     root = Path(bank_dir)
     checks = []
-    chosen = manifest.files if paths is None else {p: manifest.files[p] for p in paths}
+    chosen = files if paths is None else {p: files[p] for p in paths}
     for rel, expected in sorted(chosen.items()):
         path = root / rel
         if not path.is_file():

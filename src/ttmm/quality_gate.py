@@ -23,12 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
-from ttmm.adapter import LoraAdapter
 from ttmm.atomic import atomic_write_json
 from ttmm.bank import MANIFEST_NAME, Bank, BankError, BankManifest
-from ttmm.routing import RoutingPlan
 
 GATE = "gate"
 OPERATOR = "operator"
@@ -91,33 +87,6 @@ def _rounded(value: float | None) -> float | None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@torch.no_grad()
-def adapter_losses(
-    model: torch.nn.Module,
-    adapter: LoraAdapter | None,
-    validation: Sequence[Sequence[Sequence[int]]],
-    pad_token_id: int,
-    max_seq_len: int,
-) -> list[float | None]:
-    """Mean NLL per token of ``model`` (with ``adapter`` folded in, or bare) on each list of
-    chunks of ``validation``; the weights are bitwise restored after."""
-    from ttmm.build.train import mean_nll
-    from ttmm.merge import ExpertMerger
-
-    def losses() -> list[float | None]:
-        return [mean_nll(model, chunks, pad_token_id, max_seq_len) for chunks in validation]
-
-    was_training = model.training
-    model.eval()
-    try:
-        if adapter is None:
-            return losses()
-        with ExpertMerger(model, [adapter], memory="swap").fold(RoutingPlan.explicit({0: 1.0})):
-            return losses()
-    finally:
-        model.train(was_training)
 
 
 def apply_gate(manifest: BankManifest, health: Sequence[ExpertHealth]) -> list[int]:

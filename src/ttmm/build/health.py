@@ -11,11 +11,41 @@ each: the base model's loss (experts that did not start fresh) and the fine-tuni
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ttmm.adapter import LoraAdapter
 from ttmm.build.executors import TrainJob
-from ttmm.quality_gate import ExpertHealth, adapter_losses
+from ttmm.build.train import mean_nll
+from ttmm.merge import ExpertMerger
+from ttmm.quality_gate import ExpertHealth
+from ttmm.routing import RoutingPlan
+
+
+@torch.no_grad()
+def adapter_losses(
+    model: torch.nn.Module,
+    adapter: LoraAdapter | None,
+    validation: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    max_seq_len: int,
+) -> list[float | None]:
+    """Mean NLL per token of ``model`` (with ``adapter`` folded in, or bare) on each list of
+    chunks of ``validation``; the weights are bitwise restored after."""
+
+    def losses() -> list[float | None]:
+        return [mean_nll(model, chunks, pad_token_id, max_seq_len) for chunks in validation]
+
+    was_training = model.training
+    model.eval()
+    try:
+        if adapter is None:
+            return losses()
+        with ExpertMerger(model, [adapter], memory="swap").fold(RoutingPlan.explicit({0: 1.0})):
+            return losses()
+    finally:
+        model.train(was_training)
 
 
 def expert_health(

@@ -308,7 +308,7 @@ def _verify(bank: Path) -> None:
     from ttmm.bank_files import check_files
 
     manifest = Bank.load(bank, verify=False).manifest
-    checks = check_files(bank, manifest)
+    checks = check_files(bank, manifest.files)
     table = Table(title=f"{bank}: {len(checks)} files against the manifest's sha256")
     for column in ("file", "status", "sha256"):
         table.add_column(column)

@@ -6,15 +6,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ttmm.bank import Bank
 from ttmm.build.chunks import read_test_documents
 from ttmm.build.corpus import Document
 from ttmm.eval.methods import EvalError
 
-if TYPE_CHECKING:
-    from ttmm.eval.harness import EvalConfig
+
+class Choice(Protocol):
+    """What choosing documents reads of an evaluation's configuration (an ``EvalConfig``)."""
+
+    docs: int | None
+    prefix_tokens: int
+    min_scored_tokens: int
+    max_tokens: int
+    seed: int
 
 
 def held_out_documents(bank: Bank) -> list[Document]:
@@ -34,7 +41,7 @@ def document_order(doc_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()
 
 
-def select_documents(docs: Sequence[Document], tokenizer, config: EvalConfig) -> list[Document]:
+def select_documents(docs: Sequence[Document], tokenizer, config: Choice) -> list[Document]:
     """Per domain, in the seeded order, the first ``config.docs`` documents with enough tokens
     after the prefix; grouped by domain, each group in that order."""
     need = config.prefix_tokens + config.min_scored_tokens
