@@ -271,8 +271,16 @@ def run_build(
     write is atomic and ``manifest.json`` comes last, so the folder is then no bank, and
     rerunning the same build resumes it.
     """
-    try:
+    with writes_into(out):
         return _run_build(config, out, progress, on_saved)
+
+
+@contextmanager
+def writes_into(out: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write into ``out`` (full disk, read-only folder) into one
+    :class:`BuildError` saying so; any other error passes through."""
+    try:
+        yield
     except (OSError, SafetensorError) as err:
         failure = write_failure(Path(out).expanduser(), err)
         if failure is None:

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from safetensors import SafetensorError
 
 from ttmm.adapter import load_adapter
 from ttmm.assets import load_base_model
@@ -92,8 +91,8 @@ from ttmm.build.pipeline import (
     embed_chunks,
     embedding_cache,
     split_and_chunk,
-    write_failure,
     write_state,
+    writes_into,
 )
 from ttmm.embed import Encoder
 from ttmm.quality_gate import ExpertHealth, apply_gate
@@ -180,14 +179,9 @@ def run_update(
     """Write the bank ``parent`` grown by ``options.corpora`` into ``out`` (a new folder),
     resuming an interrupted update of the same parent and options. ``parent`` is never
     written to."""
-    try:
+    with writes_into(out):
         return _run_update(Path(parent).expanduser(), options, Path(out).expanduser(), progress,
                            on_saved)  # fmt: skip
-    except (OSError, SafetensorError) as err:
-        failure = write_failure(Path(out).expanduser(), err)
-        if failure is None:
-            raise
-        raise failure from err
 
 
 def _parent_config(parent: Path) -> BuildConfig:

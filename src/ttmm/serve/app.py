@@ -24,7 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ttmm.model import TTMM
 from ttmm.serve.auth import user_authorizer
 from ttmm.serve.batching import MergeCache
-from ttmm.serve.completions import Completions, check_model, merge_for, resolve_merge
+from ttmm.serve.completions import (
+    Completions,
+    check_model,
+    max_new_tokens,
+    merge_for,
+    resolve_merge,
+)
 from ttmm.serve.errors import (
     APIError,
     document_errors,
@@ -169,10 +175,7 @@ def _add_routes(app: FastAPI, service: Completions, guard) -> None:
         responses=STREAMED | error_responses(*GENERATION_ERRORS),
     )
     async def chat_completions(body: ChatRequest, request: Request):
-        if (body.max_tokens or 0) > settings.max_tokens_limit:  # bounded even when superseded
-            message = f"max_tokens={body.max_tokens} exceeds this server's limit of "
-            raise APIError(400, message + str(settings.max_tokens_limit), param="max_tokens",
-                           code="max_tokens_exceeded")  # fmt: skip
+        max_new_tokens(body.max_tokens, settings)  # bounded even when superseded
         prompt = _chat_prompt(service.engine, body)
         users = [m.text for m in body.messages if m.role == "user"] or [body.messages[-1].text]
         key = request_key(service.rollout, request, body.user)

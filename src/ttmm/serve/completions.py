@@ -94,7 +94,7 @@ class Completions:
         scored = body.logprob_count
         if scored is not None and echo:  # the prompt's tokens would need their own scores
             raise APIError(400, "logprobs cannot be combined with echo: true", param="logprobs")
-        max_new = _max_new_tokens(max_tokens, settings)
+        max_new = max_new_tokens(max_tokens, settings)
         for prompt in prompts:
             self._check_prompt_length(prompt, param)
         n, seed = body.n, body.seed
@@ -306,7 +306,8 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
     return release
 
 
-def _max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
+def max_new_tokens(requested: int | None, settings: ServerSettings) -> int:
+    """New tokens to generate for a request's ``max_tokens`` (400 past the server's limit)."""
     if requested is None:
         return settings.default_max_tokens
     if requested > settings.max_tokens_limit:

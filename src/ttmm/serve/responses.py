@@ -219,10 +219,10 @@ async def stream_events(
     plans: dict[int, dict] = {}
     tokens = [_StreamedTokens() for _ in sources]
 
-    def shaped(index: int, sent: int) -> dict | None:
+    def shaped(index: int, text: str) -> dict | None:
+        rows = tokens[index].take(text)  # the tokens whose text starts in what is sent now
         if logprobs is None:
             return None
-        rows = tokens[index].take(sent)
         return chat_shape(rows, logprobs) if reply.chat else completion_shape(rows)
 
     def expire() -> None:
@@ -255,8 +255,7 @@ async def stream_events(
                     tokens[index].add(piece)
                     continue
                 if text := scanners[index].feed(piece):
-                    sent = tokens[index].sent = tokens[index].sent + len(text)
-                    yield _sse(reply.chunk(text, index=index, logprobs=shaped(index, sent)))
+                    yield _sse(reply.chunk(text, index=index, logprobs=shaped(index, text)))
                 if scanners[index].stopped:
                     rows[index].cancel.set()  # the rest would be dropped: stop the row
             index, served = item
@@ -268,8 +267,7 @@ async def stream_events(
             result = served.generation
             metrics.observe_timing(served.timing)
             if rest := scanners[index].flush():
-                sent = tokens[index].sent = tokens[index].sent + len(rest)
-                yield _sse(reply.chunk(rest, index=index, logprobs=shaped(index, sent)))
+                yield _sse(reply.chunk(rest, index=index, logprobs=shaped(index, rest)))
             finish = "stop" if scanners[index].stopped else result.finish_reason
             extra = {"timing": served.timing.to_dict()} if timing else None
             last = reply.chunk(None, finish=finish, index=index, extra=extra, plan=plans.get(index))
@@ -308,8 +306,10 @@ class _StreamedTokens:
         self.rows.append((token.piece, token.logprob, token.top, self.length))
         self.length += len(token.piece)
 
-    def take(self, sent: int) -> list:
-        ready = [r for r in self.rows[self.taken :] if r[3] < sent]
+    def take(self, text: str) -> list:
+        """The tokens not yet taken whose text starts before the end of ``text``, sent now."""
+        self.sent += len(text)
+        ready = [r for r in self.rows[self.taken :] if r[3] < self.sent]
         self.taken += len(ready)
         return ready
 
