@@ -139,7 +139,10 @@ def test_a_refused_action_shows_the_servers_message(page, rollout_server):  # no
     assert page.inner_text("#rollout-answer") == "enter the admin key first"
     page.fill("#admin-key", "wrong")
     page.click("#rollout-actions button[data-action=pause]")
-    page.wait_for_selector("#rollout-answer .error")
+    # the first message is an .error too: wait for the server's answer to replace it
+    page.wait_for_function(
+        "() => !document.querySelector('#rollout-answer').innerText.includes('first')"
+    )
     assert "missing or wrong admin key" in page.inner_text("#rollout-answer")
     page.fill("#admin-key", ADMIN_KEY)  # resume a running rollout: refused by its state
     page.click("#rollout-actions button[data-action=resume]")
