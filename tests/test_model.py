@@ -212,6 +212,40 @@ def test_the_prefill_scores_the_prompt_as_score_does_and_changes_no_token(model,
     assert per_row[1][1] == expected[1].n_tokens - 4  # four more tokens unscored
 
 
+def test_prompt_logprobs_from_the_prefill_match_a_forward_per_prompt_under_left_padding(
+    tiny_engine,
+):
+    """generate(prompt_logprobs=k): each prompt token after the first gets log p(token |
+    tokens before it) under the row's merge, padding aside, with the k likeliest there; the
+    same prefill also scores the prompt (score_prefix) and the continuation is unchanged."""
+    engine = tiny_engine
+    texts = ["short prompt", "a much longer prompt about the history of the Roman empire"]
+    plans = [RoutingPlan.explicit({0: 1.0}), RoutingPlan.explicit({1: 0.5, 2: 0.5})]
+    plain = engine.generate(texts, max_new_tokens=3, plans=plans)
+    scored = engine.generate(
+        texts, max_new_tokens=3, plans=plans, prompt_logprobs=4, score_prefix=2
+    )
+    assert [g.text for g in scored] == [g.text for g in plain]
+    for text, plan, generation in zip(texts, plans, scored, strict=True):
+        ids = engine.tokenizer([text], return_tensors="pt")["input_ids"]
+        assert generation.prompt_ids == tuple(ids[0].tolist())
+        with torch.no_grad(), engine.merged([plan]):
+            log_probs = torch.log_softmax(engine.model(input_ids=ids).logits[0, :-1].float(), -1)
+        expected = log_probs.gather(-1, ids[0, 1:, None])[:, 0]
+        lp = generation.prompt_logprobs
+        assert lp.chosen.shape == (1, ids.shape[1] - 1) and lp.top_ids.shape[-1] == 4
+        assert lp.chosen[0].tolist() == pytest.approx(expected.tolist(), abs=ATOL)
+        top = log_probs.topk(4, dim=-1).values
+        assert torch.allclose(lp.top_logprobs[0], top, atol=ATOL)
+        nll, tokens = generation.prompt_nll
+        assert tokens == ids.shape[1] - 2
+        assert nll == pytest.approx(-float(expected[1:].sum()), abs=ATOL * tokens)
+    assert plain[0].prompt_logprobs is None and plain[0].prompt_ids == ()
+    for k in (0, 2):  # a one-token prompt has nothing to score, with or without alternatives
+        (alone,) = engine.generate(["0"], max_new_tokens=1, plans=plans[:1], prompt_logprobs=k)
+        assert alone.prompt_logprobs.chosen.shape == (1, 0) and len(alone.prompt_ids) == 1
+
+
 @pytest.fixture
 def gpt2_engine(tmp_path, tiny_gpt2, smol_tokenizer, encoder):
     from conftest import write_random_bank

@@ -170,8 +170,49 @@ def test_streamed_logprobs_come_with_their_chunks_and_equal_the_whole_answers(cl
     assert all(len(e.top_logprobs) == 2 for e in streamed)
 
 
+def prompt_token_logprobs(engine, prompt: str, plan: RoutingPlan) -> torch.Tensor:
+    """log p(token t | tokens before it) of the prompt's tokens 1.., under the plan's merge."""
+    batch = engine.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad(), engine.merged([plan]):
+        logits = engine.model(**batch).logits[0, :-1]
+    ids = batch["input_ids"][0, 1:]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, None])[:, 0]
+
+
+def test_echo_with_logprobs_lists_the_prompts_tokens_first_as_vllm(client, tiny_engine):
+    """The prompt's tokens come first (the first with null, having no context), scored by the
+    merged model from the prefill; then the completion's, as without echo; offsets run over
+    the echoed text. Streamed, the echo chunk carries the prompt's and all chunks together
+    equal the whole answer."""
+    asked = dict(model="ttmm", prompt=PROMPT, max_tokens=NEW, temperature=0, extra_body=EXPERT)
+    plain = client.completions.create(**asked, logprobs=2).choices[0]
+    [choice] = client.completions.create(**asked, logprobs=2, echo=True).choices
+    lp = choice.logprobs
+    n_prompt = len(tiny_engine.tokenizer(PROMPT)["input_ids"])
+    assert choice.text == PROMPT + plain.text
+    assert len(lp.tokens) == n_prompt + NEW and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = prompt_token_logprobs(tiny_engine, PROMPT, RoutingPlan.explicit({1: 1.0}))
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx(expected.tolist(), abs=ATOL)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    for value, top in zip(lp.token_logprobs[1:n_prompt], lp.top_logprobs[1:n_prompt]):
+        assert value <= max(top.values()) + ATOL  # a prompt token need not be the likeliest
+    assert lp.tokens[n_prompt:] == plain.logprobs.tokens
+    assert lp.token_logprobs[n_prompt:] == pytest.approx(plain.logprobs.token_logprobs, abs=ATOL)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    chunks = list(client.completions.create(**asked, logprobs=2, echo=True, stream=True))
+    texts = [c.choices[0] for c in chunks if c.choices and c.choices[0].text]
+    assert texts[0].text == PROMPT and len(texts[0].logprobs.tokens) == n_prompt
+    joined = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for part in texts:
+        for name in joined:
+            joined[name] += getattr(part.logprobs, name)
+    assert joined["tokens"] == lp.tokens and joined["text_offset"] == lp.text_offset
+    assert joined["token_logprobs"][0] is None
+    assert joined["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=ATOL)
+
+
 def test_what_cannot_be_served_is_refused_by_name(client):
-    with pytest.raises(openai.BadRequestError, match="logprobs cannot be combined"):
-        client.completions.create(model="ttmm", prompt=PROMPT, max_tokens=2, logprobs=1, echo=True)
     many = client.completions.create(model="ttmm", prompt=[PROMPT, OTHER], max_tokens=1, n=9)
     assert len(many.choices) == 18  # 2 prompts x 9 samples: the schema's bounds, served

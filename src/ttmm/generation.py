@@ -94,6 +94,8 @@ class Decoded:
     prompt_nll: list[tuple[float, int]] | None = None
     """(total NLL, scored tokens) of each row's prompt after its first ``score_prefix``
     tokens, present when ``decode`` was asked for it."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Each row's prompt tokens' log-probabilities (:func:`prompt_logprobs`), when asked."""
 
 
 def continuation_nll(
@@ -129,13 +131,10 @@ def continuation_nll(
     ]
 
 
-def prefill_scored(
-    model: torch.nn.Module, batch: dict, score_prefix: int | Sequence[int]
-) -> tuple[list[tuple[float, int]], object]:
+def prefill(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
     """Run the prompt but its last token, as ``generate``'s prefill would, keeping the logits
-    of every position: the prompt's NLL after ``score_prefix`` tokens, and the key-value
-    cache that ``generate`` continues from (it then runs only the last prompt token), so the
-    score costs no second pass over the prompt."""
+    of every position (b, s − 1, V) and the key-value cache that ``generate`` continues from
+    (it then runs only the last prompt token): prompt scores cost no second pass."""
     from transformers import DynamicCache
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -148,7 +147,40 @@ def prefill_scored(
         past_key_values=cache,
         use_cache=True,
     )
-    return continuation_nll(output.logits, ids, mask, score_prefix), output.past_key_values
+    return output.logits, output.past_key_values
+
+
+def prefill_scored(
+    model: torch.nn.Module, batch: dict, score_prefix: int | Sequence[int]
+) -> tuple[list[tuple[float, int]], object]:
+    """The prompt's NLL after ``score_prefix`` tokens from :func:`prefill`, and its cache."""
+    logits, cache = prefill(model, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return continuation_nll(logits, ids, mask, score_prefix), cache
+
+
+def prompt_logprobs(logits: torch.Tensor, batch: dict, k: int) -> list[TokenLogprobs]:
+    """Per row, the log-probability of each real prompt token after the first (which has no
+    context) and the ``k`` most likely tokens at its position, as (1, n − 1[, k]) tensors:
+    what vLLM returns as ``prompt_logprobs`` (and OpenAI completions with ``echo``)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = []
+    for i in range(ids.shape[0]):
+        real = mask[i].bool()
+        n = int(real.sum())
+        start = ids.shape[1] - n  # left padding
+        if n < 2:
+            none = torch.zeros(1, 0, k)  # no token has a context
+            rows.append(TokenLogprobs(torch.zeros(1, 0), none.long(), none))
+            continue
+        log_probs = torch.log_softmax(logits[i, start:].float(), dim=-1)  # (n - 1, V)
+        targets = ids[i, start + 1 :]
+        chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n - 1,)
+        top = log_probs.topk(k, dim=-1) if k else None
+        top_ids = top.indices if top else torch.zeros(n - 1, 0, dtype=torch.long)
+        top_values = top.values if top else torch.zeros(n - 1, 0)
+        rows.append(TokenLogprobs(chosen[None], top_ids[None], top_values[None]))
+    return rows
 
 
 def decode(
@@ -160,6 +192,7 @@ def decode(
     min_new_tokens: int = 0,
     top_logprobs: int | None = None,
     score_prefix: int | Sequence[int] | None = None,
+    prompt_top_logprobs: int | None = None,
     **extra,
 ) -> Decoded:
     """Run ``model.generate`` on a tokenised batch with the model as it stands (merged or not).
@@ -168,16 +201,31 @@ def decode(
     end-of-sequence token until that many exist (timing runs decode a fixed length);
     ``top_logprobs`` (k >= 0) also returns each new token's log-probability and the k most
     likely tokens at each step; ``score_prefix`` (P) also returns the NLL of each prompt's
-    tokens after its first P, from the prefill (:func:`prefill_scored`); ``extra`` goes to
-    ``generate`` as is (a streamer, stopping criteria).
+    tokens after its first P, and ``prompt_top_logprobs`` (k >= 0) each prompt token's
+    log-probability with the k most likely tokens there, both from one prefill
+    (:func:`prefill`; a streamer with a ``prompt_scored`` method is handed the latter before
+    the first new token); ``extra`` goes to ``generate`` as is (a streamer, stopping criteria).
     """
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    prompt_nll = None
-    if score_prefix is not None and batch["input_ids"].shape[1] >= 2:
-        prompt_nll, extra["past_key_values"] = prefill_scored(model, batch, score_prefix)
-    elif score_prefix is not None:  # one-token prompts: nothing after any prefix
-        prompt_nll = [(0.0, 0)] * batch["input_ids"].shape[0]
+    prompt_nll = prompt_scores = None
+    rows = batch["input_ids"].shape[0]
+    if score_prefix is not None or prompt_top_logprobs is not None:
+        if batch["input_ids"].shape[1] >= 2:
+            logits, extra["past_key_values"] = prefill(model, batch)
+        else:  # one-token prompts: nothing to score
+            logits = torch.zeros(rows, 0, 1)
+        if score_prefix is not None:
+            prompt_nll = (
+                continuation_nll(logits, batch["input_ids"], batch["attention_mask"], score_prefix)
+                if logits.shape[1]
+                else [(0.0, 0)] * rows
+            )
+        if prompt_top_logprobs is not None:
+            prompt_scores = prompt_logprobs(logits, batch, prompt_top_logprobs)
+            if hasattr(extra.get("streamer"), "prompt_scored"):
+                extra["streamer"].prompt_scored(prompt_scores)
+        del logits
     scored = top_logprobs is not None
     output = model.generate(
         **batch,
@@ -191,12 +239,13 @@ def decode(
     sequences = output.sequences if scored else output
     tokens = sequences[:, batch["input_ids"].shape[1] :]
     if not scored:
-        return Decoded(tokens, prompt_nll=prompt_nll)
+        return Decoded(tokens, prompt_nll=prompt_nll, prompt_logprobs=prompt_scores)
     log_probs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), dim=-1)  # (b, new, V)
     log_probs = log_probs[:, : tokens.shape[1]]
     chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, new)
     top = log_probs.topk(top_logprobs, dim=-1)  # (b, new, k)
-    return Decoded(tokens, TokenLogprobs(chosen, top.indices, top.values), prompt_nll)
+    new_scores = TokenLogprobs(chosen, top.indices, top.values)
+    return Decoded(tokens, new_scores, prompt_nll, prompt_scores)
 
 
 def cut_at_eos(tokens: Sequence[int], eos_token_id: int | None) -> tuple[list[int], str]:

@@ -66,6 +66,10 @@ class Generation:
     logprobs: TokenLogprobs | None = None  # this row's, cut to its tokens, when asked for
     prompt_nll: tuple[float, int] | None = None
     """(total NLL, scored tokens) of the prompt after the routing prefix, when asked for."""
+    prompt_ids: tuple[int, ...] = ()
+    """The prompt's tokens, when its log-probabilities were asked for."""
+    prompt_logprobs: TokenLogprobs | None = None
+    """Log-probabilities of ``prompt_ids[1:]`` (the first has no context), when asked for."""
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,7 @@ class TTMM:
         min_new_tokens: int = 0,
         top_logprobs: int | None = None,
         score_prefix: int | Sequence[int] | None = None,
+        prompt_logprobs: int | None = None,
         **extra,
     ) -> list[Generation]:
         """Continue each prompt with its own merge; returns the text and the routing used.
@@ -335,6 +340,8 @@ class TTMM:
         (timing runs set it to ``max_new_tokens`` so every method decodes the same length).
         ``score_prefix`` (P, or one per prompt) also scores each prompt's tokens after its
         first P under the row's merge, from the prefill itself (the server's online quality).
+        ``prompt_logprobs`` (k) returns each prompt token's log-probability and the k most
+        likely tokens there, from that same prefill (completions with ``echo``).
         ``top_logprobs`` and ``extra`` (a streamer, stopping criteria) go to ``decode``.
         """
         prompts = _check_texts(prompts)
@@ -352,10 +359,11 @@ class TTMM:
         with self.merged(plans, mode, work):
             decoded = decode(
                 self.model, self.tokenizer, batch, max_new_tokens, sampling, min_new_tokens,
-                top_logprobs, score_prefix, **extra,
+                top_logprobs, score_prefix, prompt_logprobs, **extra,
             )  # fmt: skip
-        results = []
-        for i, (row, plan, mask) in enumerate(zip(decoded.tokens, plans, batch["attention_mask"])):
+        results, scored_prompt = [], decoded.prompt_logprobs
+        rows = zip(decoded.tokens, plans, batch["attention_mask"], batch["input_ids"])
+        for i, (row, plan, mask, row_ids) in enumerate(rows):
             tokens, finish_reason = cut_at_eos(row.tolist(), self.tokenizer.eos_token_id)
             results.append(
                 Generation(
@@ -367,6 +375,8 @@ class TTMM:
                     token_ids=tuple(tokens),
                     logprobs=decoded.logprobs and decoded.logprobs.row(i, len(tokens)),
                     prompt_nll=decoded.prompt_nll and decoded.prompt_nll[i],
+                    prompt_ids=tuple(row_ids[mask.bool()].tolist()) if scored_prompt else (),
+                    prompt_logprobs=scored_prompt and scored_prompt[i],
                 )
             )
         return results

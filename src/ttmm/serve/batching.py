@@ -188,6 +188,8 @@ class _Job:
     engine its rows were planned for."""
     score_prefix: int | None = None
     """Score the prompt's tokens after this many (the online quality), from the prefill."""
+    prompt_logprobs: int | None = None
+    """Also return the prompt's tokens' log-probabilities with this many alternatives (echo)."""
     shadow: MergeRequest | None = None
     """A merge that scores the prompt too without generating (a rollout's shadow arm)."""
     serial: int = field(default_factory=itertools.count().__next__)
@@ -259,8 +261,8 @@ class Batcher:
     ) -> Served:
         """Queue one prompt; returns its generation (with the plan used) once its batch ran.
         With ``stream``, its plan (once routed), then its text flow into ``stream.queue``.
-        ``row`` sets a rollout row's ``engine``, ``score_prefix`` and ``shadow`` (see
-        :class:`_Job`)."""
+        ``row`` sets a rollout row's ``engine``, ``score_prefix`` and ``shadow``, and an
+        echoed row's ``prompt_logprobs`` (see :class:`_Job`)."""
         queue = self._ensure_running()
         future = asyncio.get_running_loop().create_future()
         await queue.put(_Job(prompt, merge, options, future, stream, top_logprobs, **row))
@@ -367,8 +369,13 @@ class Batcher:
         asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
         streamed = [j.top_logprobs if j.stream is not None else None for j in jobs]
         steps = StepLogprobs() if any(k is not None for k in streamed) else None
+        prompt_asked = [job.prompt_logprobs for job in jobs if job.prompt_logprobs is not None]
         streamer = BatchStreamer(
-            engine.tokenizer, [job.stream for job in jobs], logprobs=steps, top_k=streamed
+            engine.tokenizer,
+            [job.stream for job in jobs],
+            logprobs=steps,
+            top_k=streamed,
+            prompt_k=[job.prompt_logprobs for job in jobs],
         )
         extra = {"logits_processor": LogitsProcessorList([steps])} if steps else {}
         start = time.perf_counter()
@@ -378,6 +385,7 @@ class Batcher:
             mode="auto",
             top_logprobs=max(asked) if asked else None,
             score_prefix=_prefixes(jobs),
+            prompt_logprobs=max(prompt_asked) if prompt_asked else None,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([RowsCancelled([j.cancelled for j in jobs])]),
             **extra,

@@ -25,7 +25,16 @@ from ttmm.serve.batching import Batcher, GenerationOptions, MergeRequest, Served
 from ttmm.serve.errors import APIError, timeout_error
 from ttmm.serve.limits import Slots, request_slots
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.responses import Choice, Reply, chat_logprobs, completion_logprobs, stream_events
+from ttmm.serve.responses import (
+    Choice,
+    Reply,
+    chat_logprobs,
+    completion_logprobs,
+    completion_shape,
+    echoed_logprobs,
+    prompt_rows,
+    stream_events,
+)
 from ttmm.serve.rollout.service import Assigned, RolloutService
 from ttmm.serve.schemas import GenerationRequest, TTMMControl
 from ttmm.serve.settings import ServerSettings
@@ -44,7 +53,8 @@ class Row:
     merge: MergeRequest
     options: GenerationOptions
     extra: dict = field(default_factory=dict)
-    """A rollout row's batcher options (engine, scored prefix, shadow merge)."""
+    """The row's batcher options: a rollout row's engine, scored prefix and shadow merge;
+    an echoed row's prompt log-probabilities."""
 
 
 @dataclass
@@ -92,8 +102,6 @@ class Completions:
         check_model(body.model, settings)
         echo = getattr(body, "echo", False)
         scored = body.logprob_count
-        if scored is not None and echo:  # the prompt's tokens would need their own scores
-            raise APIError(400, "logprobs cannot be combined with echo: true", param="logprobs")
         max_new = max_new_tokens(max_tokens, settings)
         for prompt in prompts:
             self._check_prompt_length(prompt, param)
@@ -105,6 +113,9 @@ class Completions:
             for j in range(n)
         ]
         plan = await self._plan(body.ttmm, prompts, queries, options, param, key)
+        if echo and scored is not None:  # the prompt's tokens are listed too, from the prefill
+            for row in plan.rows:
+                row.extra["prompt_logprobs"] = scored
         timing = body.ttmm is not None and body.ttmm.timing
         release = self.slots.take()
         try:
@@ -202,6 +213,8 @@ class Completions:
             logprobs = None
             if body.logprob_count is not None and chat:
                 logprobs = chat_logprobs(tokenizer, result, len(text), body.logprob_count)
+            elif body.logprob_count is not None and echo:
+                logprobs = echoed_logprobs(tokenizer, row.prompt, result, len(text))
             elif body.logprob_count is not None:
                 logprobs = completion_logprobs(tokenizer, result, len(text), 0)
             own = described | {"timing": s.timing.to_dict()} if timing else described
@@ -219,6 +232,10 @@ class Completions:
         extra = {"timing": served[0].timing.to_dict()} if timing and len(rows) == 1 else None
         reply = Reply(self.settings.model_id, plans[0], chat)
         return reply.full(choices, prompt_tokens, completion_tokens, extra)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens as generation tokenises it (padding aside)."""
+        return self.engine.tokenizer(prompt)["input_ids"]
 
     def _check_prompt_length(self, prompt: str, param: str) -> None:
         prompt_tokens = len(self.engine.tokenizer(prompt)["input_ids"])
@@ -266,6 +283,9 @@ class Completions:
             prompt_counted=[i % body.n == 0 for i in range(len(rows))],
             echoes=[row.prompt for row in rows] if echo else None,
             logprobs=body.logprob_count,
+            echo_logprobs=lambda i, scores: completion_shape(
+                prompt_rows(self.engine.tokenizer, self._prompt_ids(rows[i].prompt), scores)
+            ),
         )
         return StreamingResponse(events, media_type="text/event-stream")
 

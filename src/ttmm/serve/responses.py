@@ -18,12 +18,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from ttmm.generation import TokenLogprobs
 from ttmm.model import Generation
 from ttmm.routing import RoutingPlan
 from ttmm.serve.batching import Served
 from ttmm.serve.errors import server_error, timeout_error
 from ttmm.serve.metrics import ServerMetrics
-from ttmm.serve.streaming import RowStream, StopScanner, TokenLogprob
+from ttmm.serve.streaming import PromptLogprobs, RowStream, StopScanner, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +162,42 @@ def completion_logprobs(tokenizer, generation: Generation, text_len: int, start:
     return completion_shape(_scored_tokens(tokenizer, generation, text_len), start)
 
 
+def prompt_rows(tokenizer, prompt_ids: Sequence[int], scores: TokenLogprobs) -> list:
+    """(piece, logprob, top, offset) of each prompt token, as an echoed completion lists
+    them: the first token has no context, so no log-probability and no alternatives (null,
+    as OpenAI and vLLM write it); ``scores`` holds the rest's (``prompt_logprobs``)."""
+    rows, offset = [], 0
+    for step, token in enumerate(prompt_ids):
+        piece = tokenizer.decode([token], skip_special_tokens=True)
+        if step == 0:
+            rows.append((piece, None, None, offset))
+        else:
+            at = step - 1  # scores start at the second token
+            top = zip(scores.top_ids[0, at].tolist(), scores.top_logprobs[0, at].tolist())
+            value = float(scores.chosen[0, at])
+            rows.append((piece, value, [(tokenizer.decode([t]), v) for t, v in top], offset))
+        offset += len(piece)
+    return rows
+
+
+def echoed_logprobs(tokenizer, prompt: str, generation: Generation, text_len: int) -> dict:
+    """Completions' logprobs of an echoed choice: the prompt's tokens, then the completion's
+    (offsets into ``prompt`` + completion text)."""
+    head = prompt_rows(tokenizer, generation.prompt_ids, generation.prompt_logprobs)
+    tail = _scored_tokens(tokenizer, generation, text_len)
+    return completion_shape(head + _shifted(tail, len(prompt)))
+
+
+def _shifted(rows: list, by: int) -> list:
+    return [(piece, value, top, offset + by) for piece, value, top, offset in rows]
+
+
 def completion_shape(rows, start: int = 0) -> dict:
     """Completions' logprobs of ``rows`` (piece, logprob, top, offset)."""
     return {
         "tokens": [piece for piece, *_ in rows],
         "token_logprobs": [value for _, value, *_ in rows],
-        "top_logprobs": [dict(top) for _, _, top, _ in rows],
+        "top_logprobs": [None if top is None else dict(top) for _, _, top, _ in rows],
         "text_offset": [start + offset for *_, offset in rows],
     }
 
@@ -205,6 +236,7 @@ async def stream_events(
     prompt_counted: Sequence[bool] = (True,),
     echoes: Sequence[str] | None = None,
     logprobs: int | None = None,
+    echo_logprobs: Callable[[int, TokenLogprobs], dict] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events of streamed choices (choice ``i`` from ``sources[i]``, which
     yields its plan, text pieces, then its :class:`Served`), ending with ``data: [DONE]``.
@@ -212,7 +244,9 @@ async def stream_events(
     ``prompt_counted[i]``: whether choice i's prompt tokens count in the usage (once per
     prompt, not per sample); ``echoes[i]``: text sent before choice i's (its prompt).
     ``logprobs`` (k): each chunk carries the log-probabilities of the tokens whose text
-    starts in what has been sent, as the non-streamed answer would list them."""
+    starts in what has been sent, as the non-streamed answer would list them; with
+    ``echoes`` too, the echo waits for the row's :class:`PromptLogprobs` and carries
+    ``echo_logprobs(i, scores)`` (its prompt tokens'), and offsets count the echo."""
     timed_out = threading.Event()
     merged: asyncio.Queue = asyncio.Queue()
     scanners = [StopScanner(stops) for _ in sources]
@@ -223,7 +257,17 @@ async def stream_events(
         rows = tokens[index].take(text)  # the tokens whose text starts in what is sent now
         if logprobs is None:
             return None
-        return chat_shape(rows, logprobs) if reply.chat else completion_shape(rows)
+        if reply.chat:
+            return chat_shape(rows, logprobs)
+        return completion_shape(rows, len(echoes[index]) if echoes else 0)
+
+    scored_echo = echoes is not None and logprobs is not None and echo_logprobs is not None
+    echoed: set[int] = set()
+
+    def echo(index: int, scores: TokenLogprobs | None = None) -> str:
+        echoed.add(index)
+        shape = echo_logprobs(index, scores) if scores is not None else None
+        return _sse(reply.chunk(echoes[index], index=index, logprobs=shape))
 
     def expire() -> None:
         timed_out.set()
@@ -248,8 +292,12 @@ async def stream_events(
                     if index not in plans:  # not again when a failed batch is re-run
                         plans[index] = describe(piece)
                         yield _sse(reply.chunk(None, first=True, index=index, plan=plans[index]))
-                        if echoes:
-                            yield _sse(reply.chunk(echoes[index], index=index))
+                        if echoes and not scored_echo:
+                            yield echo(index)
+                    continue
+                if isinstance(piece, PromptLogprobs):
+                    if scored_echo and index not in echoed:
+                        yield echo(index, piece.scores)
                     continue
                 if isinstance(piece, TokenLogprob):
                     tokens[index].add(piece)
@@ -261,6 +309,8 @@ async def stream_events(
             index, served = item
             if isinstance(served, Exception):
                 raise served
+            if scored_echo and index not in echoed:  # no prompt scores came: echo without
+                yield echo(index)
             if timed_out.is_set() and not scanners[index].stopped:
                 yield _sse({"error": timeout_error(timeout_s).body()})
                 break

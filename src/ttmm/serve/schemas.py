@@ -134,24 +134,17 @@ class GenerationRequest(BaseModel):
         return [s for s in stops if s]
 
 
-NO_LOGPROBS_WITH_ECHO = {  # refused by the server, so stated in the document
-    "not": {
-        "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
-        "required": ["echo", "logprobs"],
-    }
-}
-
-
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra=NO_LOGPROBS_WITH_ECHO)
+    model_config = ConfigDict(extra="ignore")
 
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     """One prompt or a list of up to 16; each is routed on its own."""
     echo: Bool = False
     logprobs: Annotated[int, Field(ge=0, le=20), NO_BOOL] | None = None
-    """Return the log-probability of each token and this many most likely alternatives."""
+    """Return the log-probability of each token and this many most likely alternatives
+    (with ``echo``, the prompt's tokens too: the first has none, as in vLLM)."""
 
     @property
     def prompts(self) -> list[str]:

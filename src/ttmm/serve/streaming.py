@@ -21,6 +21,8 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from ttmm.generation import TokenLogprobs
+
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """The text before the first stop string, and whether one was found."""
@@ -96,6 +98,14 @@ class TokenLogprob:
     top: list[tuple[str, float]]
 
 
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A streamed row's prompt-token log-probabilities (sent before its first new token)."""
+
+    scores: TokenLogprobs
+    """(1, prompt tokens − 1[, k]): see :func:`ttmm.generation.prompt_logprobs`."""
+
+
 class StepLogprobs(LogitsProcessor):
     """Keeps each decoding step's log-probabilities, from the raw logits (it runs before
     temperature and top-p, as ``output_logits`` sees them), for the streamer to read once the
@@ -121,9 +131,11 @@ class BatchStreamer(BaseStreamer):
         clock: Callable[[], float] = time.perf_counter,
         logprobs: StepLogprobs | None = None,
         top_k: Sequence[int | None] = (),
+        prompt_k: Sequence[int | None] = (),
     ):
         self.tokenizer, self.streams, self.clock = tokenizer, list(streams), clock
         self.logprobs, self.top_k = logprobs, list(top_k) or [None] * len(self.streams)
+        self.prompt_k = list(prompt_k) or [None] * len(self.streams)
         rows = len(self.streams)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self._settled: list[tuple[int, str]] = [(0, "")] * rows
@@ -154,6 +166,14 @@ class BatchStreamer(BaseStreamer):
                 if self.logprobs is not None and self.top_k[i] is not None:
                     self.streams[i].send(self._token_logprob(i, token))
                 self.streams[i].offer(self._text(i), final=False)
+
+    def prompt_scored(self, rows: Sequence[TokenLogprobs]) -> None:
+        """The prefill's prompt log-probabilities, one per row: sent to the rows that asked
+        (an echoed stream lists them with its prompt), cut to each row's k alternatives."""
+        for stream, k, scores in zip(self.streams, self.prompt_k, rows):
+            if stream is not None and k is not None:
+                top_ids, top_values = scores.top_ids[..., :k], scores.top_logprobs[..., :k]
+                stream.send(PromptLogprobs(TokenLogprobs(scores.chosen, top_ids, top_values)))
 
     def end(self) -> None:
         now = self.clock()
