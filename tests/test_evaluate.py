@@ -41,6 +41,7 @@ def small_config(**changes) -> EvalConfig:
         timing_prompts=1,
         new_tokens=3,
         ttt=ttt,
+        ttt_full=ttt.replace(weights="all"),
     )
     return EvalConfig(**(settings | changes))
 

@@ -103,13 +103,27 @@ def eval_command(
     neighbours: Annotated[
         int, typer.Option(help="TTT: training chunks retrieved, one gradient step each.")
     ] = 20,
+    tune_ttt: Annotated[
+        int,
+        typer.Option(
+            help="Tune TTT's learning rate, neighbours and optimiser first, on this many "
+            "validation documents per domain (held out, never test documents; 0 = no sweep)."
+        ),
+    ] = 0,
+    ttt_sweep: Annotated[
+        Path | None,
+        typer.Option(help="Use the TTT settings chosen by an earlier sweep (its ttt_sweep.json)."),
+    ] = None,
     device: DeviceOption = DEFAULT_DEVICE,
     dtype: DtypeOption = DEFAULT_DTYPE,
 ) -> None:
     """Evaluate base, fine-tuning, TTMM merging and ensembling, TTT and TTMM->TTT on held-out
     documents, with 95% paired bootstrap intervals (resumable: rerun to continue)."""
+    import json
+
     from ttmm.eval.harness import evaluate
     from ttmm.eval.ttt import TTTConfig
+    from ttmm.eval.ttt_sweep import read_tuned, tune
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     config = EvalConfig(
@@ -125,7 +139,16 @@ def eval_command(
         new_tokens=tokens,
         ttt=TTTConfig(neighbours=neighbours),
     )
-    report = evaluate(_engines(bank, device, dtype), out, config)
+    if tune_ttt and ttt_sweep:
+        raise EvalError("give --tune-ttt (run a sweep) or --ttt-sweep (reuse one), not both")
+    engines = _engines(bank, device, dtype)
+    extra = {}
+    if tune_ttt:  # on the first bank: TTT reads only its training chunks
+        config, extra["ttt_sweep"] = tune(next(iter(engines.values())), config, out, tune_ttt)
+    elif ttt_sweep:
+        config = read_tuned(ttt_sweep, config)
+        extra["ttt_sweep"] = json.loads(ttt_sweep.read_text())
+    report = evaluate(engines, out, config, extra=extra)
     console.print(_results_table(report, "Perplexity on held-out documents"))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and plots in {out}")
 

@@ -43,17 +43,39 @@ def document_order(doc_id: str, seed: int) -> str:
 
 def select_documents(docs: Sequence[Document], tokenizer, config: Choice) -> list[Document]:
     """Per domain, in the seeded order, the first ``config.docs`` documents with enough tokens
-    after the prefix; grouped by domain, each group in that order."""
+    after the prefix (the test documents); grouped by domain, each group in that order."""
+    chosen = _eligible(docs, tokenizer, config, config.docs)
+    return [doc for domain in sorted(chosen) for doc in chosen[domain]]
+
+
+def validation_documents(
+    docs: Sequence[Document], tokenizer, config: Choice, count: int
+) -> list[Document]:
+    """Per domain, the ``count`` eligible documents that follow the test documents in the same
+    seeded order: never one of :func:`select_documents`' (what a baseline is tuned on)."""
+    if config.docs is None:
+        raise EvalError(
+            "validation documents come after the test documents, but the evaluation scores "
+            "every held-out document (docs=None); give it a number of documents"
+        )
+    if count < 1:
+        raise EvalError(f"validation documents per domain must be >= 1, got {count}")
+    chosen = _eligible(docs, tokenizer, config, config.docs + count)
+    return [doc for domain in sorted(chosen) for doc in chosen[domain][config.docs :]]
+
+
+def _eligible(docs, tokenizer, config: Choice, limit: int | None) -> dict[str, list[Document]]:
+    """Per domain, the first ``limit`` documents in the seeded order with enough tokens."""
     need = config.prefix_tokens + config.min_scored_tokens
     chosen: dict[str, list[Document]] = {}
     for doc in sorted(docs, key=lambda d: document_order(d.id, config.seed)):
         picked = chosen.setdefault(doc.domain, [])
-        if config.docs is not None and len(picked) >= config.docs:
+        if limit is not None and len(picked) >= limit:
             continue
         text = doc.text[: 8 * config.max_tokens]
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= need:
             picked.append(doc)
-    return [doc for domain in sorted(chosen) for doc in chosen[domain]]
+    return chosen
 
 
 def subset(documents: Sequence[Document], size: int | None) -> list[Document]:

@@ -87,8 +87,10 @@ class EvalConfig:
     """Of ``methods``, those timed for test-time cost; None = all. (TTT's adaptation time is
     also recorded per scored document, as ``ttt_seconds``, so a run may skip timing it.)"""
     ttt: TTTConfig = field(default_factory=TTTConfig)
-    """The TTT baseline's retrieval and training (also the hybrids' and, with all weights,
-    ``ttt_full``'s)."""
+    """The TTT baseline's retrieval and LoRA training (method ``ttt``; also the hybrids', with
+    their own neighbours). :mod:`ttmm.eval.ttt_sweep` tunes it on validation documents."""
+    ttt_full: TTTConfig = field(default_factory=lambda: TTTConfig(weights="all"))
+    """All-weights TTT (method ``ttt_full``): its optimiser, learning rate and neighbours."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -109,6 +111,11 @@ class EvalConfig:
             raise EvalError(f"EvalConfig.timing_prompts must be >= 0, got {self.timing_prompts}")
         if self.max_tokens <= self.prefix_tokens + self.min_scored_tokens:
             raise EvalError("EvalConfig.max_tokens must exceed prefix_tokens + min_scored_tokens")
+        if self.ttt.weights != "lora" or self.ttt_full.weights != "all":
+            raise EvalError(
+                "EvalConfig.ttt trains a LoRA (weights='lora') and EvalConfig.ttt_full all "
+                f"weights (weights='all'); got {self.ttt.weights!r} and {self.ttt_full.weights!r}"
+            )
 
     def subset_size(self, subset: str) -> int | None:
         """How many of a domain's documents a method of this subset scores (None = all)."""
@@ -122,6 +129,7 @@ class EvalConfig:
         return data | {
             "methods": list(self.methods),
             "ttt": self.ttt.to_dict(),
+            "ttt_full": self.ttt_full.to_dict(),
             "timed_methods": timed,
         }
 
@@ -148,11 +156,10 @@ class MethodRunner:
         self._index: ChunkIndex | None = None
 
     def ttt_config(self, spec: MethodSpec) -> TTTConfig:
-        """The TTT settings a TTT or hybrid method runs with (its weights and neighbours)."""
-        ttt = self.config.ttt
-        return ttt.replace(
-            weights=spec.weights or ttt.weights, neighbours=spec.neighbours or ttt.neighbours
-        )
+        """The TTT settings a TTT or hybrid method runs with: ``EvalConfig.ttt_full`` for
+        all weights, else ``EvalConfig.ttt``, with the method's own neighbours if it has some."""
+        ttt = self.config.ttt_full if spec.weights == "all" else self.config.ttt
+        return ttt.replace(neighbours=spec.neighbours or ttt.neighbours)
 
     def key(self, method: str) -> str:
         """The cache key of the method's numbers (see :mod:`ttmm.eval.keys`)."""
@@ -182,7 +189,7 @@ class MethodRunner:
 
     def trainer(self, spec: MethodSpec) -> TestTimeTrainer:
         """The test-time trainer of a TTT or hybrid method (one per weights setting)."""
-        config = self.config.ttt.replace(weights=self.ttt_config(spec).weights)
+        config = self.config.ttt_full if spec.weights == "all" else self.config.ttt
         if config.weights not in self._trainers:
             if self._index is None:
                 try:
@@ -307,7 +314,7 @@ class _Stopwatch:
             self.adapt(lambda: context.__exit__(None, None, None))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
@@ -320,7 +327,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
@@ -333,12 +340,14 @@ def evaluate(
     config: EvalConfig | None = None,
     progress: bool = True,
     methods: dict[str, Sequence[str]] | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Score and time every method on every bank; write the JSON, table and plots; return it.
 
     ``engines`` maps a bank name to an engine (they may share one base model and encoder).
     ``methods`` optionally narrows ``config.methods`` for some banks (by bank name), e.g. to
-    run the costly methods on one bank of several; the others run all of them.
+    run the costly methods on one bank of several; the others run all of them. ``extra``
+    adds top-level entries to results.json (e.g. ``ttt_sweep``: how TTT was tuned).
     """
 
     config = config or EvalConfig()
@@ -374,9 +383,10 @@ def evaluate(
     report = build_report(
         {name: _bank_info(runner, documents[name], keys[name]) for name, runner in runners.items()},
         config,
-        _read_jsonl(out / DOCUMENTS_FILE),
-        _read_jsonl(out / TIMINGS_FILE),
+        read_jsonl(out / DOCUMENTS_FILE),
+        read_jsonl(out / TIMINGS_FILE),
     )
+    report |= extra or {}
     write_report(report, out)
     return report
 
@@ -405,7 +415,7 @@ def _bank_info(runner: MethodRunner, documents: Sequence[Document], keys: dict) 
 
 
 def _score_all(runners, documents, keys, path: Path, config: EvalConfig, progress: bool) -> None:
-    done = {(r["key"], r["method"], r["doc_id"]) for r in _read_jsonl(path)}
+    done = {(r["key"], r["method"], r["doc_id"]) for r in read_jsonl(path)}
     for name, runner in runners.items():
         for method in config.methods:
             if method not in keys[name]:
@@ -416,7 +426,7 @@ def _score_all(runners, documents, keys, path: Path, config: EvalConfig, progres
             todo = [d for d in docs if (key, method, d.id) not in done]
             for doc in tqdm(todo, desc=f"{name} {method}", disable=not progress, unit="doc"):
                 record = {"key": key, "method": method, "doc_id": doc.id, "domain": doc.domain}
-                _append_jsonl(path, record | runner.score(spec, doc.text))
+                append_jsonl(path, record | runner.score(spec, doc.text))
                 done.add((key, method, doc.id))
 
 
@@ -443,7 +453,7 @@ def _time_all(runners, documents, keys, path: Path, config: EvalConfig, progress
                 seen.add((key, method))
                 jobs.append((name, method, key))
     n = config.new_tokens
-    have = {(r["key"], r["method"], r["doc_id"]) for r in _read_jsonl(path) if r["new_tokens"] == n}
+    have = {(r["key"], r["method"], r["doc_id"]) for r in read_jsonl(path) if r["new_tokens"] == n}
     todo = [(d, p) for d, p in prompts if any((k, m, d.id) not in have for _, m, k in jobs)]
     if not todo:
         return
@@ -458,7 +468,7 @@ def _time_all(runners, documents, keys, path: Path, config: EvalConfig, progress
             )
             bar.update()
         for record in records:
-            _append_jsonl(path, record)
+            append_jsonl(path, record)
     bar.close()
 
 
