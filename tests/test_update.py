@@ -23,6 +23,7 @@ from ttmm.build.chunks import read_chunks
 from ttmm.build.pipeline import STATE_NAME, run_build
 from ttmm.build.update import UpdateOptions, run_update
 from ttmm.cli import app
+from ttmm.quality_gate import ExpertHealth
 
 NEW = ("stdlib@12",)
 
@@ -38,9 +39,13 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, tiny_model_dir):  # noqa: F811
-    """A bank of 3 experts built on Wikipedia alone, with its fine-tuning adapter."""
+    """A bank of 3 experts built on Wikipedia alone, with its fine-tuning adapter; a fifth of
+    the training documents (the update's too) kept for validation, so that the quality gate
+    has held-out chunks to check the updated experts on."""
     out = tmp_path_factory.mktemp("update") / "parent"
-    config = small_config(tiny_model_dir, corpora=("wiki@40",), with_finetune=True)
+    config = small_config(
+        tiny_model_dir, corpora=("wiki@40",), with_finetune=True, validation_fraction=0.2
+    )
     run_build(config, out, progress=False)
     return out
 
@@ -85,12 +90,21 @@ def test_an_update_adds_code_experts_and_retrains_only_what_got_new_text(parent,
         assert torch.equal(new.centroids[k], old.centroids[k])
         assert new.manifest.experts[k] == old.manifest.experts[k]
     assert os.path.samefile(parent / "finetune" / WEIGHTS_NAME, out / "finetune" / WEIGHTS_NAME)
+    checked = 0
     for k in [*retrained, *added]:  # trained now, and checked by the quality gate
         info = new.manifest.experts[k]
-        assert info.health["validation_chunks"] >= 0 and info.extra["new_chunks"] > 0
+        health = ExpertHealth.from_dict(info.health)
+        assert info.extra["new_chunks"] > 0
+        # losses exactly when the expert's cluster held validation chunks, and the gate's
+        # verdict follows them
+        assert (health.validation_chunks > 0) == (health.expert_loss is not None)
+        assert (health.expert_loss is not None) == (health.base_loss is not None)
+        assert (health.failure() is not None) == (info.disabled is not None)
+        checked += health.validation_chunks
         if k < old.num_experts:
             weights = parent / expert_dir(k) / WEIGHTS_NAME
             assert not os.path.samefile(weights, out / expert_dir(k) / WEIGHTS_NAME)
+    assert checked > 0  # the gate measured the updated experts, not merely recorded them
     for k in retrained:  # continued from the parent's adapter
         assert new.manifest.experts[k].extra["initialised_from"] == f"parent expert {k}"
         name = next(iter(old.read_expert(k).layers))
