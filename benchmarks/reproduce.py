@@ -39,6 +39,9 @@ with 95% paired bootstrap intervals over documents (2000 resamples). Test-time c
 K = 16, 64 and 100 (plain) and 100 (branched), 100 documents per domain (TTT on 50, all-weights
 TTT on 20), 5 timed prompts per domain.
 
+TTT, all-weights TTT and the hybrids run with the settings ``benchmarks/ttt_sweep.py`` chose on
+validation documents (``results/ttt/ttt_sweep.json``; ``--ttt-sweep none`` for the defaults).
+
 Everything is resumable: finished banks are reused, scored documents are not scored again
 (records are keyed by every setting and by the content of the bank and the base weights, so a
 changed setting or a rebuilt bank is rescored), and fully timed prompts are kept.
@@ -56,6 +59,8 @@ from pathlib import Path
 from ttmm.assets import DEFAULT_BASE_MODEL
 
 HERE = Path(__file__).resolve().parent
+TTT_SWEEP = HERE / "results" / "ttt" / "ttt_sweep.json"
+"""The committed sweep's choice: TTT, all-weights TTT and the hybrids run with it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +195,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timing-prompts", type=int, help="timed prompts per domain")
     parser.add_argument("--methods", help="comma-separated methods (default: all)")
     parser.add_argument("--tokens", type=int, default=100, help="tokens generated when timing")
+    parser.add_argument(
+        "--ttt-sweep",
+        default=str(TTT_SWEEP),
+        help="TTT (and hybrid) settings chosen by benchmarks/ttt_sweep.py on validation "
+        "documents (its ttt_sweep.json); 'none': TTTConfig's defaults",
+    )
     parser.add_argument("--epochs", type=int, default=1, help="passes over each expert's chunks")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks per training step")
     parser.add_argument(
@@ -242,7 +253,7 @@ def eval_config(preset: Preset, args):
         return default if value is None else value
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    return EvalConfig(
+    config = EvalConfig(
         methods=methods or tuple(METHODS),
         docs=pick(args.docs, preset.docs),
         ttt_docs=pick(args.ttt_docs, preset.ttt_docs),
@@ -250,6 +261,11 @@ def eval_config(preset: Preset, args):
         timing_prompts=pick(args.timing_prompts, preset.timing_prompts),
         new_tokens=args.tokens,
     )
+    if args.ttt_sweep.lower() == "none":
+        return config
+    from ttmm.eval.ttt_sweep import read_tuned
+
+    return read_tuned(args.ttt_sweep, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def test_default_preset_is_the_issues_evaluation(reproduce):
     assert (config.docs, config.ttt_docs, config.ttt_full_docs) == (60, 30, 10)
     assert config.timing_prompts == 3 and config.bootstrap == 2000
     assert {"ttt", "ttt_full", "hybrid5", "hybrid20", "finetune"} <= set(config.methods)
+    # TTT, all-weights TTT and the hybrids run with the committed sweep's choice
+    chosen = json.loads(reproduce.TTT_SWEEP.read_text())["chosen"]
+    assert config.ttt.train.learning_rate == chosen["lora"]["learning_rate"]
+    assert config.ttt.neighbours == chosen["lora"]["neighbours"]
+    assert config.ttt_full.full_learning_rate == chosen["all"]["learning_rate"]
+    assert config.ttt_full.full_optimizer == chosen["all"]["optimizer"]
+    untuned = reproduce.parse_args(["--ttt-sweep", "none"])
+    plain = reproduce.eval_config(reproduce.PRESETS["small"], untuned)
+    assert plain.ttt.train.learning_rate == 1e-3 and plain.ttt.neighbours == 20
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--only", "no-such-bank"])
 
