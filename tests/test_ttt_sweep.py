@@ -176,6 +176,14 @@ def test_staged_sweep_widens_the_best_and_refuses_unknown_kinds(
     assert set(base) == {d.domain for d in validation} and all(p > 1 for p in base.values())
     with pytest.raises(EvalError, match="unknown"):
         run_staged(sweeper, ["everything"], progress=False)
+    for bad, match in (
+        (dict(weights="half", learning_rate=1e-3), "'lora' or 'all'"),
+        (dict(weights="all", learning_rate=1e-3, optimizer="lbfgs"), "'adam' or 'sgd'"),
+        (dict(weights="lora", learning_rate=0.0), "learning rate > 0"),
+        (dict(weights="lora", learning_rate=1e-3, neighbours=0), "at least 1 neighbour"),
+    ):
+        with pytest.raises(EvalError, match=match):
+            Candidate(**bad)
 
 
 def test_eval_command_tunes_ttt_and_records_the_sweep(eval_bank_path, tmp_path, monkeypatch):  # noqa: F811

@@ -54,6 +54,19 @@ class Candidate:
     optimizer: str = "adam"
     """``all`` weights: ``adam`` or ``sgd``. A LoRA is trained by AdamW whatever this says."""
 
+    def __post_init__(self) -> None:
+        if self.weights not in ("lora", "all"):
+            raise EvalError(f"a TTT candidate trains 'lora' or 'all' weights, not {self.weights!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise EvalError(
+                f"a TTT candidate's optimiser is 'adam' or 'sgd', not {self.optimizer!r}"
+            )
+        if not (self.learning_rate > 0 and self.neighbours >= 1):
+            raise EvalError(
+                "a TTT candidate needs a learning rate > 0 and at least 1 neighbour, got "
+                f"{self.learning_rate!r} and {self.neighbours!r}"
+            )
+
     @property
     def method(self) -> str:
         """The evaluation method this candidate tunes."""
