@@ -71,7 +71,7 @@ def redo_table(results_dir: Path, bank: str, tuned: dict, out: Path) -> Path:
     """``results_dir``'s report with ``bank``'s TTT records replaced by the tuned run's."""
     from ttmm.eval.harness import DOCUMENTS_FILE, TIMINGS_FILE, EvalConfig, read_jsonl
     from ttmm.eval.report import build_report, write_report
-    from ttmm.eval.ttt import TTTConfig
+    from ttmm.eval.ttt_sweep import with_summary
 
     old = json.loads((results_dir / "results.json").read_text())
     info = dict(old["banks"][bank])
@@ -97,10 +97,9 @@ def redo_table(results_dir: Path, bank: str, tuned: dict, out: Path) -> Path:
         bootstrap=old["config"]["bootstrap"],
         timing_prompts=old["config"]["timing_prompts"],
         new_tokens=old["config"]["new_tokens"],
-        ttt=_ttt(TTTConfig, tuned["config"]["ttt"]),
-        ttt_full=_ttt(TTTConfig, tuned["config"]["ttt_full"]),
     )
-    documents = read_jsonl(results_dir / DOCUMENTS_FILE) + read_jsonl(tuned_dir(tuned, out))
+    config = with_summary(config, tuned["ttt_sweep"])  # the settings the tuned run used
+    documents = read_jsonl(results_dir / DOCUMENTS_FILE) + read_jsonl(out / DOCUMENTS_FILE)
     timings = [t for t in read_jsonl(results_dir / TIMINGS_FILE) if t["method"] not in rescored]
     report = build_report({bank: info}, config, documents, timings)
     report["ttt_sweep"] = tuned.get("ttt_sweep")
@@ -113,19 +112,6 @@ def redo_table(results_dir: Path, bank: str, tuned: dict, out: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     write_report(report, target)
     return target
-
-
-def tuned_dir(tuned: dict, out: Path) -> Path:
-    from ttmm.eval.harness import DOCUMENTS_FILE
-
-    return out / DOCUMENTS_FILE
-
-
-def _ttt(cls, data: dict):
-    from ttmm.build.train import LoraTrainConfig
-
-    train = LoraTrainConfig(**{k: v for k, v in data["train"].items() if k != "num_threads"})
-    return cls(**(data | {"train": train}))
 
 
 def main(argv=None) -> int:

@@ -119,11 +119,9 @@ def eval_command(
 ) -> None:
     """Evaluate base, fine-tuning, TTMM merging and ensembling, TTT and TTMM->TTT on held-out
     documents, with 95% paired bootstrap intervals (resumable: rerun to continue)."""
-    import json
-
     from ttmm.eval.harness import evaluate
     from ttmm.eval.ttt import TTTConfig
-    from ttmm.eval.ttt_sweep import read_tuned, tune
+    from ttmm.eval.ttt_sweep import read_summary, tune, with_summary
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     config = EvalConfig(
@@ -145,9 +143,9 @@ def eval_command(
     extra = {}
     if tune_ttt:  # on the first bank: TTT reads only its training chunks
         config, extra["ttt_sweep"] = tune(next(iter(engines.values())), config, out, tune_ttt)
-    elif ttt_sweep:
-        config = read_tuned(ttt_sweep, config)
-        extra["ttt_sweep"] = json.loads(ttt_sweep.read_text())
+    elif ttt_sweep:  # read once: the settings and the record of how they were chosen
+        extra["ttt_sweep"] = read_summary(ttt_sweep)
+        config = with_summary(config, extra["ttt_sweep"])
     report = evaluate(engines, out, config, extra=extra)
     console.print(_results_table(report, "Perplexity on held-out documents"))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and plots in {out}")

@@ -158,8 +158,12 @@ class MethodRunner:
     def ttt_config(self, spec: MethodSpec) -> TTTConfig:
         """The TTT settings a TTT or hybrid method runs with: ``EvalConfig.ttt_full`` for
         all weights, else ``EvalConfig.ttt``, with the method's own neighbours if it has some."""
-        ttt = self.config.ttt_full if spec.weights == "all" else self.config.ttt
+        ttt = self._ttt_setting(spec)
         return ttt.replace(neighbours=spec.neighbours or ttt.neighbours)
+
+    def _ttt_setting(self, spec: MethodSpec) -> TTTConfig:
+        """``EvalConfig.ttt_full`` for a method training all weights, else ``EvalConfig.ttt``."""
+        return self.config.ttt_full if spec.weights == "all" else self.config.ttt
 
     def key(self, method: str) -> str:
         """The cache key of the method's numbers (see :mod:`ttmm.eval.keys`)."""
@@ -189,7 +193,7 @@ class MethodRunner:
 
     def trainer(self, spec: MethodSpec) -> TestTimeTrainer:
         """The test-time trainer of a TTT or hybrid method (one per weights setting)."""
-        config = self.config.ttt_full if spec.weights == "all" else self.config.ttt
+        config = self._ttt_setting(spec)
         if config.weights not in self._trainers:
             if self._index is None:
                 try:

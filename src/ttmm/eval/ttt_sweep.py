@@ -69,7 +69,7 @@ class Candidate:
 
     @property
     def method(self) -> str:
-        """The evaluation method this candidate tunes."""
+        """The evaluation method this candidate tunes (also its ``EvalConfig`` field)."""
         return "ttt_full" if self.weights == "all" else "ttt"
 
     def apply(self, config: TTTConfig) -> TTTConfig:
@@ -164,10 +164,7 @@ class TTTSweep:
 
     def _runner(self, candidate: Candidate) -> MethodRunner:
         """A runner whose ``ttt`` (or ``ttt_full``) setting is the candidate's."""
-        config = self.runner.config
-        name = "ttt_full" if candidate.weights == "all" else "ttt"
-        tuned = replace(config, **{name: candidate.apply(getattr(config, name))})
-        return MethodRunner(self.runner.engine, tuned)
+        return MethodRunner(self.runner.engine, _with_choice(self.runner.config, [candidate]))
 
     def records(self) -> list[dict]:
         return read_jsonl(self.path)
@@ -294,12 +291,13 @@ def best(rows: Sequence[SweepRow], weights: str) -> SweepRow:
 def tuned_config(config: EvalConfig, rows: Sequence[SweepRow]) -> EvalConfig:
     """``config`` with the best LoRA setting as ``ttt`` and the best all-weights setting as
     ``ttt_full`` (a kind the sweep did not try keeps its setting)."""
-    tuned = {}
-    if any(r.candidate.weights == "lora" for r in rows):
-        tuned["ttt"] = best(rows, "lora").candidate.apply(config.ttt)
-    if any(r.candidate.weights == "all" for r in rows):
-        tuned["ttt_full"] = best(rows, "all").candidate.apply(config.ttt_full)
-    return replace(config, **tuned)
+    kinds = sorted({r.candidate.weights for r in rows})
+    return _with_choice(config, [best(rows, kind).candidate for kind in kinds])
+
+
+def _with_choice(config: EvalConfig, chosen: Iterable[Candidate]) -> EvalConfig:
+    """``config`` with each candidate's setting in the field of the method it tunes."""
+    return replace(config, **{c.method: c.apply(getattr(config, c.method)) for c in chosen})
 
 
 def summary(
@@ -332,18 +330,24 @@ def write_summary(out: str | os.PathLike, data: dict) -> Path:
     return path
 
 
+def read_summary(path: str | os.PathLike) -> dict:
+    """A sweep's ``ttt_sweep.json``, with a clear error if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+        data["chosen"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EvalError(f"cannot read the TTT sweep's choice from {path}: {err}") from None
+    return data
+
+
+def with_summary(config: EvalConfig, data: dict) -> EvalConfig:
+    """``config`` with the settings a sweep's summary chose."""
+    return _with_choice(config, [Candidate.from_dict(c) for c in data["chosen"].values()])
+
+
 def read_tuned(path: str | os.PathLike, config: EvalConfig) -> EvalConfig:
     """``config`` with the settings a sweep chose (its ``ttt_sweep.json``)."""
-    try:
-        chosen = json.loads(Path(path).read_text())["chosen"]
-    except (OSError, ValueError, KeyError) as err:
-        raise EvalError(f"cannot read the TTT sweep's choice from {path}: {err}") from None
-    tuned = {}
-    if "lora" in chosen:
-        tuned["ttt"] = Candidate.from_dict(chosen["lora"]).apply(config.ttt)
-    if "all" in chosen:
-        tuned["ttt_full"] = Candidate.from_dict(chosen["all"]).apply(config.ttt_full)
-    return replace(config, **tuned)
+    return with_summary(config, read_summary(path))
 
 
 __all__ = [
@@ -355,10 +359,12 @@ __all__ = [
     "GRIDS",
     "best",
     "run_staged",
+    "read_summary",
     "read_tuned",
     "summary",
     "tune",
     "tuned_config",
     "widen",
+    "with_summary",
     "write_summary",
 ]
